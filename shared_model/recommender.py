@@ -1,0 +1,242 @@
+"""The recommender: text-based item vectors, an order-aware user tower, dot-product scores.
+
+item vector  = Linear(text vector from the LoRA-adapted encoder) (+ an item-id embedding)
+user vector  = a small causal transformer (SASRec-style) over the user's recent items,
+               optionally preceded by their free-text profile, read at the last position
+score        = <user vector, item vector>
+
+Every parameter is used inside its module's call (no tied tables read as `.weight`), and
+every module sees the examples as its leading dimension, so Opacus's per-sample
+gradients are complete. Attention is our own (nn.Linear only), which Opacus supports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_model.encoder import CatalogCache, TextTower
+
+
+@dataclass
+class RecommenderConfig:
+    """The model's knobs (the federated state grows with dim, layers, history and ids)."""
+
+    dim: int = 24  # width of item and user vectors
+    layers: int = 2  # transformer blocks in the user tower
+    heads: int = 2
+    history: int = 50  # W: how many recent items the user tower reads
+    dropout: float = 0.2
+    lora_layers: int = 1  # adapted encoder layers (0: only the light head trains)
+    lora_rank: int = 2
+    lora_alpha: float = 4.0
+    id_embeddings: bool = True  # a dense item-id table next to the text vectors
+    encoder_path: str | None = None  # a local Hugging Face encoder; default all-MiniLM-L6-v2
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RecommenderConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where position t reads positions <= t that hold an item."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=2)
+        q, k, v = (t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(dim // self.heads)  # [B, heads, L, L]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & key_mask[:, None, None, :]
+        allowed = allowed | torch.eye(length, dtype=torch.bool)  # a padded position reads itself
+        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        y = (self.dropout(att) @ v).transpose(1, 2).reshape(batch, length, dim)
+        return self.out(y)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a point-wise feed-forward of the model's width."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x), key_mask))
+        return x + self.dropout(self.feed_forward(self.norm2(x)))
+
+
+class Recommender(nn.Module):
+    def __init__(self, cache: CatalogCache, n_items: int, config: RecommenderConfig = RecommenderConfig()):
+        super().__init__()
+        if cache.lora_layers != config.lora_layers:
+            raise ValueError(f"the cache was built for lora-layers={cache.lora_layers}, not {config.lora_layers}")
+        self.config = config
+        self.n_items = n_items
+        self.text = TextTower(cache, config.encoder_path, config.lora_rank, config.lora_alpha)
+        self.project = nn.Linear(self.text.hidden_size, config.dim)
+        self.item_ids = nn.Embedding(n_items, config.dim) if config.id_embeddings else None
+        if self.item_ids is not None:
+            nn.init.zeros_(self.item_ids.weight)  # untrained (cold) items fall back to their text
+        self.position = nn.Embedding(config.history + 1, config.dim)  # +1: the profile slot
+        self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.dropout) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, M] (text rows; ids past the id table have no id embedding) -> [B, M, dim]."""
+        vectors = self.project(self.text(ids))
+        if self.item_ids is None:
+            return vectors
+        known = ids < self.n_items
+        return vectors + self.item_ids(torch.where(known, ids, 0)) * known[..., None]
+
+    def catalog_vectors(self) -> torch.Tensor:
+        """[n_items, dim]: every catalog item, computed once and shared by a whole batch."""
+        vectors = self.project(self.text.catalog()[: self.n_items])
+        return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items))
+
+    def user_states(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """history [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
+
+        The state at position t summarises items up to t; the last one is the user vector.
+        """
+        batch, length, _ = history.shape
+        positions = torch.arange(self.config.history + 1 - length, self.config.history + 1).expand(batch, -1)
+        x = self.dropout(history * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def user_vectors(
+        self,
+        history_ids: torch.Tensor,
+        mask: torch.Tensor,
+        catalog: torch.Tensor | None = None,
+        profiles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """history_ids [B, L] (left-padded) -> user vectors [B, dim].
+
+        With `catalog` given, history vectors are read from it; otherwise each example
+        computes its own (needed for per-example gradients). `profiles` [B]: text ids of
+        free-text profiles (see `add_texts`; -1 for none), read as the oldest history item.
+        """
+        safe = torch.where(mask, history_ids, 0)
+        history = catalog[safe] if catalog is not None else self.item_vectors(safe)
+        if profiles is not None:
+            has_profile = profiles >= 0
+            profile_vectors = self.item_vectors(torch.where(has_profile, profiles, 0)[:, None])
+            history = torch.cat([profile_vectors, history], dim=1)
+            mask = torch.cat([has_profile[:, None], mask], dim=1)
+        return self.user_states(history, mask)[:, -1]
+
+    def add_texts(self, texts: list[str]) -> torch.Tensor:
+        """Make new texts (new items, or user profiles) readable; returns their text ids."""
+        return self.text.add_texts(texts)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The federated part: every trainable tensor, by name (detached copies)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+        if missing or unexpected:
+            raise KeyError(f"trainable state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for name, param in params.items():
+                if state[name].shape != param.shape:
+                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+                param.copy_(state[name])
+
+    def trainable_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+
+
+def left_pad(sequences: list, length: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `length` items of each sequence, left-padded: (ids [B, L], mask [B, L])."""
+    ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        tail = list(seq[-length:]) if length else []
+        if tail:
+            ids[row, length - len(tail) :] = torch.as_tensor(tail, dtype=torch.long)
+            mask[row, length - len(tail) :] = True
+    return ids, mask
+
+
+def score_catalog(model: Recommender, histories: list, batch_size: int = 1024) -> torch.Tensor:
+    """Scores of every catalog item for each history: [n, n_items] (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        catalog = model.catalog_vectors()
+        out = []
+        for start in range(0, len(histories), batch_size):
+            ids, mask = left_pad(histories[start : start + batch_size], model.config.history)
+            out.append(model.user_vectors(ids, mask, catalog) @ catalog.T)
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.n_items)
+
+
+def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """Full-catalog softmax at every position of left-padded sequences [B, L] (fast path)."""
+    catalog = model.catalog_vectors()
+    states = model.user_states(catalog[torch.where(mask, inputs, 0)], mask)
+    logits = states[mask] @ catalog.T
+    return F.cross_entropy(logits, targets[mask])
+
+
+def example_loss(
+    model: Recommender,
+    history: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-example loss: one history window -> one target, mean over the batch.
+
+    negatives [B, N]: a sampled softmax against them (each example computes its own item
+    vectors, as Opacus needs); None: a softmax over the whole (public) catalog.
+    """
+    if negatives is None:
+        catalog = model.catalog_vectors()
+        users = model.user_vectors(history, mask, catalog)
+        return F.cross_entropy(users @ catalog.T, targets)
+    candidates = torch.cat([targets[:, None], negatives], dim=1)  # [B, 1 + N]
+    width = history.shape[1]
+    vectors = model.item_vectors(torch.cat([torch.where(mask, history, 0), candidates], dim=1))
+    users = model.user_states(vectors[:, :width], mask)[:, -1]
+    logits = torch.einsum("bd,bmd->bm", users, vectors[:, width:])
+    collide = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), negatives == targets[:, None]], 1)
+    logits = logits.masked_fill(collide, float("-inf"))
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def build_recommender(texts: list[str], config: RecommenderConfig, progress: bool = True) -> Recommender:
+    """A fresh model over a catalog, with the frozen prefix loaded from (or built into) the cache."""
+    from shared_model.encoder import load_or_build_cache
+
+    cache = load_or_build_cache(texts, config.lora_layers, config.encoder_path, progress=progress)
+    return Recommender(cache, len(texts), config)

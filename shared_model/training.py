@@ -1,0 +1,113 @@
+"""Local training: batches from item sequences, and plain optimisation steps.
+
+Two views of the same data:
+- sequences: each chunk of W+1 items trains W next-item predictions in one causal pass
+  (fast; the centralized reference and non-private clients use it);
+- examples: each (window of up to W items, next item) pair is one independent example
+  (what differential privacy needs: one loss per example, nothing shared in the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from shared_model.recommender import Recommender, example_loss, left_pad, sequence_loss
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    negatives: int = 0  # 0: softmax over the whole public catalog; N: N uniform negatives
+
+
+def sequence_chunks(sequences: list[np.ndarray], window: int) -> list[np.ndarray]:
+    """Cut each sequence into chunks of up to W+1 items, from its end, so that every item
+    after the first is a target exactly once."""
+    chunks = []
+    for seq in sequences:
+        end = len(seq)
+        while end >= 2:
+            chunks.append(seq[max(0, end - window - 1) : end])
+            end -= window
+    return chunks
+
+
+def sequence_batches(
+    chunks: list[np.ndarray], batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(inputs [B, L], targets [B, L], mask [B, L]), left-padded, in a shuffled order."""
+    order = rng.permutation(len(chunks))
+    for start in range(0, len(order), batch_size):
+        batch = [chunks[i] for i in order[start : start + batch_size]]
+        length = max(len(c) for c in batch) - 1
+        inputs, mask = left_pad([c[:-1] for c in batch], length)
+        targets, _ = left_pad([c[1:] for c in batch], length)
+        yield inputs, targets, mask
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Independent (history window, target) examples, one per predicted interaction."""
+
+    history: torch.Tensor  # [n, W] left-padded
+    mask: torch.Tensor  # [n, W]
+    targets: torch.Tensor  # [n]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def make_examples(sequences: list[np.ndarray], window: int) -> Examples:
+    windows, targets = [], []
+    for seq in sequences:
+        for t in range(1, len(seq)):
+            windows.append(seq[max(0, t - window) : t])
+            targets.append(seq[t])
+    history, mask = left_pad(windows, window)
+    return Examples(history, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
+
+
+def sample_negatives(batch: int, count: int, n_items: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform negatives from the public catalog, drawn per example (never from the batch)."""
+    return torch.randint(n_items, (batch, count), generator=generator)
+
+
+def examples_loss(model: Recommender, examples: Examples, idx: torch.Tensor, negatives: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Mean per-example loss of examples[idx] (sampled or full-catalog softmax)."""
+    sampled = sample_negatives(len(idx), negatives, model.n_items, generator) if negatives else None
+    return example_loss(model, examples.history[idx], examples.mask[idx], examples.targets[idx], sampled)
+
+
+def train_sequences(
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    chunks: list[np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator,
+    max_steps: int | None = None,
+) -> tuple[float, int]:
+    """One pass over the chunks (or max_steps batches); returns (mean loss, steps)."""
+    model.train()
+    total, steps = 0.0, 0
+    for inputs, targets, mask in sequence_batches(chunks, batch_size, rng):
+        optimizer.zero_grad(set_to_none=True)
+        loss = sequence_loss(model, inputs, targets, mask)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        steps += 1
+        if max_steps is not None and steps >= max_steps:
+            break
+    return total / max(steps, 1), steps
+
+
+def make_optimizer(model: Recommender, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -1,0 +1,52 @@
+"""Non-neural baselines scored on the same cases: popularity and EASE (Steck 2019)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shared_model.metrics import evaluate_scores
+from shared_model.splits import EvalCases, LeaveOneOut
+
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 350.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0)
+
+
+def interaction_matrix(sequences: list[np.ndarray], n_items: int) -> np.ndarray:
+    """Binary user-item matrix [n_users, n_items] in float32."""
+    matrix = np.zeros((len(sequences), n_items), dtype=np.float32)
+    for u, seq in enumerate(sequences):
+        matrix[u, seq] = 1.0
+    return matrix
+
+
+def popularity_scores(sequences: list[np.ndarray], n_items: int, cases: EvalCases) -> torch.Tensor:
+    counts = interaction_matrix(sequences, n_items).sum(axis=0)
+    return torch.from_numpy(np.tile(counts, (len(cases), 1)))
+
+
+def ease_weights(matrix: np.ndarray, lam: float) -> np.ndarray:
+    """B = I - P diag(1/diag(P)), P = (X^T X + lam I)^-1, with a zero diagonal."""
+    gram = matrix.T.astype(np.float64) @ matrix
+    gram[np.diag_indices_from(gram)] += lam
+    precision = np.linalg.inv(gram)
+    weights = precision / (-np.diag(precision))
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights.astype(np.float32)
+
+
+def ease_scores(weights: np.ndarray, cases: EvalCases) -> torch.Tensor:
+    return torch.from_numpy(interaction_matrix(cases.histories, weights.shape[0]) @ weights)
+
+
+def tune_ease(split: LeaveOneOut, lambdas: tuple[float, ...] = EASE_LAMBDAS) -> tuple[float, dict[float, float]]:
+    """The lambda with the best validation NDCG@10 (EASE fitted on train only)."""
+    valid = split.cases("valid")
+    matrix = interaction_matrix(split.train, split.n_items)
+    results = {lam: evaluate_scores(ease_scores(ease_weights(matrix, lam), valid), valid)["NDCG@10"] for lam in lambdas}
+    return max(results, key=results.get), results
+
+
+def ease_test_scores(split: LeaveOneOut, lam: float, cases: EvalCases) -> torch.Tensor:
+    """EASE refitted on everything before the test items (train + validation)."""
+    histories = [split.history(u, "test") for u in range(split.n_users)]
+    return ease_scores(ease_weights(interaction_matrix(histories, split.n_items), lam), cases)

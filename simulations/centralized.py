@@ -1,0 +1,95 @@
+"""The centralized reference: the same model trained on all training data, no federation,
+no DP, next to popularity and EASE baselines on the same split, in the same run."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from shared_model.data import Dataset
+from shared_model.metrics import evaluate_scores
+from shared_model.recommender import RecommenderConfig, build_recommender, score_catalog
+from shared_model.splits import leave_one_out
+from shared_model.state import save_state
+from shared_model.training import TrainConfig, make_optimizer, sequence_chunks, train_sequences
+from simulations.baselines import ease_test_scores, popularity_scores, tune_ease
+
+
+@dataclass
+class CentralizedConfig:
+    model: RecommenderConfig = field(default_factory=RecommenderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    epochs: int = 60
+    patience: int = 10  # stop after this many epochs without a better validation NDCG@10
+    seed: int = 0
+
+
+def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Train, keep the best epoch by validation NDCG@10, test it and the baselines."""
+    started = time.time()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    split = leave_one_out(dataset)
+    valid, test = split.cases("valid"), split.cases("test")
+    model = build_recommender(dataset.catalog.texts, config.model, progress=progress)
+    optimizer = make_optimizer(model, config.train)
+    chunks = sequence_chunks(split.train, config.model.history)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_ndcg, best_epoch, best_state = -1.0, 0, model.trainable_state()
+    train_started = time.time()
+    bar = tqdm(range(1, config.epochs + 1), desc="centralized", disable=not progress)
+    with open(out_dir / "metrics.jsonl", "w") as log:
+        for epoch in bar:
+            loss, _ = train_sequences(model, optimizer, chunks, config.train.batch_size, rng)
+            metrics = evaluate_scores(score_catalog(model, valid.histories), valid)
+            log.write(json.dumps({"epoch": epoch, "loss": loss, **{f"valid {k}": v for k, v in metrics.items()}}) + "\n")
+            log.flush()
+            if metrics["NDCG@10"] > best_ndcg:
+                best_ndcg, best_epoch, best_state = metrics["NDCG@10"], epoch, model.trainable_state()
+            bar.set_postfix(loss=f"{loss:.3f}", val_ndcg=f"{metrics['NDCG@10']:.4f}", best=best_epoch)
+            if epoch - best_epoch >= config.patience:
+                break
+    train_seconds = time.time() - train_started
+    model.load_trainable_state(best_state)
+    save_state(out_dir / "best_adapters.safetensors", best_state, {"model_config": config.model.to_dict()})
+
+    lam, _ = tune_ease(split)
+    history_at_test = [split.history(u, "test") for u in range(split.n_users)]
+    scores = {
+        "model": score_catalog(model, test.histories),
+        "popularity": popularity_scores(history_at_test, split.n_items, test),
+        "ease": ease_test_scores(split, lam, test),
+    }
+    results = {}
+    for name, s in scores.items():
+        results[name] = evaluate_scores(s, test)
+        results[name].update(evaluate_scores(s, test, sampled=True))
+    summary = {
+        "dataset": dataset.name,
+        "config": {"model": config.model.to_dict(), "train": vars(config.train), "epochs": config.epochs,
+                   "patience": config.patience, "seed": config.seed},
+        "best_epoch": best_epoch,
+        "best_valid_NDCG@10": best_ndcg,
+        "ease_lambda": lam,
+        "test": results,
+        "trainable_bytes": model.trainable_bytes(),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.time() - started,
+        "test_users": len(test),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    keys = ["HR@10", "NDCG@10", "HR@10 (100 sampled)", "NDCG@10 (100 sampled)"]
+    lines = [f"{'':12}" + "".join(f"{k:>24}" for k in keys)]
+    for name, metrics in summary["test"].items():
+        lines.append(f"{name:12}" + "".join(f"{metrics[k]:>24.4f}" for k in keys))
+    return "\n".join(lines)

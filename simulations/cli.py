@@ -1,0 +1,121 @@
+"""The `fedrec` command: what is not a Flower run (the federated job is `flwr run .`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from shared_model.data import DataError
+from shared_model.recommender import RecommenderConfig
+from shared_model.training import TrainConfig
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=["synthetic", "ml-100k"], default="synthetic",
+                        help="built-in synthetic catalog (default) or MovieLens-100K")
+    parser.add_argument("--data-dir", help="folder with the GroupLens ml-100k files "
+                        "(default: $FEDREC_ML100K, else ../shared/datasets/ml-100k)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data generation and training (default 0)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    d = RecommenderConfig()
+    group = parser.add_argument_group("model")
+    group.add_argument("--dim", type=positive_int, default=d.dim, help=f"item/user vector width (default {d.dim})")
+    group.add_argument("--layers", type=positive_int, default=d.layers, help=f"user-tower blocks (default {d.layers})")
+    group.add_argument("--heads", type=positive_int, default=d.heads, help=f"attention heads (default {d.heads})")
+    group.add_argument("--history", type=positive_int, default=d.history,
+                       help=f"recent items the user tower reads (default {d.history})")
+    group.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout (default {d.dropout})")
+    group.add_argument("--lora-layers", type=int, default=d.lora_layers,
+                       help=f"top encoder layers with LoRA; 0 = only the light head trains (default {d.lora_layers})")
+    group.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    group.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha,
+                       help=f"LoRA alpha (default {d.lora_alpha})")
+    group.add_argument("--no-id-embeddings", dest="id_embeddings", action="store_false",
+                       help="item vectors from text only (no item-id table)")
+    group.add_argument("--encoder-path", help="a local Hugging Face encoder folder (default: packaged all-MiniLM-L6-v2)")
+
+
+def model_config(args: argparse.Namespace) -> RecommenderConfig:
+    return RecommenderConfig(**{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)})
+
+
+def cmd_centralized(args: argparse.Namespace) -> int:
+    from shared_model.data import load_dataset
+    from simulations.centralized import CentralizedConfig, format_table, run_centralized
+
+    config = CentralizedConfig(
+        model=model_config(args),
+        train=TrainConfig(batch_size=args.batch_size, lr=args.lr),
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+    )
+    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    out = Path(args.out) / f"centralized-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_centralized(dataset, config, out, progress=not args.quiet)
+    print(format_table(summary))
+    print(json.dumps({k: summary[k] for k in ("best_epoch", "trainable_bytes", "train_seconds", "ease_lambda")}))
+    print(f"results: {out}/summary.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedrec",
+        description="Federated, privacy-preserving text-encoder recommender. "
+        "The federated simulation itself is a Flower app: run it with `flwr run .`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    central = sub.add_parser(
+        "centralized",
+        help="train the reference model on all data (no federation, no DP) next to popularity and EASE",
+        description="Train the recommender centrally, keep the best epoch by validation NDCG@10, and "
+        "report test HR@10/NDCG@10 (full ranking and 100 sampled negatives) for it, popularity and "
+        "EASE (lambda tuned on validation). Writes metrics.jsonl, summary.json and the best adapters.",
+    )
+    add_data_options(central)
+    add_model_options(central)
+    t = TrainConfig()
+    central.add_argument("--epochs", type=positive_int, default=60, help="at most this many epochs (default 60)")
+    central.add_argument("--patience", type=positive_int, default=10,
+                         help="stop after this many epochs without a better validation NDCG@10 (default 10)")
+    central.add_argument("--batch-size", type=positive_int, default=t.batch_size,
+                         help=f"sequence chunks per step (default {t.batch_size})")
+    central.add_argument("--lr", type=positive_float, default=t.lr, help=f"Adam learning rate (default {t.lr})")
+    central.add_argument("--out", default="runs", help="results go to a new folder under this one (default runs/)")
+    central.add_argument("--quiet", action="store_true", help="no progress bars")
+    central.set_defaults(func=cmd_centralized)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"fedrec {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from shared_model.data import ml100k_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test session builds its own catalog caches."""
+    os.environ["FEDREC_CACHE"] = str(tmp_path_factory.mktemp("fedrec-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def ml100k_path() -> Path:
+    path = ml100k_dir()
+    if not (path / "u.data").is_file():
+        pytest.skip(f"MovieLens-100K not found at {path}: set FEDREC_ML100K to its folder")
+    return path

@@ -1,0 +1,146 @@
+"""The recommender: cached prefix vs a fresh encoder pass, state round trips, per-example
+independence, and that it learns."""
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from shared_model.encoder import build_cache, load_encoder, mean_pool
+from shared_model.metrics import evaluate_scores
+from shared_model.recommender import RecommenderConfig, build_recommender, example_loss, score_catalog
+from shared_model.splits import leave_one_out
+from shared_model.state import load_state, save_state
+from shared_model.synthetic import SyntheticConfig, generate
+from shared_model.training import TrainConfig, make_examples, make_optimizer, sequence_chunks, train_sequences
+from simulations.baselines import popularity_scores
+
+TEXTS = ["Toy Story (1995). Genres: Animation, Children's, Comedy", "A dark film about a haunted house.",
+         "Heat (1995). Genres: Action, Crime, Thriller", "A gentle story about first love and a wedding."]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate(SyntheticConfig(n_users=300, n_items=150, seed=1))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder()
+
+
+def randomise_lora(model) -> None:
+    """LoRA's B starts at zero; give every adapter weight a random value."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+
+
+def fresh_forward(encoder, texts, lora_layers, adapted_model):
+    """The whole encoder with the same LoRA weights, run on raw text (no cache)."""
+    tokenizer, _ = encoder
+    _, bert = load_encoder()
+    n = len(bert.encoder.layer)
+    targets = "|".join(str(i) for i in range(n - lora_layers, n))
+    peft = get_peft_model(bert, LoraConfig(r=adapted_model.config.lora_rank, lora_alpha=adapted_model.config.lora_alpha,
+                                           target_modules=rf"encoder\.layer\.({targets})\.output\.dense"))
+    ours = {n: p for n, p in adapted_model.named_parameters() if "lora_" in n}
+    theirs = sorted(n for n, _ in peft.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        for mine, their in zip(sorted(ours), theirs):
+            peft.get_parameter(their).copy_(ours[mine])
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return mean_pool(peft.eval()(**enc).last_hidden_state, enc["attention_mask"].bool())
+
+
+@pytest.mark.parametrize("lora_layers", [1, 2])
+def test_cached_prefix_with_lora_equals_a_fresh_forward(encoder, lora_layers):
+    model = build_recommender(TEXTS, RecommenderConfig(lora_layers=lora_layers), progress=False)
+    randomise_lora(model)
+    expected = fresh_forward(encoder, TEXTS, lora_layers, model)
+    with torch.no_grad():
+        assert torch.allclose(model.text.catalog(), expected, atol=2e-3)
+        ids = torch.tensor([[2, 0], [3, 3]])  # per-example requests read the same rows
+        assert torch.allclose(model.text(ids), expected[ids], atol=2e-3)
+
+
+def test_lora_sits_only_on_the_top_layers(encoder):
+    model = build_recommender(TEXTS, RecommenderConfig(lora_layers=1), progress=False)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all("layer.0.output.dense" in n for n in lora)  # index 0 of the kept top layers
+    assert len(model.text.top.base_model.model.layer) == 1  # lower layers are not even held
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("text.top") for n in frozen)
+    without = build_recommender(TEXTS, RecommenderConfig(lora_layers=0), progress=False)
+    assert not any("lora_" in n for n, _ in without.named_parameters())
+    expected = mean_pool(*_plain(encoder, TEXTS))
+    assert torch.allclose(without.text.catalog(), expected, atol=1e-5)
+
+
+def _plain(encoder, texts):
+    tokenizer, bert = encoder
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return bert(**enc).last_hidden_state, enc["attention_mask"].bool()
+
+
+def test_trainable_state_round_trips_through_safetensors(small, tmp_path):
+    split = leave_one_out(small)
+    model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
+    randomise_lora(model)
+    with torch.no_grad():
+        model.item_ids.weight.normal_()
+    before = score_catalog(model, split.train[:20])
+    save_state(tmp_path / "a.safetensors", model.trainable_state(), {"model_config": model.config.to_dict()})
+    fresh = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
+    state, meta = load_state(tmp_path / "a.safetensors")
+    assert meta["model_config"] == model.config.to_dict()
+    fresh.load_trainable_state(state)
+    assert torch.equal(score_catalog(fresh, split.train[:20]), before)
+    assert model.trainable_bytes() == sum(t.numel() * 4 for t in state.values())
+
+
+def test_default_federated_state_is_small_on_ml100k_scale():
+    texts = [f"Movie {i}. Genres: Drama" for i in range(1682)]
+    model = build_recommender(texts, RecommenderConfig(), progress=False)
+    assert model.trainable_bytes() <= 256 * 1024
+
+
+@pytest.mark.parametrize("negatives", [0, 8])
+def test_an_examples_gradient_ignores_the_rest_of_the_batch(small, negatives):
+    split = leave_one_out(small)
+    model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False).eval()
+    randomise_lora(model)
+    examples = make_examples(split.train[:40], model.config.history)
+    g = torch.Generator().manual_seed(0)
+    all_negatives = torch.randint(small.n_items, (len(examples), max(negatives, 1)), generator=g)
+
+    def summed_grad(idx):
+        model.zero_grad()
+        neg = all_negatives[idx] if negatives else None
+        loss = example_loss(model, examples.history[idx], examples.mask[idx], examples.targets[idx], neg)
+        (loss * len(idx)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    alone = summed_grad(torch.tensor([5]))
+    for others in (torch.tensor([1, 2, 3]), torch.tensor([30, 9, 17, 22])):
+        with_others = summed_grad(torch.cat([torch.tensor([5]), others])) - summed_grad(others)
+        assert torch.allclose(with_others, alone, atol=1e-5)
+
+
+def test_learns_and_beats_popularity_on_synthetic(small):
+    torch.manual_seed(0)
+    split = leave_one_out(small)
+    model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.1), progress=False)
+    optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
+    chunks, rng = sequence_chunks(split.train, model.config.history), np.random.default_rng(0)
+    losses = [train_sequences(model, optimizer, chunks, 64, rng)[0] for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.3
+    test = split.cases("test")
+    ours = evaluate_scores(score_catalog(model, test.histories), test)["NDCG@10"]
+    histories = [split.history(u, "test") for u in range(split.n_users)]
+    popular = evaluate_scores(popularity_scores(histories, small.n_items, test), test)["NDCG@10"]
+    assert ours > 1.3 * popular, (ours, popular)
