@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,13 +63,12 @@ class CausalSelfAttention(nn.Module):
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(dim // self.heads)  # [B, heads, L, L]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal & key_mask[:, None, None, :]
+        allowed = causal & key_mask[:, None, None, :]  # [B, 1, L, L]
         allowed = allowed | torch.eye(length, dtype=torch.bool)  # a padded position reads itself
-        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        y = (self.dropout(att) @ v).transpose(1, 2).reshape(batch, length, dim)
-        return self.out(y)
+        dropout = self.dropout.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self.out(y.transpose(1, 2).reshape(batch, length, dim))
 
 
 class Block(nn.Module):
@@ -240,3 +240,25 @@ def build_recommender(texts: list[str], config: RecommenderConfig, progress: boo
 
     cache = load_or_build_cache(texts, config.lora_layers, config.encoder_path, progress=progress)
     return Recommender(cache, len(texts), config)
+
+
+class Ranker:
+    """Top-k for one user at a time over precomputed catalog vectors (inference only)."""
+
+    def __init__(self, model: Recommender):
+        self.model = model.eval()
+        with torch.no_grad():
+            self.catalog = model.catalog_vectors()
+
+    @torch.no_grad()
+    def top_k(self, history, k: int = 10, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item ids, scores) of the k best items not in `exclude` (default: the history)."""
+        recent = torch.as_tensor(np.asarray(history[-self.model.config.history :], dtype=np.int64))
+        mask = torch.ones(1, len(recent), dtype=torch.bool)
+        if not len(recent):  # no history: one masked slot, the tower's prior
+            recent, mask = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.bool)
+        scores = self.model.user_vectors(recent[None], mask, self.catalog)[0] @ self.catalog.T
+        seen = np.asarray(history if exclude is None else exclude, dtype=np.int64)
+        scores[torch.from_numpy(seen)] = float("-inf")
+        best = torch.topk(scores, k)
+        return best.indices, best.values

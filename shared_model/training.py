@@ -21,7 +21,7 @@ from shared_model.recommender import Recommender, example_loss, left_pad, sequen
 @dataclass
 class TrainConfig:
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.0
     negatives: int = 0  # 0: softmax over the whole public catalog; N: N uniform negatives
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from shared_model.data import Dataset
 from shared_model.metrics import evaluate_scores
-from shared_model.recommender import RecommenderConfig, build_recommender, score_catalog
+from shared_model.recommender import Ranker, Recommender, RecommenderConfig, build_recommender, score_catalog
 from shared_model.splits import leave_one_out
 from shared_model.state import save_state
 from shared_model.training import TrainConfig, make_optimizer, sequence_chunks, train_sequences
@@ -82,9 +82,28 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - started,
         "test_users": len(test),
+        "top10_latency_ms": top10_latency_ms(model, test.histories[:500]),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def top10_latency_ms(model: Recommender, histories: list[np.ndarray]) -> dict[str, float]:
+    """Median and p99 wall time of one user's top-10 over the catalog, in-process, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one request per core: no thread hand-offs inside a tiny model
+    try:
+        ranker = Ranker(model)
+        for history in histories[:20]:
+            ranker.top_k(history, 10)
+        times = []
+        for history in histories:
+            start = time.perf_counter()
+            ranker.top_k(history, 10)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {"median": 1000 * float(np.median(times)), "p99": 1000 * float(np.percentile(times, 99))}
 
 
 def format_table(summary: dict) -> str:

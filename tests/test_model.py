@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from shared_model.encoder import build_cache, load_encoder, mean_pool
 from shared_model.metrics import evaluate_scores
-from shared_model.recommender import RecommenderConfig, build_recommender, example_loss, score_catalog
+from shared_model.recommender import Ranker, RecommenderConfig, build_recommender, example_loss, score_catalog
 from shared_model.splits import leave_one_out
 from shared_model.state import load_state, save_state
 from shared_model.synthetic import SyntheticConfig, generate
@@ -144,3 +144,18 @@ def test_learns_and_beats_popularity_on_synthetic(small):
     histories = [split.history(u, "test") for u in range(split.n_users)]
     popular = evaluate_scores(popularity_scores(histories, small.n_items, test), test)["NDCG@10"]
     assert ours > 1.3 * popular, (ours, popular)
+
+
+def test_ranker_agrees_with_batch_scoring(small):
+    split = leave_one_out(small)
+    model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
+    randomise_lora(model)
+    ranker = Ranker(model)
+    histories = [split.history(u, "test") for u in range(5)] + [np.array([], dtype=np.int64)]
+    scores = score_catalog(model, histories)
+    for row, history in enumerate(histories):
+        ids, values = ranker.top_k(history, k=10)
+        expected = scores[row].clone()
+        expected[torch.from_numpy(history)] = float("-inf")
+        assert torch.allclose(values, torch.topk(expected, 10).values, atol=1e-5)
+        assert not np.isin(ids.numpy(), history).any()
