@@ -140,6 +140,13 @@ def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
     )
 
 
+def load_catalog(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Catalog:
+    """Only the public catalog (what a server may hold): item texts and genres."""
+    if name == "ml-100k":
+        return _read_ml100k_catalog(ml100k_dir(data_dir))
+    return load_dataset(name, data_dir, seed).catalog
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
     """Load a dataset by name: 'synthetic' (built in, the default) or 'ml-100k'."""
     if name == "synthetic":

@@ -58,6 +58,14 @@ def sampled_exclusion_mask(cases: EvalCases, n_items: int, negatives: int = 100,
     return mask
 
 
+def ranking_sums(scores: torch.Tensor, cases: EvalCases, k: int = 10) -> dict[str, float]:
+    """Sums (not means) of HR@k and NDCG@k over the cases, and their count: what a client
+    reports so that the server's weighted mean equals a mean over all cases."""
+    ranks = target_ranks(scores, torch.from_numpy(cases.targets), exclusion_mask(cases, scores.shape[1]))
+    hit, ndcg = hit_and_ndcg(ranks, k)
+    return {f"HR@{k}-sum": float(hit.double().sum()), f"NDCG@{k}-sum": float(ndcg.double().sum()), "count": len(cases)}
+
+
 def evaluate_scores(
     scores: torch.Tensor, cases: EvalCases, ks: tuple[int, ...] = (10,), sampled: bool = False
 ) -> dict[str, float]:

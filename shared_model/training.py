@@ -111,3 +111,33 @@ def train_sequences(
 def make_optimizer(model: Recommender, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_local(
+    model: Recommender,
+    sequences: list[np.ndarray],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_steps: int = 0,
+) -> dict[str, float]:
+    """A client's local work: plain SGD over its own sequences for `epochs` passes
+    (at most `max_steps` steps in all, when that is positive)."""
+    chunks = sequence_chunks(sequences, model.config.history)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    losses, steps = [], 0
+    for _ in range(epochs):
+        budget = max_steps - steps if max_steps else None
+        loss, done = train_sequences(model, optimizer, chunks, batch_size, rng, budget)
+        losses.append(loss)
+        steps += done
+        if max_steps and steps >= max_steps:
+            break
+    return {
+        "train-loss": float(np.mean(losses)) if losses else 0.0,
+        "num-examples": int(sum(max(len(s) - 1, 0) for s in sequences)),
+        "steps": steps,
+    }

@@ -19,3 +19,14 @@ def ml100k_path() -> Path:
     if not (path / "u.data").is_file():
         pytest.skip(f"MovieLens-100K not found at {path}: set FEDREC_ML100K to its folder")
     return path
+
+
+def default_run_config(**overrides) -> dict:
+    """The app's run config as pyproject.toml declares it, with overrides (like --run-config)."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    for key in overrides:
+        assert key in config, f"unknown run-config key {key}"
+    return {**config, **overrides}

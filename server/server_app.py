@@ -1,0 +1,196 @@
+"""The Flower ServerApp: rounds of FedAdam over the adapters, federated evaluation, and a
+run folder with per-round metrics, plots, checkpoints and adapters (resumable)."""
+
+from __future__ import annotations
+
+import math
+import time
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.plots import plot_rounds
+from server.run_folder import Checkpoint, RunFolder
+from server.strategy import RoundStats, SeededFedAdam
+from shared_model.data import load_catalog, load_dataset
+from shared_model.metrics import evaluate_scores
+from shared_model.recommender import Recommender, build_recommender, score_catalog
+from shared_model.settings import RunSettings
+from shared_model.splits import leave_one_out
+
+app = ServerApp()
+STAGES = ("valid", "test")
+
+
+def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def sampling_keys(grid: Grid, timeout: float) -> dict[int, int]:
+    """Ask every connected node once for its stable sampling key."""
+    node_ids = list(grid.get_node_ids())
+    while not node_ids:
+        log(INFO, "fedrec: waiting for SuperNodes to connect")
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in node_ids]
+    replies = [r for r in grid.send_and_receive(messages, timeout=timeout) if not r.has_error()]
+    keys = {r.metadata.src_node_id: int(r.content["info"]["sampling-key"]) for r in replies}
+    if len(keys) < len(node_ids):
+        log(WARNING, "fedrec: %d of %d nodes did not answer and are left out", len(node_ids) - len(keys), len(node_ids))
+    if not keys:
+        raise RuntimeError("no SuperNode answered the start-up query")
+    return keys
+
+
+def federated_evaluation(grid: Grid, strategy: SeededFedAdam, server_round: int, arrays: dict[str, np.ndarray],
+                         settings: RunSettings) -> dict[str, float]:
+    """Clients rank the catalog for their own held-out items and report sums; means here."""
+    count = math.ceil(settings.fraction_evaluate * len(strategy.nodes))
+    record = RecordDict({"arrays": array_record(arrays),
+                         "config": ConfigRecord({"server-round": server_round})})
+    messages = [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE)
+                for n in strategy.sample(server_round, count, purpose=1)]
+    stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
+    out: dict[str, float] = {"eval clients": len(stats.ok), "eval left out": stats.left_out}
+    for stage in STAGES:
+        total = sum(r.content["metrics"][f"{stage}-count"] for r in stats.ok)
+        for metric in ("HR@10", "NDCG@10"):
+            summed = sum(r.content["metrics"][f"{stage}-{metric}-sum"] for r in stats.ok)
+            out[f"{stage} {metric}"] = summed / total if total else 0.0
+    return out
+
+
+class ServerSideEvaluation:
+    """Simulation only: the same metrics over the whole split, computed on the server."""
+
+    def __init__(self, settings: RunSettings, model: Recommender):
+        self.model = model
+        split = leave_one_out(load_dataset(settings.dataset, settings.data_dir or None, seed=settings.seed))
+        self.cases = {stage: split.cases(stage) for stage in STAGES}
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        self.model.load_trainable_state({k: torch.from_numpy(v) for k, v in arrays.items()})
+        out = {}
+        for stage, cases in self.cases.items():
+            metrics = evaluate_scores(score_catalog(self.model, cases.histories), cases)
+            out.update({f"server {stage} {k}": v for k, v in metrics.items()})
+        return out
+
+
+def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
+    text = (f"[round {line['round']}/{settings.num_server_rounds}] {line['clients'] - line['left out']}/"
+            f"{line['clients']} clients ({line['left out']} left out: {line['errors']} errors, "
+            f"{line['timeouts']} timeouts), train loss {line['train loss']:.4f}, "
+            f"upload {line['upload bytes per client'] / 1024:.1f} KB/client, {line['seconds']:.1f} s")
+    if "valid NDCG@10" in line:
+        text += (f" | valid NDCG@10 {line['valid NDCG@10']:.4f}, test NDCG@10 {line['test NDCG@10']:.4f}"
+                 f" (best valid {best['valid NDCG@10']:.4f} at round {best['round']})")
+    return text
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    session_started = time.time()
+    settings = RunSettings.from_run_config(context.run_config)
+    folder = RunFolder.open(settings)
+    log(INFO, "fedrec: run folder %s", folder.path)
+    torch.manual_seed(settings.seed)
+    catalog = load_catalog(settings.dataset, settings.data_dir or None, seed=settings.seed)
+    model = build_recommender(catalog.texts, settings.model_config(), progress=False)
+    arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
+    keys = sampling_keys(grid, settings.round_timeout)
+    strategy = SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
+                             settings.server_lr_half_life)
+    log(INFO, "fedrec: %d clients, %d per round, %d rounds, adapters %.1f KB", len(keys),
+        strategy.clients_per_round, settings.num_server_rounds, model.trainable_bytes() / 1024)
+    best, best_arrays, first_round = {"round": 0, "valid NDCG@10": -1.0}, arrays, 1
+    checkpoint = folder.load_checkpoint()
+    if checkpoint is not None:
+        arrays, best_arrays, best = checkpoint.arrays, checkpoint.best_arrays, checkpoint.best
+        strategy.load_optimizer_state(checkpoint.optimizer)
+        first_round = checkpoint.server_round + 1
+        log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
+    folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
+    server_eval = ServerSideEvaluation(settings, model) if settings.server_eval else None
+    if checkpoint is None:  # where training starts from, for the plot and the record
+        line = {"round": 0, **federated_evaluation(grid, strategy, 0, arrays, settings)}
+        if server_eval is not None:
+            line.update(server_eval(arrays))
+        folder.append_metrics(line)
+        log(INFO, "[round 0] valid NDCG@10 %.4f, test NDCG@10 %.4f before training",
+            line["valid NDCG@10"], line["test NDCG@10"])
+
+    for server_round in range(first_round, settings.num_server_rounds + 1):
+        started = time.time()
+        messages = list(strategy.configure_train(server_round, array_record(arrays), ConfigRecord(), grid))
+        stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
+        aggregated, train_metrics = strategy.aggregate_train(server_round, stats.ok)
+        if aggregated is not None:
+            arrays = numpy_arrays(aggregated)
+        line = {
+            "round": server_round, "clients": stats.sent, "left out": stats.left_out, "errors": stats.errors,
+            "timeouts": stats.timeouts,
+            "train loss": float(train_metrics["train-loss"]) if train_metrics else float("nan"),
+            "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
+            "upload bytes max": int(max(stats.upload_bytes, default=0)),
+            "server lr": strategy.eta,
+        }
+        if server_round % settings.eval_every == 0 or server_round == settings.num_server_rounds:
+            line.update(federated_evaluation(grid, strategy, server_round, arrays, settings))
+            if server_eval is not None:
+                line.update(server_eval(arrays))
+            if line["valid NDCG@10"] > best["valid NDCG@10"]:
+                best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
+                        "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
+                best_arrays = arrays
+        line["seconds"] = time.time() - started
+        folder.append_metrics(line)
+        folder.save_checkpoint(Checkpoint(server_round, arrays, best_arrays, strategy.optimizer_state(), best))
+        log(INFO, "%s", progress_line(settings, line, best))
+
+    finish(folder, settings, model, arrays, best_arrays, best, len(keys), session_started)
+
+
+def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays: dict, best_arrays: dict,
+           best: dict, n_clients: int, session_started: float) -> None:
+    """Final and best adapters, the plot and summary.json."""
+    metrics = folder.metrics()
+    config = model.config.to_dict()
+    folder.save_adapters("final_adapters.safetensors", arrays, config)
+    folder.save_adapters("best_adapters.safetensors", best_arrays, config)
+    plot = plot_rounds(metrics, folder.path / "metrics.png", f"{settings.dataset}, {n_clients} clients")
+    evaluated = [m for m in metrics if "test NDCG@10" in m]
+    final = evaluated[-1] if evaluated else {}
+    trained = [m for m in metrics if m["round"] > 0]
+    uploads = [m["upload bytes per client"] for m in trained if m["upload bytes per client"]]
+    summary = {
+        "config": settings.to_dict(),
+        "clients": n_clients,
+        "rounds": trained[-1]["round"] if trained else 0,
+        "start": {"valid NDCG@10": metrics[0].get("valid NDCG@10"), "test NDCG@10": metrics[0].get("test NDCG@10")}
+        if metrics else {},
+        "final": {"round": final.get("round"),
+                  "valid": {k: final.get(f"valid {k}") for k in ("HR@10", "NDCG@10")},
+                  "test": {k: final.get(f"test {k}") for k in ("HR@10", "NDCG@10")}},
+        "best": best,
+        "test": {k: final.get(f"test {k}") for k in ("HR@10", "NDCG@10")},
+        "round_seconds_total": sum(m["seconds"] for m in trained),
+        "wall_seconds_this_session": time.time() - session_started,
+        "upload_bytes_per_client_per_round": float(np.mean(uploads)) if uploads else 0.0,
+        "upload_bytes_total": float(sum(m["upload bytes per client"] * (m["clients"] - m["left out"]) for m in trained)),
+        "trainable_bytes": model.trainable_bytes(),
+        "plot": plot.name,
+    }
+    folder.write_summary(summary)
+    log(INFO, "fedrec: final test NDCG@10 %.4f, best valid NDCG@10 %.4f at round %s; results in %s",
+        final.get("test NDCG@10", float("nan")), best["valid NDCG@10"], best["round"], folder.path)

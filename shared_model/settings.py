@@ -1,0 +1,121 @@
+"""The federated run's settings, read once from the Flower run config (pyproject.toml's
+[tool.flwr.app.config], overridable with `flwr run . --run-config 'key=value'`).
+
+Both the ServerApp and the ClientApp read the same keys; a wrong type or value is an
+error that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from shared_model.partitions import PARTITIONINGS
+from shared_model.recommender import RecommenderConfig
+
+
+TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+class SettingsError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # data
+    dataset: str
+    data_dir: str
+    partitioning: str  # "per-user" (one client per user) or silos: "iid" / "dirichlet"
+    dirichlet_alpha: float
+    seed: int
+    # rounds and sampling
+    num_server_rounds: int
+    clients_per_round: int  # 0: every client, every round
+    round_timeout: float  # seconds to wait for a round's replies
+    # local training (plain SGD on the client)
+    local_epochs: int
+    local_steps: int  # cap on steps per round (0: no cap)
+    batch_size: int
+    learning_rate: float
+    # server optimiser (FedAdam)
+    server_learning_rate: float
+    server_lr_half_life: float  # rounds after which the server rate has halved
+    # evaluation and outputs
+    eval_every: int  # federated evaluation every N rounds (and after the last)
+    fraction_evaluate: float
+    server_eval: bool  # simulation only: also evaluate the whole split on the server
+    output_dir: str
+    run_name: str  # "" = a new folder; an existing run's name resumes it
+    simulated_failure_rate: float  # simulation: share of client calls that fail on purpose
+    # model
+    dim: int
+    layers: int
+    heads: int
+    history: int
+    dropout: float
+    lora_layers: int
+    lora_rank: int
+    lora_alpha: float
+    id_embeddings: bool
+    encoder_path: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Typed settings from the run config; the defaults live in pyproject.toml only."""
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in run_config:
+                raise SettingsError(f"run config '{key}' is missing (see [tool.flwr.app.config] in pyproject.toml)")
+            value, expected = run_config[key], TYPES[f.type]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not expected:
+                raise SettingsError(
+                    f"run config '{key}': expected {expected.__name__}, got {type(value).__name__} {value!r}"
+                )
+            values[f.name] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        checks = [
+            (self.dataset in ("synthetic", "ml-100k"), "dataset", "must be 'synthetic' or 'ml-100k'"),
+            (self.partitioning in PARTITIONINGS, "partitioning", f"must be one of {PARTITIONINGS}"),
+            (self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1"),
+            (self.clients_per_round >= 0, "clients-per-round", "must be 0 (all) or more"),
+            (self.local_epochs >= 1, "local-epochs", "must be at least 1"),
+            (self.local_steps >= 0, "local-steps", "must be 0 (no cap) or more"),
+            (self.batch_size >= 1, "batch-size", "must be at least 1"),
+            (self.learning_rate > 0, "learning-rate", "must be positive"),
+            (self.server_learning_rate > 0, "server-learning-rate", "must be positive"),
+            (self.server_lr_half_life > 0, "server-lr-half-life", "must be positive"),
+            (self.eval_every >= 1, "eval-every", "must be at least 1"),
+            (0 < self.fraction_evaluate <= 1, "fraction-evaluate", "must be in (0, 1]"),
+            (0 <= self.simulated_failure_rate < 1, "simulated-failure-rate", "must be in [0, 1)"),
+            (self.round_timeout > 0, "round-timeout", "must be positive"),
+            (0 <= self.lora_layers <= 6, "lora-layers", "must be between 0 and 6"),
+            (self.dim % self.heads == 0, "dim", f"must be divisible by heads ({self.heads})"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise SettingsError(f"run config '{key}' {message}, not {getattr(self, key.replace('-', '_'))!r}")
+
+    def model_config(self) -> RecommenderConfig:
+        return RecommenderConfig(
+            dim=self.dim,
+            layers=self.layers,
+            heads=self.heads,
+            history=self.history,
+            dropout=self.dropout,
+            lora_layers=self.lora_layers,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            id_embeddings=self.id_embeddings,
+            encoder_path=self.encoder_path or None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,154 @@
+"""Run the Flower app with `flwr run` from Python (tests, benchmarks) and clean up after it.
+
+Flower 1.41's `flwr run .` starts a local SuperLink (and its SuperExec, simulation and Ray
+processes) in the background and leaves it running. This runner gives every run its own
+FLWR_HOME, turns off Flower's per-run `uv sync` of the app's dependencies (they are
+installed already), waits for the run, reads its real status with `flwr ls`, and stops
+every process that carries its FLWR_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_SUPERLINK_HEALTH = "http://127.0.0.1:39091/health"
+
+
+@dataclass
+class FlowerRun:
+    run_id: int | None
+    status: str
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
+               RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    return env
+
+
+def local_superlink_running() -> bool:
+    try:
+        return httpx.get(LOCAL_SUPERLINK_HEALTH, timeout=1.0).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def stop_processes_of(flwr_home: Path) -> int:
+    """Kill every process whose environment names this FLWR_HOME; returns how many."""
+    mine = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == str(flwr_home):
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    for proc in mine:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:  # Ray's agents ignore SIGTERM
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return len(mine)
+
+
+def run_flower(
+    run_config: dict,
+    num_supernodes: int,
+    cpus_per_client: int = 1,
+    flwr_home: Path | None = None,
+    app_dir: Path = REPO,
+    echo: bool = False,
+    timeout: float = 3600,
+    crash_when: Callable[[], bool] | None = None,
+) -> FlowerRun:
+    """`flwr run app_dir --stream` with the given overrides; always stops what it started.
+
+    crash_when: polled twice a second; once it returns True, every process of the run is
+    killed at once (a crash, status "crashed"), to test resuming.
+    """
+    if local_superlink_running():
+        raise RuntimeError("a local SuperLink already runs on 127.0.0.1:39091; stop it first "
+                           "(pkill -f flower-superlink)")
+    home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+    command = ["flwr", "run", str(app_dir), "--stream",
+               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+    if run_config:
+        command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+    lines: list[str] = []
+    status = None
+    try:
+        with subprocess.Popen(command, cwd=app_dir, env=flower_env(home), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            reader = threading.Thread(target=_collect, args=(proc.stdout, lines, echo), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None:
+                if crash_when is not None and crash_when():
+                    stop_processes_of(home)
+                    proc.kill()
+                    status = "crashed"
+                elif time.monotonic() > deadline:
+                    proc.kill()
+                    status = "timed out"
+                time.sleep(0.5)
+            reader.join(timeout=10)
+        log = "".join(lines)
+        match = re.search(r"Successfully started run (\d+)", log)
+        run_id = int(match.group(1)) if match else None
+        if status is None:
+            status = run_status(home, run_id) if run_id else "not started"
+        return FlowerRun(run_id, status, log)
+    finally:
+        stop_processes_of(home)
+
+
+def _collect(stream, lines: list[str], echo: bool) -> None:
+    for line in stream:
+        lines.append(line)
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    out = subprocess.run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=flower_env(flwr_home),
+                         capture_output=True, text=True, cwd=REPO)
+    try:
+        return json.loads(out.stdout)["runs"][0]["status"]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return f"unknown ({out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
