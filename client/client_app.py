@@ -6,6 +6,8 @@ never interactions, item ids or user ids.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +21,7 @@ from shared_model.training import train_local
 
 app = ClientApp()
 _MODELS: dict[tuple, Recommender] = {}  # one model per process, reused across calls
+_CATALOG: dict = {}  # the last global model's catalog vectors, for evaluation
 
 
 def settings_of(context: Context) -> RunSettings:
@@ -46,6 +49,20 @@ def model_with(settings: RunSettings, texts: list[str], arrays: ArrayRecord) -> 
     model = _MODELS[key]
     model.load_trainable_state(arrays.to_torch_state_dict())
     return model
+
+
+def catalog_vectors(model: Recommender, arrays: ArrayRecord) -> torch.Tensor:
+    """The catalog's item vectors under these global adapters, computed once per process
+    for all the clients that evaluate the same global model."""
+    digest = hashlib.sha1()
+    for name in sorted(arrays.keys()):
+        digest.update(name.encode() + arrays[name].data)
+    key = digest.hexdigest()
+    if _CATALOG.get("key") != key:
+        model.eval()
+        with torch.no_grad():
+            _CATALOG.update(key=key, vectors=model.catalog_vectors())
+    return _CATALOG["vectors"]
 
 
 def round_seed(settings: RunSettings, server_round: int, key: int, purpose: int) -> int:
@@ -90,11 +107,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = settings_of(context)
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
+    catalog = catalog_vectors(model, msg.content["arrays"])
     metrics: dict[str, float] = {}
     with torch.no_grad():
         for stage in ("valid", "test"):
             cases = data.split.cases(stage)
-            sums = ranking_sums(score_catalog(model, cases.histories), cases)
+            sums = ranking_sums(score_catalog(model, cases.histories, catalog=catalog), cases)
             metrics.update({f"{stage}-{name}": value for name, value in sums.items()})
     metrics["num-examples"] = metrics["test-count"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

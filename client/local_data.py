@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from shared_model.data import Dataset, load_dataset
+from shared_model.data import Dataset
 from shared_model.partitions import partition_users
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import LeaveOneOut, split_sequences, user_sequences
@@ -28,27 +28,26 @@ class ClientData:
 
 
 @lru_cache(maxsize=2)
-def _world(dataset: str, data_dir: str, seed: int) -> tuple[Dataset, list[np.ndarray]]:
-    data = load_dataset(dataset, data_dir or None, seed=seed)
+def _world(settings: RunSettings) -> tuple[Dataset, list[np.ndarray]]:
+    data = settings.load_dataset()
     return data, user_sequences(data)
 
 
 @lru_cache(maxsize=4)
-def _partitions(dataset: str, data_dir: str, seed: int, partitioning: str, count: int, alpha: float):
-    data, sequences = _world(dataset, data_dir, seed)
-    return partition_users(sequences, data.catalog, partitioning, count, alpha=alpha, seed=seed)
+def _partitions(settings: RunSettings, count: int) -> list[np.ndarray]:
+    data, sequences = _world(settings)
+    return partition_users(sequences, data.catalog, settings.partitioning, count, alpha=settings.dirichlet_alpha,
+                           seed=settings.seed)
 
 
 def simulated_client_data(settings: RunSettings, partition_id: int, num_partitions: int) -> ClientData:
     """Partition `partition_id` of `num_partitions` (the simulation's SuperNodes)."""
-    data, sequences = _world(settings.dataset, settings.data_dir, settings.seed)
+    data, sequences = _world(settings)
     if settings.partitioning == "per-user" and num_partitions != data.n_users:
         raise SettingsError(
             f"partitioning 'per-user' needs one SuperNode per user: {settings.dataset} has {data.n_users} users "
             f"but the federation has {num_partitions}; run with "
             f"--federation-config 'num-supernodes={data.n_users}'"
         )
-    parts = _partitions(settings.dataset, settings.data_dir, settings.seed, settings.partitioning,
-                        num_partitions, settings.dirichlet_alpha)
-    users = parts[partition_id]
+    users = _partitions(settings, num_partitions)[partition_id]
     return ClientData(data.catalog.texts, split_sequences([sequences[u] for u in users], data.n_items))

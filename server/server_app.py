@@ -16,7 +16,6 @@ from flwr.serverapp import Grid, ServerApp
 from server.plots import plot_rounds
 from server.run_folder import Checkpoint, RunFolder
 from server.strategy import RoundStats, SeededFedAdam
-from shared_model.data import load_catalog, load_dataset
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
@@ -75,7 +74,7 @@ class ServerSideEvaluation:
 
     def __init__(self, settings: RunSettings, model: Recommender):
         self.model = model
-        split = leave_one_out(load_dataset(settings.dataset, settings.data_dir or None, seed=settings.seed))
+        split = leave_one_out(settings.load_dataset())
         self.cases = {stage: split.cases(stage) for stage in STAGES}
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
@@ -105,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder.open(settings)
     log(INFO, "fedrec: run folder %s", folder.path)
     torch.manual_seed(settings.seed)
-    catalog = load_catalog(settings.dataset, settings.data_dir or None, seed=settings.seed)
+    catalog = settings.load_catalog()
     model = build_recommender(catalog.texts, settings.model_config(), progress=False)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     keys = sampling_keys(grid, settings.round_timeout)

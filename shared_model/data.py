@@ -59,7 +59,8 @@ def ml100k_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def _read_lines(path: Path, encoding: str) -> list[str]:
     if not path.is_file():
-        raise DataError(f"{path}: file not found (expected the original GroupLens ml-100k layout)")
+        raise DataError(f"{path}: file not found (expected the original GroupLens ml-100k layout; "
+                        f"name the folder with data-dir / --data-dir or ${ML100K_ENV})")
     with open(path, encoding=encoding, newline="") as f:
         return f.read().splitlines()
 
@@ -140,19 +141,21 @@ def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
     )
 
 
-def load_catalog(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Catalog:
+def load_catalog(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                 synthetic_users: int = 2000) -> Catalog:
     """Only the public catalog (what a server may hold): item texts and genres."""
     if name == "ml-100k":
         return _read_ml100k_catalog(ml100k_dir(data_dir))
-    return load_dataset(name, data_dir, seed).catalog
+    return load_dataset(name, data_dir, seed, synthetic_users).catalog
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                 synthetic_users: int = 2000) -> Dataset:
     """Load a dataset by name: 'synthetic' (built in, the default) or 'ml-100k'."""
     if name == "synthetic":
         from shared_model.synthetic import SyntheticConfig, generate
 
-        return generate(SyntheticConfig(seed=seed))
+        return generate(SyntheticConfig(n_users=synthetic_users, seed=seed))
     if name == "ml-100k":
         return load_ml100k(data_dir)
     raise DataError(f"unknown dataset {name!r}: choose 'synthetic' or 'ml-100k'")

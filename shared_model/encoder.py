@@ -295,6 +295,8 @@ class TextTower(nn.Module):
 
 
 def _lora_delta(adapted: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The LoRA term of a PEFT-adapted Linear, without recomputing its cached frozen base."""
+    """The LoRA term B(A x) * scaling of a PEFT-adapted Linear, without recomputing its
+    cached frozen base; the scaling is applied to the rank-r activations (same value,
+    fewer multiplications)."""
     name = adapted.active_adapters[0]
-    return adapted.lora_B[name](adapted.lora_A[name](x)) * adapted.scaling[name]
+    return adapted.lora_B[name](adapted.lora_A[name](x) * adapted.scaling[name])

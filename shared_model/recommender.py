@@ -186,12 +186,14 @@ def left_pad(sequences: list, length: int, pad: int = 0) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def score_catalog(model: Recommender, histories: list, batch_size: int = 1024) -> torch.Tensor:
-    """Scores of every catalog item for each history: [n, n_items] (eval mode, no grad)."""
+def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
+                  catalog: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of every catalog item for each history: [n, n_items] (eval mode, no grad).
+    `catalog`: the model's catalog vectors, when already computed."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        catalog = model.catalog_vectors()
+        catalog = model.catalog_vectors() if catalog is None else catalog
         out = []
         for start in range(0, len(histories), batch_size):
             ids, mask = left_pad(histories[start : start + batch_size], model.config.history)

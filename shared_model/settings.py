@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from shared_model.data import Catalog, Dataset, load_catalog, load_dataset
 from shared_model.partitions import PARTITIONINGS
 from shared_model.recommender import RecommenderConfig
 
@@ -26,6 +27,7 @@ class RunSettings:
     # data
     dataset: str
     data_dir: str
+    synthetic_users: int  # size of the built-in synthetic dataset
     partitioning: str  # "per-user" (one client per user) or silos: "iid" / "dirichlet"
     dirichlet_alpha: float
     seed: int
@@ -83,6 +85,7 @@ class RunSettings:
     def validate(self) -> None:
         checks = [
             (self.dataset in ("synthetic", "ml-100k"), "dataset", "must be 'synthetic' or 'ml-100k'"),
+            (self.synthetic_users >= 10, "synthetic-users", "must be at least 10"),
             (self.partitioning in PARTITIONINGS, "partitioning", f"must be one of {PARTITIONINGS}"),
             (self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1"),
             (self.clients_per_round >= 0, "clients-per-round", "must be 0 (all) or more"),
@@ -102,6 +105,13 @@ class RunSettings:
         for ok, key, message in checks:
             if not ok:
                 raise SettingsError(f"run config '{key}' {message}, not {getattr(self, key.replace('-', '_'))!r}")
+
+    def load_dataset(self) -> Dataset:
+        return load_dataset(self.dataset, self.data_dir or None, self.seed, self.synthetic_users)
+
+    def load_catalog(self) -> Catalog:
+        """The public catalog only (for the server)."""
+        return load_catalog(self.dataset, self.data_dir or None, self.seed, self.synthetic_users)
 
     def model_config(self) -> RecommenderConfig:
         return RecommenderConfig(

@@ -33,6 +33,8 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="built-in synthetic catalog (default) or MovieLens-100K")
     parser.add_argument("--data-dir", help="folder with the GroupLens ml-100k files "
                         "(default: $FEDREC_ML100K, else ../shared/datasets/ml-100k)")
+    parser.add_argument("--synthetic-users", type=positive_int, default=2000,
+                        help="users of the built-in synthetic dataset (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data generation and training (default 0)")
 
 
@@ -70,7 +72,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
     )
-    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
     out = Path(args.out) / f"centralized-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_centralized(dataset, config, out, progress=not args.quiet)
     print(format_table(summary))

@@ -34,6 +34,7 @@ class FlowerRun:
     run_id: int | None
     status: str
     log: str
+    peak_rss_bytes: int = 0  # of all the run's processes together, sampled every second
 
     @property
     def ok(self) -> bool:
@@ -62,8 +63,8 @@ def local_superlink_running() -> bool:
         return False
 
 
-def stop_processes_of(flwr_home: Path) -> int:
-    """Kill every process whose environment names this FLWR_HOME; returns how many."""
+def processes_of(flwr_home: Path) -> list[psutil.Process]:
+    """Every process whose environment names this FLWR_HOME (all that a run started)."""
     mine = []
     for proc in psutil.process_iter(["pid"]):
         try:
@@ -71,6 +72,22 @@ def stop_processes_of(flwr_home: Path) -> int:
                 mine.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    return mine
+
+
+def total_rss(processes: list[psutil.Process]) -> int:
+    total = 0
+    for proc in processes:
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
+def stop_processes_of(flwr_home: Path) -> int:
+    """Kill every process of this FLWR_HOME; returns how many."""
+    mine = processes_of(flwr_home)
     for proc in mine:
         try:
             proc.send_signal(signal.SIGTERM)
@@ -98,7 +115,7 @@ def run_flower(
 ) -> FlowerRun:
     """`flwr run app_dir --stream` with the given overrides; always stops what it started.
 
-    crash_when: polled twice a second; once it returns True, every process of the run is
+    crash_when: polled every second; once it returns True, every process of the run is
     killed at once (a crash, status "crashed"), to test resuming.
     """
     if local_superlink_running():
@@ -110,7 +127,7 @@ def run_flower(
     if run_config:
         command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
     lines: list[str] = []
-    status = None
+    status, peak = None, 0
     try:
         with subprocess.Popen(command, cwd=app_dir, env=flower_env(home), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) as proc:
@@ -125,14 +142,15 @@ def run_flower(
                 elif time.monotonic() > deadline:
                     proc.kill()
                     status = "timed out"
-                time.sleep(0.5)
+                peak = max(peak, total_rss(processes_of(home)))
+                time.sleep(1.0)
             reader.join(timeout=10)
         log = "".join(lines)
         match = re.search(r"Successfully started run (\d+)", log)
         run_id = int(match.group(1)) if match else None
         if status is None:
             status = run_status(home, run_id) if run_id else "not started"
-        return FlowerRun(run_id, status, log)
+        return FlowerRun(run_id, status, log, peak)
     finally:
         stop_processes_of(home)
 

@@ -1,0 +1,142 @@
+"""Benchmarks of the federated simulation (each one real `flwr run`).
+
+quality: MovieLens-100K, one simulated SuperNode per user (943), ~10% of them a round, no
+         DP. Reports final and best test NDCG@10, the rounds needed to reach 95% of the
+         centralized model's test NDCG@10, seconds per round and upload per client.
+    python -m simulations.bench_federated quality --centralized runs/centralized-ml-100k-*/summary.json
+
+scale:   the synthetic catalog with many per-user clients (default 10,000, 100 a round):
+         seconds per round and peak resident memory of all the simulation's processes.
+    python -m simulations.bench_federated scale --clients 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from shared_model.data import ml100k_dir  # noqa: E402
+from simulations.flower_runner import run_flower  # noqa: E402
+
+ML100K_USERS = 943
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """'key=value' pairs, values parsed as TOML would (numbers, booleans, strings)."""
+    out = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def quality(args: argparse.Namespace) -> dict:
+    centralized = json.loads(Path(args.centralized).read_text())["test"]["model"]["NDCG@10"]
+    name = f"bench-ml100k-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"dataset": "ml-100k", "data-dir": str(ml100k_dir().resolve()), "partitioning": "per-user", "clients-per-round": args.clients_per_round,
+              "num-server-rounds": args.rounds, "eval-every": args.eval_every, "local-steps": 0,
+              "output-dir": str(Path(args.out).resolve()), "run-name": name, **parse_overrides(args.set)}
+    run = run_flower(config, num_supernodes=ML100K_USERS, cpus_per_client=1, echo=args.echo)
+    if not run.ok:
+        raise SystemExit(f"federated run failed ({run.status}):\n{run.log[-4000:]}")
+    folder = Path(args.out) / name
+    metrics, summary = read_metrics(folder), json.loads((folder / "summary.json").read_text())
+    evaluated = [m for m in metrics if "test NDCG@10" in m and m["round"] > 0]
+    reached = next((m["round"] for m in evaluated if m["test NDCG@10"] >= 0.95 * centralized), None)
+    trained = [m for m in metrics if m["round"] > 0]
+    train_seconds = [m["seconds"] for m in trained if m["round"] % args.eval_every]  # rounds without evaluation
+    result = {
+        "centralized test NDCG@10": centralized,
+        "final test NDCG@10": summary["test"]["NDCG@10"],
+        "final / centralized": summary["test"]["NDCG@10"] / centralized,
+        "best round (by validation)": summary["best"]["round"],
+        "best-round test NDCG@10": summary["best"]["test"]["NDCG@10"],
+        "rounds to 95% of centralized": reached,
+        "seconds per training round (median)": sorted(train_seconds)[len(train_seconds) // 2] if train_seconds else None,
+        "upload bytes per client per round": summary["upload_bytes_per_client_per_round"],
+        "run folder": str(folder),
+    }
+    plot_quality(evaluated, centralized, Path(args.out) / "federated_ml100k.png")
+    return result
+
+
+def plot_quality(evaluated: list[dict], centralized: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = [m["round"] for m in evaluated]
+    ax.plot(rounds, [m["test NDCG@10"] for m in evaluated], "-o", markersize=3, label="federated, test")
+    ax.plot(rounds, [m["valid NDCG@10"] for m in evaluated], "--", label="federated, validation")
+    ax.axhline(centralized, color="black", label="centralized, test")
+    ax.axhline(0.95 * centralized, color="grey", linestyle=":", label="95% of centralized")
+    ax.set_xlabel("round (94 of 943 clients each)")
+    ax.set_ylabel("NDCG@10, full ranking")
+    ax.set_title("MovieLens-100K, one client per user, FedAdam, no DP")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scale(args: argparse.Namespace) -> dict:
+    name = f"bench-scale-{args.clients}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"dataset": "synthetic", "synthetic-users": args.clients, "partitioning": "per-user",
+              "clients-per-round": args.clients_per_round, "num-server-rounds": args.rounds,
+              "eval-every": args.rounds, "fraction-evaluate": args.fraction_evaluate, "local-steps": 0,
+              "output-dir": str(Path(args.out).resolve()), "run-name": name, **parse_overrides(args.set)}
+    started = time.time()
+    run = run_flower(config, num_supernodes=args.clients, cpus_per_client=1, echo=args.echo)
+    if not run.ok:
+        raise SystemExit(f"scale run failed ({run.status}):\n{run.log[-4000:]}")
+    metrics = read_metrics(Path(args.out) / name)
+    train_seconds = [m["seconds"] for m in metrics if 0 < m["round"] < args.rounds]
+    return {
+        "clients": args.clients,
+        "clients per round": args.clients_per_round,
+        "seconds per round (median, rounds without evaluation)": sorted(train_seconds)[len(train_seconds) // 2],
+        "peak resident memory of the whole simulation (GB)": run.peak_rss_bytes / 1e9,
+        "wall seconds (start-up, handshake, rounds, teardown)": time.time() - started,
+        "final test NDCG@10 (sampled clients)": metrics[-1].get("test NDCG@10"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    q = sub.add_parser("quality", help="ml-100k, 943 per-user clients, against the centralized reference")
+    q.add_argument("--centralized", required=True, help="summary.json of `fedrec centralized --dataset ml-100k`")
+    q.add_argument("--rounds", type=int, default=200)
+    q.add_argument("--clients-per-round", type=int, default=94)
+    q.add_argument("--eval-every", type=int, default=10)
+    s = sub.add_parser("scale", help="many per-user clients on the synthetic catalog")
+    s.add_argument("--clients", type=int, default=10_000)
+    s.add_argument("--clients-per-round", type=int, default=100)
+    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--fraction-evaluate", type=float, default=0.01)
+    for p in (q, s):
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other run-config override, e.g. --set learning-rate=0.5")
+        p.add_argument("--out", default="runs", help="where run folders and the figure go (default runs/)")
+        p.add_argument("--echo", action="store_true", help="show the run's log as it goes")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    result = quality(args) if args.bench == "quality" else scale(args)
+    print(json.dumps(result, indent=2))
+    (Path(args.out) / f"bench_{args.bench}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
