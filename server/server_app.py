@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.plots import plot_rounds
 from server.run_folder import Checkpoint, RunFolder
+from server.simulation_speedup import speed_up_in_memory_link_state
 from server.strategy import RoundStats, SeededFedAdam
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Recommender, build_recommender, score_catalog
@@ -100,6 +101,8 @@ def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     session_started = time.time()
+    if type(grid).__name__ == "InMemoryGrid":  # a simulation: the link state is in this process
+        speed_up_in_memory_link_state()
     settings = RunSettings.from_run_config(context.run_config)
     folder = RunFolder.open(settings)
     log(INFO, "fedrec: run folder %s", folder.path)

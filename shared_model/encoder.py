@@ -197,6 +197,7 @@ class TextTower(nn.Module):
         self.lora_layers = cache.lora_layers
         self.encoder_path = encoder_path or default_encoder_path()
         self._set_cache(cache)
+        self._encoder = None
         self.hidden_size = self._read_hidden_size()
         self.top = None
         if self.lora_layers:
@@ -220,22 +221,35 @@ class TextTower(nn.Module):
             self.top.eval()
         return self
 
+    def _full_encoder(self):
+        """The whole frozen encoder, loaded on first use (only to read texts not cached)."""
+        if self._encoder is None:
+            self._encoder = load_encoder(self.encoder_path)
+        return self._encoder
+
     def add_texts(self, texts: list[str]) -> torch.Tensor:
-        """Encode new texts (new items, user profiles); returns their ids in this tower."""
+        """Make new texts (new items) part of the cache; returns their ids in this tower."""
         start = len(self.cache)
-        self._set_cache(self.cache.concat(build_cache(texts, self.lora_layers, encoder_path=self.encoder_path)))
+        self._set_cache(self.cache.concat(build_cache(texts, self.lora_layers, encoder=self._full_encoder())))
         return torch.arange(start, len(self.cache))
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Text vectors [n, H] of texts that are not kept (e.g. user profiles)."""
+        cache = build_cache(texts, self.lora_layers, encoder=self._full_encoder())
+        if not self.lora_layers:
+            return cache.pooled
+        inputs, residual, token_text, token_within = _packed_rows(cache)
+        return self._adapted(inputs[None], residual[None], token_text[None], token_within[None], cache.lengths[None])[0]
 
     def _set_cache(self, cache: CatalogCache) -> None:
         """Hold the cache in fp32 with one zero padding row, and each token's text and place."""
         self.cache = cache
         if not self.lora_layers:
             return
-        self._inputs = torch.cat([cache.inputs.float(), torch.zeros(1, cache.inputs.shape[1])])
-        self._residual = torch.cat([cache.residual.float(), torch.zeros(1, cache.residual.shape[1])])
-        self._pad_row = len(cache.inputs)
-        self._token_text = torch.repeat_interleave(torch.arange(len(cache.lengths)), cache.lengths)
-        self._token_within = torch.arange(len(cache.inputs)) - cache.offsets[self._token_text]
+        inputs, residual, self._token_text, self._token_within = _packed_rows(cache)
+        self._inputs = torch.cat([inputs, torch.zeros(1, inputs.shape[1])])
+        self._residual = torch.cat([residual, torch.zeros(1, residual.shape[1])])
+        self._pad_row = len(inputs)
 
     def catalog(self) -> torch.Tensor:
         """Text vectors of every cached text [n, H], from the cache in place (no gather)."""
@@ -292,6 +306,13 @@ class TextTower(nn.Module):
         for layer in self.top.base_model.model.layer[1:]:
             padded = layer(padded, attention_mask=additive[:, None, None, :])
         return mean_pool(padded, mask).reshape(batch, width, self.hidden_size)
+
+
+def _packed_rows(cache: CatalogCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 token rows of a cache, and each token's text and place within it."""
+    token_text = torch.repeat_interleave(torch.arange(len(cache.lengths)), cache.lengths)
+    token_within = torch.arange(len(cache.inputs)) - cache.offsets[token_text]
+    return cache.inputs.float(), cache.residual.float(), token_text, token_within
 
 
 def _lora_delta(adapted: nn.Module, x: torch.Tensor) -> torch.Tensor:

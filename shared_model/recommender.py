@@ -12,6 +12,7 @@ gradients are complete. Attention is our own (nn.Linear only), which Opacus supp
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -47,6 +48,16 @@ class RecommenderConfig:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=64)
+def causal_mask(length: int) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool).tril()
+
+
+@functools.lru_cache(maxsize=64)
+def self_mask(length: int) -> torch.Tensor:
+    return torch.eye(length, dtype=torch.bool)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention where position t reads positions <= t that hold an item."""
 
@@ -63,9 +74,8 @@ class CausalSelfAttention(nn.Module):
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal & key_mask[:, None, None, :]  # [B, 1, L, L]
-        allowed = allowed | torch.eye(length, dtype=torch.bool)  # a padded position reads itself
+        allowed = causal_mask(length) & key_mask[:, None, None, :]  # [B, 1, L, L]
+        allowed = allowed | self_mask(length)  # a padded position reads itself
         dropout = self.dropout.p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         return self.out(y.transpose(1, 2).reshape(batch, length, dim))
@@ -135,25 +145,29 @@ class Recommender(nn.Module):
         mask: torch.Tensor,
         catalog: torch.Tensor | None = None,
         profiles: torch.Tensor | None = None,
+        has_profile: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """history_ids [B, L] (left-padded) -> user vectors [B, dim].
 
         With `catalog` given, history vectors are read from it; otherwise each example
-        computes its own (needed for per-example gradients). `profiles` [B]: text ids of
-        free-text profiles (see `add_texts`; -1 for none), read as the oldest history item.
+        computes its own (needed for per-example gradients). `profiles` [B, dim] (from
+        `encode_texts`) are free-text profiles, read as the oldest history item where
+        `has_profile` [B] is True.
         """
         safe = torch.where(mask, history_ids, 0)
         history = catalog[safe] if catalog is not None else self.item_vectors(safe)
         if profiles is not None:
-            has_profile = profiles >= 0
-            profile_vectors = self.item_vectors(torch.where(has_profile, profiles, 0)[:, None])
-            history = torch.cat([profile_vectors, history], dim=1)
+            history = torch.cat([profiles[:, None], history], dim=1)
             mask = torch.cat([has_profile[:, None], mask], dim=1)
         return self.user_states(history, mask)[:, -1]
 
-    def add_texts(self, texts: list[str]) -> torch.Tensor:
-        """Make new texts (new items, or user profiles) readable; returns their text ids."""
-        return self.text.add_texts(texts)
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Vectors [n, dim] of free texts (user profiles), read like item texts."""
+        return self.project(self.text.encode(texts))
+
+    def add_items(self, texts: list[str]) -> torch.Tensor:
+        """Vectors [n, dim] of new items from their text alone (no id embedding: cold items)."""
+        return self.item_vectors(self.text.add_texts(texts)[None])[0]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The federated part: every trainable tensor, by name (detached copies)."""
@@ -244,6 +258,22 @@ def build_recommender(texts: list[str], config: RecommenderConfig, progress: boo
     return Recommender(cache, len(texts), config)
 
 
+def load_recommender(path, texts: list[str]) -> Recommender:
+    """A model over `texts` holding the trainable state saved at `path` (its config is in
+    the file's metadata)."""
+    from shared_model.state import load_state
+
+    state, meta = load_state(path)
+    if "model_config" not in meta:
+        raise ValueError(f"{path}: not a fedrec adapters file (no model_config in its metadata)")
+    model = build_recommender(texts, RecommenderConfig.from_dict(meta["model_config"]), progress=False)
+    try:
+        model.load_trainable_state(state)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path} does not fit this catalog of {len(texts)} items: {error}") from None
+    return model.eval()
+
+
 class Ranker:
     """Top-k for one user at a time over precomputed catalog vectors (inference only)."""
 
@@ -252,7 +282,7 @@ class Ranker:
         with torch.no_grad():
             self.catalog = model.catalog_vectors()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def top_k(self, history, k: int = 10, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(item ids, scores) of the k best items not in `exclude` (default: the history)."""
         recent = torch.as_tensor(np.asarray(history[-self.model.config.history :], dtype=np.int64))

@@ -81,6 +81,42 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def item_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected item ids separated by commas, not {text!r}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serving.service import run_server
+    from shared_model.data import load_catalog
+
+    catalog = load_catalog(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
+    run_server(Path(args.checkpoint), catalog, args.host, args.port)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import grpc
+
+    from server.serving.client import RecommenderClient
+
+    with RecommenderClient(args.address) as client:
+        try:
+            items = client.recommend(history=args.history, profile=args.profile, k=args.k, exclude=args.exclude)
+        except grpc.RpcError as error:
+            print(f"fedrec recommend: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps([vars(i) for i in items], indent=2))
+    else:
+        for rank, item in enumerate(items, start=1):
+            because = f"  (because of {', '.join(map(str, item.because))})" if item.because else ""
+            print(f"{rank:3}. [{item.item_id}] {item.text}  score {item.score:.3f}{because}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrec",
@@ -107,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--out", default="runs", help="results go to a new folder under this one (default runs/)")
     central.add_argument("--quiet", action="store_true", help="no progress bars")
     central.set_defaults(func=cmd_centralized)
+
+    serve = sub.add_parser(
+        "serve", help="serve a trained model over gRPC (Recommend, Score, AddItems, health, reflection)",
+        description="Serve the global model: loads the adapters file (a run's best_adapters.safetensors, "
+        "or any file a run writes) and reloads it whenever it is rewritten.",
+    )
+    serve.add_argument("--checkpoint", required=True, help="adapters file (.safetensors) written by a run")
+    add_data_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    serve.set_defaults(func=cmd_serve)
+
+    recommend = sub.add_parser("recommend", help="ask a running `fedrec serve` for recommendations")
+    recommend.add_argument("--address", default="127.0.0.1:50051", help="host:port of the service")
+    recommend.add_argument("--history", type=item_ids, default=[], help="item ids the user liked, oldest first: 1,50,172")
+    recommend.add_argument("--profile", default="", help="the user's own words, e.g. 'I love space operas'")
+    recommend.add_argument("-k", type=positive_int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--exclude", type=item_ids, default=[], help="item ids never to recommend")
+    recommend.add_argument("--json", action="store_true", help="print JSON")
+    recommend.set_defaults(func=cmd_recommend)
     return parser
 
 
