@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_data import ClientData, simulated_client_data
+from client.local_data import ClientData, client_data, sampling_key
 from shared_model.metrics import ranking_sums
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
@@ -29,15 +29,7 @@ def settings_of(context: Context) -> RunSettings:
 
 
 def data_of(settings: RunSettings, context: Context) -> ClientData:
-    return simulated_client_data(
-        settings, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    )
-
-
-def sampling_key(context: Context) -> int:
-    """A stable key the server orders clients by, so that seeded sampling is reproducible
-    across restarts (node ids are not): the simulation's partition index."""
-    return int(context.node_config["partition-id"])
+    return client_data(settings, dict(context.node_config))
 
 
 def model_with(settings: RunSettings, texts: list[str], arrays: ArrayRecord) -> Recommender:
@@ -71,14 +63,15 @@ def round_seed(settings: RunSettings, server_round: int, key: int, purpose: int)
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"info": ConfigRecord({"sampling-key": sampling_key(context)})}), reply_to=msg)
+    key = sampling_key(dict(context.node_config))
+    return Message(RecordDict({"info": ConfigRecord({"sampling-key": key})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = settings_of(context)
     server_round = int(msg.content["config"]["server-round"])
-    key = sampling_key(context)
+    key = sampling_key(dict(context.node_config))
     if np.random.default_rng(round_seed(settings, server_round, key, 1)).random() < settings.simulated_failure_rate:
         raise RuntimeError(f"simulated device failure (simulated-failure-rate={settings.simulated_failure_rate})")
     data = data_of(settings, context)

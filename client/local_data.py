@@ -1,16 +1,19 @@
 """What one client holds: the public catalog and its own users' interactions, split by time.
 
-In simulation a client's users come from a partition of the whole dataset (one user per
-client, or a silo of many); the partition is computed identically in every process.
+On a device they come from its own data directory (node config `data-dir`). In simulation
+a client's users are a partition of the whole dataset (one user per client, or a silo of
+many); the partition is computed identically in every process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from client.device_store import device_identity, device_split
 from shared_model.data import Dataset
 from shared_model.partitions import partition_users
 from shared_model.settings import RunSettings, SettingsError
@@ -51,3 +54,25 @@ def simulated_client_data(settings: RunSettings, partition_id: int, num_partitio
         )
     users = _partitions(settings, num_partitions)[partition_id]
     return ClientData(data.catalog.texts, split_sequences([sequences[u] for u in users], data.n_items))
+
+
+@lru_cache(maxsize=4)
+def device_client_data(folder: str) -> ClientData:
+    catalog, split = device_split(Path(folder))
+    return ClientData(catalog.texts, split)
+
+
+def client_data(settings: RunSettings, node_config: dict) -> ClientData:
+    """The device's own directory if the node names one, else its simulated partition."""
+    if node_config.get("data-dir"):
+        return device_client_data(str(node_config["data-dir"]))
+    return simulated_client_data(settings, int(node_config["partition-id"]), int(node_config["num-partitions"]))
+
+
+def sampling_key(node_config: dict) -> int:
+    """A stable key the server orders clients by, so that seeded sampling is reproducible
+    across restarts (node ids are not): a device's own random identity, or in simulation
+    the partition index."""
+    if node_config.get("data-dir"):
+        return device_identity(Path(str(node_config["data-dir"])))
+    return int(node_config["partition-id"])

@@ -62,12 +62,19 @@ class LeaveOneOut:
         return self.train[user]
 
 
-def user_sequences(dataset: Dataset) -> list[np.ndarray]:
-    """Each user's items in time order, ties broken by a permutation seeded with 0."""
-    perm = np.random.default_rng(0).permutation(len(dataset.users))
-    order = np.lexsort((perm, dataset.timestamps, dataset.users))
-    users, items = dataset.users[order], dataset.items[order]
-    bounds = np.searchsorted(users, np.arange(dataset.n_users + 1))
+def protocol_order(dataset: Dataset, seeded_ties: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Row order by user, then time, ties broken by a permutation seeded with 0 (or, with
+    seeded_ties=False, by row order: for data already written in protocol order); and
+    where each user's rows start in it."""
+    ties = np.random.default_rng(0).permutation(len(dataset.users)) if seeded_ties else np.arange(len(dataset.users))
+    order = np.lexsort((ties, dataset.timestamps, dataset.users))
+    return order, np.searchsorted(dataset.users[order], np.arange(dataset.n_users + 1))
+
+
+def user_sequences(dataset: Dataset, seeded_ties: bool = True) -> list[np.ndarray]:
+    """Each user's items in protocol order."""
+    order, bounds = protocol_order(dataset, seeded_ties)
+    items = dataset.items[order]
     return [items[bounds[u] : bounds[u + 1]] for u in range(dataset.n_users)]
 
 

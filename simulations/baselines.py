@@ -50,3 +50,16 @@ def ease_test_scores(split: LeaveOneOut, lam: float, cases: EvalCases) -> torch.
     """EASE refitted on everything before the test items (train + validation)."""
     histories = [split.history(u, "test") for u in range(split.n_users)]
     return ease_scores(ease_weights(interaction_matrix(histories, split.n_items), lam), cases)
+
+
+def genre_popularity_scores(train_sequences: list[np.ndarray], genres: np.ndarray, cases: EvalCases) -> torch.Tensor:
+    """Each user's affinity to an item's genres (the share of their known items in each),
+    ties broken by popularity; with no known items, popularity alone."""
+    counts = interaction_matrix(train_sequences, genres.shape[0]).sum(axis=0)
+    tie_break = 1e-3 * counts / max(counts.max(), 1.0)
+    flags = genres.astype(np.float32)
+    affinity = np.zeros((len(cases), flags.shape[1]), dtype=np.float32)
+    for row, history in enumerate(cases.histories):
+        if len(history):
+            affinity[row] = flags[history].mean(axis=0)
+    return torch.from_numpy(affinity @ flags.T + tie_break)

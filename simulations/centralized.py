@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from shared_model.data import Dataset
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Ranker, Recommender, RecommenderConfig, build_recommender, score_catalog
-from shared_model.splits import leave_one_out
+from shared_model.splits import LeaveOneOut, leave_one_out
 from shared_model.state import save_state
 from shared_model.training import TrainConfig, make_optimizer, sequence_chunks, train_sequences
 from simulations.baselines import ease_test_scores, popularity_scores, tune_ease
@@ -30,14 +30,13 @@ class CentralizedConfig:
     seed: int = 0
 
 
-def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Train, keep the best epoch by validation NDCG@10, test it and the baselines."""
-    started = time.time()
+def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedConfig, out_dir: Path,
+                    progress: bool = True) -> tuple[Recommender, dict]:
+    """Train on split.train, keep the best epoch by validation NDCG@10 (written to out_dir)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    split = leave_one_out(dataset)
-    valid, test = split.cases("valid"), split.cases("test")
-    model = build_recommender(dataset.catalog.texts, config.model, progress=progress)
+    valid = split.cases("valid")
+    model = build_recommender(texts, config.model, progress=progress)
     optimizer = make_optimizer(model, config.train)
     chunks = sequence_chunks(split.train, config.model.history)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,10 +54,18 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
             bar.set_postfix(loss=f"{loss:.3f}", val_ndcg=f"{metrics['NDCG@10']:.4f}", best=best_epoch)
             if epoch - best_epoch >= config.patience:
                 break
-    train_seconds = time.time() - train_started
     model.load_trainable_state(best_state)
     save_state(out_dir / "best_adapters.safetensors", best_state, {"model_config": config.model.to_dict()})
+    return model, {"best_epoch": best_epoch, "best_valid_NDCG@10": best_ndcg,
+                   "train_seconds": time.time() - train_started}
 
+
+def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Train, keep the best epoch by validation NDCG@10, test it and the baselines."""
+    started = time.time()
+    split = leave_one_out(dataset)
+    test = split.cases("test")
+    model, training = train_reference(split, dataset.catalog.texts, config, out_dir, progress)
     lam, _ = tune_ease(split)
     history_at_test = [split.history(u, "test") for u in range(split.n_users)]
     scores = {
@@ -74,12 +81,10 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
         "dataset": dataset.name,
         "config": {"model": config.model.to_dict(), "train": vars(config.train), "epochs": config.epochs,
                    "patience": config.patience, "seed": config.seed},
-        "best_epoch": best_epoch,
-        "best_valid_NDCG@10": best_ndcg,
+        **training,
         "ease_lambda": lam,
         "test": results,
         "trainable_bytes": model.trainable_bytes(),
-        "train_seconds": train_seconds,
         "wall_seconds": time.time() - started,
         "test_users": len(test),
         "top10_latency_ms": top10_latency_ms(model, test.histories[:500]),

@@ -117,6 +117,23 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_device(args: argparse.Namespace) -> int:
+    from client.device_store import write_device
+    from shared_model.data import load_dataset
+    from shared_model.partitions import partition_users
+    from shared_model.splits import user_sequences
+
+    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
+    parts = partition_users(user_sequences(dataset), dataset.catalog, args.partitioning, args.num_partitions,
+                            seed=args.seed)
+    if not 0 <= args.partition < len(parts):
+        raise ValueError(f"--partition must be between 0 and {len(parts) - 1}, not {args.partition}")
+    folder = write_device(Path(args.out), dataset, parts[args.partition])
+    print(f"{folder}: {len(parts[args.partition])} user(s) of {dataset.name}, partition {args.partition} "
+          f"of {len(parts)} ({args.partitioning})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrec",
@@ -163,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--exclude", type=item_ids, default=[], help="item ids never to recommend")
     recommend.add_argument("--json", action="store_true", help="print JSON")
     recommend.set_defaults(func=cmd_recommend)
+
+    deploy = sub.add_parser("deploy", help="edge deployment helpers: device data directories, certificates")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    device = deploy_sub.add_parser(
+        "prepare-device", help="write one device's data directory from a dataset partition",
+        description="Write the public catalog and one partition's interactions into a folder that a "
+        "SuperNode's ClientApp reads (node config data-dir). For demos and tests: on a real device the "
+        "interactions are the user's own.",
+    )
+    add_data_options(device)
+    device.add_argument("--partitioning", choices=["per-user", "iid", "dirichlet"], default="per-user",
+                        help="one user per device (default) or silos")
+    device.add_argument("--num-partitions", type=positive_int, default=1,
+                        help="number of silos (ignored for per-user)")
+    device.add_argument("--partition", type=int, required=True, help="which partition (0-based)")
+    device.add_argument("--out", required=True, help="the device's data directory")
+    device.set_defaults(func=cmd_prepare_device)
     return parser
 
 

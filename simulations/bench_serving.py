@@ -1,0 +1,115 @@
+"""Load benchmark of the scoring service: closed-loop async gRPC callers on loopback.
+
+Starts `fedrec serve` on a free port, then for each concurrency runs that many callers,
+each sending its next Recommend (k=10, a real test user's history) as soon as the last
+one returns, and reports QPS and p50/p99 latency. The callers share the machine's 2 cores
+with the server.
+
+    python -m simulations.bench_serving --checkpoint runs/<run>/best_adapters.safetensors --dataset ml-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from server.serving import recommender_pb2 as pb  # noqa: E402
+from server.serving import recommender_pb2_grpc as pb_grpc  # noqa: E402
+from shared_model.data import load_dataset  # noqa: E402
+from shared_model.splits import leave_one_out  # noqa: E402
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "simulations.cli", "serve", "--checkpoint", args.checkpoint,
+               "--dataset", args.dataset, "--port", "0"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        match = re.search(r"listening on (\S+:\d+)", line)
+        if match:
+            return proc, match.group(1)
+    raise SystemExit(f"the server did not start (exit {proc.wait()})")
+
+
+async def closed_loop(address: str, requests: list, callers: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+
+        async def caller(offset: int) -> None:
+            i = offset
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                await stub.Recommend(requests[i % len(requests)])
+                latencies.append(time.perf_counter() - start)
+                i += callers
+
+        await asyncio.gather(*(caller(c) for c in range(callers)))
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="adapters file to serve")
+    parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
+    parser.add_argument("--data-dir", help="ml-100k folder")
+    parser.add_argument("--concurrency", default="1,16,64", help="callers per step (default 1,16,64)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per step (default 15)")
+    parser.add_argument("--out", default="runs", help="where the JSON and the figure go")
+    args = parser.parse_args()
+
+    dataset = load_dataset(args.dataset, args.data_dir)
+    raw_ids = dataset.catalog.raw_ids
+    cases = leave_one_out(dataset).cases("test")
+    requests = [pb.RecommendRequest(user=pb.UserInput(history=[int(raw_ids[i]) for i in h[-50:]]), k=10)
+                for h in cases.histories]
+    proc, address = start_server(args)
+    results = []
+    try:
+        for callers in (int(c) for c in args.concurrency.split(",")):
+            asyncio.run(closed_loop(address, requests, callers, 2.0))  # warm-up
+            latencies = np.array(asyncio.run(closed_loop(address, requests, callers, args.seconds)))
+            results.append({"callers": callers, "qps": len(latencies) / args.seconds,
+                            "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+                            "p99_ms": 1000 * float(np.percentile(latencies, 99))})
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_serving.json").write_text(json.dumps(results, indent=2))
+    fig, (qps, lat) = plt.subplots(1, 2, figsize=(9, 3.5))
+    callers = [r["callers"] for r in results]
+    qps.plot(callers, [r["qps"] for r in results], "-o")
+    qps.set_xscale("log", base=2)
+    qps.set_xlabel("concurrent callers")
+    qps.set_ylabel("Recommend calls / s")
+    lat.plot(callers, [r["p50_ms"] for r in results], "-o", label="p50")
+    lat.plot(callers, [r["p99_ms"] for r in results], "-s", label="p99")
+    lat.set_xscale("log", base=2)
+    lat.set_xlabel("concurrent callers")
+    lat.set_ylabel("latency (ms)")
+    lat.legend()
+    for ax in (qps, lat):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fedrec serve, {args.dataset}, k=10, loopback, 2 CPU cores")
+    fig.tight_layout()
+    fig.savefig(out / "bench_serving.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
