@@ -209,16 +209,21 @@ class TextTower(nn.Module):
                 r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=r"layer\.\d+\.output\.dense"
             )
             self.top = get_peft_model(container, config)
-            self.top.eval()  # the encoder's own dropout stays off; only LoRA weights train
+            self.train(self.training)  # the encoder's own dropout stays off; only LoRA weights train
 
     def _read_hidden_size(self) -> int:
         config = json.loads((Path(self.encoder_path) / "config.json").read_text())
         return int(config["hidden_size"])
 
     def train(self, mode: bool = True) -> TextTower:
+        """The frozen encoder stays in eval mode (no dropout); the LoRA modules follow `mode`
+        (Opacus records per-sample activations only for modules in training mode)."""
         super().train(mode)
         if self.top is not None:
             self.top.eval()
+            for name, module in self.top.named_modules():
+                if "lora_A" in name or "lora_B" in name:
+                    module.train(mode)
         return self
 
     def _full_encoder(self):
@@ -273,7 +278,7 @@ class TextTower(nn.Module):
         example = slot // width
         per_example = lengths.sum(dim=1)
         position = torch.arange(len(slot)) - (torch.cumsum(per_example, 0) - per_example)[example]
-        packed = int(per_example.max())
+        packed = int(per_example.max()) if batch else 1  # Poisson sampling can draw an empty batch
         rows = torch.full((batch, packed), self._pad_row)
         rows[example, position] = self.cache.offsets[ids.reshape(-1)][slot] + within
         segment = torch.full((batch, packed), width)

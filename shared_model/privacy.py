@@ -1,0 +1,118 @@
+"""Privacy accounting: epsilon of a history of (noise multiplier, sample rate, steps),
+the noise for a target epsilon, group privacy, and the one-run audit lower bound.
+
+Like Opacus's accountants, a history is a plain list of (noise_multiplier, sample_rate,
+steps) entries (easy to persist and audit). Accountants, by name:
+  rdp  Opacus's RDP accountant       (independent twin: dp-accounting's RDP)
+  prv  Opacus's PRV accountant       (independent twin: dp-accounting's PLD)
+  pld  dp-accounting's PLD           (independent twin: Opacus's PRV)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import dp_accounting
+from dp_accounting import pld as dp_pld
+from dp_accounting import rdp as dp_rdp
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy import stats
+
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+ACCOUNTANTS = ("rdp", "prv", "pld")
+TWIN = {"rdp": "dp-accounting-rdp", "prv": "pld", "pld": "prv"}
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
+
+
+def _dp_event(history: Iterable[tuple[float, float, int]]) -> dp_accounting.DpEvent:
+    events = [dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), int(steps))
+        for z, q, steps in history if steps > 0]
+    return dp_accounting.ComposedDpEvent(events)
+
+
+def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon after the history (0 when nothing was spent)."""
+    history = [(float(z), float(q), int(t)) for z, q, t in history if int(t) > 0]
+    if not history:
+        return 0.0
+    if accountant == "rdp":
+        acc = RDPAccountant()
+        acc.history = list(history)
+        return float(acc.get_epsilon(delta))
+    if accountant == "prv":
+        acc = PRVAccountant()
+        acc.history = list(history)
+        return float(acc.get_epsilon(delta))
+    if accountant == "pld":
+        acc = dp_pld.PLDAccountant()
+        acc.compose(_dp_event(history))
+        return float(acc.get_epsilon(delta))
+    if accountant == "dp-accounting-rdp":
+        acc = dp_rdp.RdpAccountant(RDP_ORDERS)
+        acc.compose(_dp_event(history))
+        return float(acc.get_epsilon(delta))
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, not {accountant!r}")
+
+
+def independent_epsilon(history: History, delta: float, accountant: str) -> float:
+    """The same epsilon from a second implementation (for audits)."""
+    return epsilon(history, delta, TWIN[accountant])
+
+
+def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float,
+                     accountant: str = "rdp", tolerance: float = 0.005) -> float:
+    """The smallest noise multiplier whose epsilon after `steps` is at most the target."""
+    if target_epsilon <= 0:
+        raise ValueError(f"target epsilon must be positive, not {target_epsilon}")
+    low, high = 0.0, 1.0
+    while epsilon([(high, sample_rate, steps)], delta, accountant) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {steps} steps")
+    while high - low > tolerance * high:
+        middle = (low + high) / 2
+        if epsilon([(middle, sample_rate, steps)], delta, accountant) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def group_privacy(eps: float, delta: float, group: int) -> tuple[float, float]:
+    """(epsilon, delta) for a group of `group` examples from (eps, delta) for one."""
+    return group * eps, min(1.0, group * math.exp((group - 1) * eps) * delta)
+
+
+def audit_p_value(canaries: int, guesses: int, correct: int, eps: float, delta: float) -> float:
+    """P[at least `correct` right guesses out of `guesses`] under (eps, delta)-DP, with each
+    of `canaries` canaries included independently with probability 1/2 (Steinke, Nasr and
+    Jagielski 2023, "Privacy auditing with one (1) training run")."""
+    if not 0 <= correct <= guesses <= canaries:
+        raise ValueError("need 0 <= correct <= guesses <= canaries")
+    q = 1.0 / (1.0 + math.exp(-eps))  # accuracy of eps-DP randomised response
+    beta = stats.binom.sf(correct - 1, guesses, q)
+    alpha, tail = 0.0, 0.0
+    for i in range(1, correct + 1):
+        tail += stats.binom.pmf(correct - i, guesses, q)
+        alpha = max(alpha, tail / i)
+    return min(1.0, beta + alpha * delta * 2 * canaries)
+
+
+def audit_lower_bound(canaries: int, guesses: int, correct: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest epsilon that the guesses reject at this confidence (0 if none)."""
+    if audit_p_value(canaries, guesses, correct, 0.0, delta) >= 1 - confidence:
+        return 0.0
+    low, high = 0.0, 1.0
+    while audit_p_value(canaries, guesses, correct, high, delta) < 1 - confidence:
+        low, high = high, 2 * high
+        if high > 1e3:
+            return high
+    while high - low > 1e-6:
+        middle = (low + high) / 2
+        if audit_p_value(canaries, guesses, correct, middle, delta) < 1 - confidence:
+            low = middle
+        else:
+            high = middle
+    return low
