@@ -14,6 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.local_data import ClientData, client_data, sampling_key
+from client.privacy_account import store_for
+from client.private_round import private_round
 from shared_model.metrics import ranking_sums
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
@@ -76,21 +78,22 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"simulated device failure (simulated-failure-rate={settings.simulated_failure_rate})")
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
-    result = train_local(
-        model,
-        data.split.train,
-        epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.learning_rate,
-        seed=round_seed(settings, server_round, key, 0),
-        max_steps=settings.local_steps,
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.trainable_state()),
-            "metrics": MetricRecord({"num-examples": result["num-examples"], "train-loss": result["train-loss"]}),
-        }
-    )
+    seed = round_seed(settings, server_round, key, 0)
+    if settings.dp == "none":
+        result = train_local(model, data.split.train, epochs=settings.local_epochs, batch_size=settings.batch_size,
+                             lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
+        ledger = None
+    else:
+        store = store_for(dict(context.node_config), context.state)
+        result, ledger = private_round(model, data.split.train, settings, store, server_round, seed)
+    content = RecordDict()
+    if result is None:  # the budget is spent: no update, but say so
+        content["metrics"] = MetricRecord({"num-examples": 0, "declined": 1})
+    else:
+        content["arrays"] = ArrayRecord(model.trainable_state())
+        content["metrics"] = MetricRecord({"num-examples": result["num-examples"], "train-loss": result["train-loss"]})
+    if ledger is not None:
+        content["ledger"] = ConfigRecord({k: v for k, v in ledger.items() if k != "time"})
     return Message(content, reply_to=msg)
 
 

@@ -115,5 +115,18 @@ class RunFolder:
             f.flush()
             os.fsync(f.fileno())
 
+    @property
+    def ledger_path(self) -> Path:
+        return self.path / "privacy_ledger.jsonl"
+
+    def append_ledger(self, entries: list[dict]) -> None:
+        """The server's privacy ledger: append-only, flushed to disk each round."""
+        if not entries:
+            return
+        with open(self.ledger_path, "a") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in entries))
+            f.flush()
+            os.fsync(f.fileno())
+
     def write_summary(self, summary: dict) -> None:
         write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2))

@@ -3,6 +3,7 @@ run folder with per-round metrics, plots, checkpoints and adapters (resumable)."
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from logging import INFO, WARNING
@@ -16,8 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 from server.plots import plot_rounds
 from server.run_folder import Checkpoint, RunFolder
 from server.simulation_speedup import speed_up_in_memory_link_state
+from server.dp_strategy import DPFedAdam
 from server.strategy import RoundStats, SeededFedAdam
 from shared_model.metrics import evaluate_scores
+from shared_model.privacy import epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
 from shared_model.splits import leave_one_out
@@ -87,11 +90,64 @@ class ServerSideEvaluation:
         return out
 
 
+def make_strategy(settings: RunSettings, keys: dict[int, int]) -> SeededFedAdam:
+    if settings.server_dp:
+        return DPFedAdam(keys, settings.seed, settings.server_learning_rate, settings.server_lr_half_life,
+                         settings.server_dp_noise, settings.server_dp_clip, settings.server_dp_sample_rate)
+    return SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
+                         settings.server_lr_half_life)
+
+
+def record_privacy(folder: RunFolder, settings: RunSettings, strategy: SeededFedAdam, server_round: int,
+                   stats: RoundStats) -> dict:
+    """Write the clients' ledger entries and the round's user-level event to the server's
+    ledger; return the round's privacy figures for the metrics line."""
+    out: dict = {}
+    entries = []
+    for reply in stats.ok:
+        if "ledger" in reply.content:
+            entry = dict(reply.content["ledger"])
+            entries.append({"run": folder.path.name, "client": strategy.keys[reply.metadata.src_node_id], **entry})
+    if entries:
+        out["client epsilon max"] = max(e["epsilon"] for e in entries)
+    if settings.server_dp:
+        history = [(settings.server_dp_noise, settings.server_dp_sample_rate, server_round)]
+        eps = epsilon(history, settings.dp_delta, settings.dp_accountant)
+        entries.append({"run": folder.path.name, "client": "server", "round": server_round, "unit": "user",
+                        "status": "aggregated", "noise-multiplier": settings.server_dp_noise,
+                        "sample-rate": settings.server_dp_sample_rate, "steps": 1, "delta": settings.dp_delta,
+                        "accountant": settings.dp_accountant, "epsilon": eps})
+        out["user epsilon"] = eps
+    folder.append_ledger(entries)
+    return out
+
+
+def privacy_summary(folder: RunFolder) -> dict:
+    """Per unit: the largest epsilon spent, with its delta and accountant (from the ledger)."""
+    if not folder.ledger_path.exists():
+        return {"dp": "none"}
+    entries = [json.loads(line) for line in folder.ledger_path.read_text().splitlines() if line.strip()]
+    out = {}
+    for unit in sorted({e["unit"] for e in entries}):
+        mine = [e for e in entries if e["unit"] == unit]
+        worst = max(mine, key=lambda e: e["epsilon"])
+        out[unit] = {"epsilon max": worst["epsilon"], "delta": worst["delta"], "accountant": worst["accountant"],
+                     "clients": len({e["client"] for e in mine}),
+                     "declined": sum(1 for e in mine if e["status"] == "declined")}
+        if "group-epsilon" in worst:
+            out[unit]["per interaction (group of %d)" % worst["group-size"]] = {
+                "epsilon": worst["group-epsilon"], "delta": worst["group-delta"]}
+    return out
+
+
 def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
     text = (f"[round {line['round']}/{settings.num_server_rounds}] {line['clients'] - line['left out']}/"
             f"{line['clients']} clients ({line['left out']} left out: {line['errors']} errors, "
-            f"{line['timeouts']} timeouts), train loss {line['train loss']:.4f}, "
+            f"{line['timeouts']} timeouts, {line['declined']} declined), train loss {line['train loss']:.4f}, "
             f"upload {line['upload bytes per client'] / 1024:.1f} KB/client, {line['seconds']:.1f} s")
+    for key in ("client epsilon max", "user epsilon"):
+        if key in line:
+            text += f", {key} {line[key]:.3f}"
     if "valid NDCG@10" in line:
         text += (f" | valid NDCG@10 {line['valid NDCG@10']:.4f}, test NDCG@10 {line['test NDCG@10']:.4f}"
                  f" (best valid {best['valid NDCG@10']:.4f} at round {best['round']})")
@@ -111,8 +167,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_recommender(catalog.texts, settings.model_config(), progress=False)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     keys = sampling_keys(grid, settings.round_timeout)
-    strategy = SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
-                             settings.server_lr_half_life)
+    strategy = make_strategy(settings, keys)
     log(INFO, "fedrec: %d clients, %d per round, %d rounds, adapters %.1f KB", len(keys),
         strategy.clients_per_round, settings.num_server_rounds, model.trainable_bytes() / 1024)
     best, best_arrays, first_round = {"round": 0, "valid NDCG@10": -1.0}, arrays, 1
@@ -136,12 +191,12 @@ def main(grid: Grid, context: Context) -> None:
         started = time.time()
         messages = list(strategy.configure_train(server_round, array_record(arrays), ConfigRecord(), grid))
         stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
-        aggregated, train_metrics = strategy.aggregate_train(server_round, stats.ok)
+        aggregated, train_metrics = strategy.aggregate_train(server_round, stats.trained)
         if aggregated is not None:
             arrays = numpy_arrays(aggregated)
         line = {
             "round": server_round, "clients": stats.sent, "left out": stats.left_out, "errors": stats.errors,
-            "timeouts": stats.timeouts,
+            "timeouts": stats.timeouts, "declined": stats.declined,
             "train loss": float(train_metrics["train-loss"]) if train_metrics else float("nan"),
             "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
             "upload bytes max": int(max(stats.upload_bytes, default=0)),
@@ -155,6 +210,7 @@ def main(grid: Grid, context: Context) -> None:
                 best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
                 best_arrays = arrays
+        line.update(record_privacy(folder, settings, strategy, server_round, stats))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         folder.save_checkpoint(Checkpoint(server_round, arrays, best_arrays, strategy.optimizer_state(), best))
@@ -192,6 +248,7 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
         "upload_bytes_total": float(sum(m["upload bytes per client"] * (m["clients"] - m["left out"]) for m in trained)),
         "trainable_bytes": model.trainable_bytes(),
         "plot": plot.name,
+        "privacy": privacy_summary(folder),
     }
     folder.write_summary(summary)
     log(INFO, "fedrec: final test NDCG@10 %.4f, best valid NDCG@10 %.4f at round %s; results in %s",

@@ -25,11 +25,13 @@ class RoundStats:
         self.errors = sum(1 for r in replies if r.has_error())
         self.timeouts = sent - len(replies)
         self.ok = [r for r in replies if not r.has_error()]
-        self.upload_bytes = [sum(a.numpy().nbytes for a in r.content["arrays"].values())
-                             for r in self.ok if "arrays" in r.content]
+        self.trained = [r for r in self.ok if "arrays" in r.content]
+        self.declined = len(self.ok) - len(self.trained)  # clients whose privacy budget is spent
+        self.upload_bytes = [sum(a.numpy().nbytes for a in r.content["arrays"].values()) for r in self.trained]
 
     @property
     def left_out(self) -> int:
+        """Errors and timeouts (declines are answers, counted apart)."""
         return self.sent - len(self.ok)
 
 
@@ -59,7 +61,10 @@ class SeededFedAdam(FedAdam):
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN)
-                for n in self.sample(server_round, self.clients_per_round)]
+                for n in self.train_sample(server_round)]
+
+    def train_sample(self, server_round: int) -> list[int]:
+        return self.sample(server_round, self.clients_per_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

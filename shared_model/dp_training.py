@@ -12,6 +12,7 @@ catalog, so per-sample gradients are exact (tests/test_dp_training.py checks the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,11 @@ def sample_loss(model: Recommender, data: PrivateData, batch: list[torch.Tensor]
     return user_loss(model, first, mask, last, sampled)
 
 
+def batches_per_epoch(samples: int, batch_size: int) -> int:
+    """Opacus's Poisson loader draws each batch at rate 1 / this."""
+    return math.ceil(samples / max(1, min(batch_size, samples)))
+
+
 def train_private(
     model: Recommender,
     data: PrivateData,
@@ -88,7 +94,7 @@ def train_private(
     """DP-SGD over the data for `epochs` passes (Poisson sampling at batch_size / n)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    loader = DataLoader(data.tensors, batch_size=min(batch_size, len(data)), shuffle=False)
+    loader = DataLoader(data.tensors, batch_size=max(1, min(batch_size, len(data))), shuffle=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     engine = PrivacyEngine()
     wrapped, optimizer, loader = engine.make_private(

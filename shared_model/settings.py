@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from shared_model.data import Catalog, Dataset, load_catalog, load_dataset
 from shared_model.partitions import PARTITIONINGS
+from shared_model.privacy import ACCOUNTANTS
 from shared_model.recommender import RecommenderConfig
 
 
@@ -50,6 +51,18 @@ class RunSettings:
     output_dir: str
     run_name: str  # "" = a new folder; an existing run's name resumes it
     simulated_failure_rate: float  # simulation: share of client calls that fail on purpose
+    # differential privacy
+    dp: str  # local DP-SGD unit: "none", "example" or "user" (silos: one user's examples = one sample)
+    dp_epsilon: float  # a client's whole budget (example- or user-level, see dp)
+    dp_delta: float
+    dp_expected_rounds: int  # rounds a client plans to take part in; noise is calibrated for them
+    dp_max_grad_norm: float
+    dp_negatives: int  # uniform catalog negatives per sample
+    dp_accountant: str  # "rdp", "prv" or "pld"
+    server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
+    server_dp_noise: float  # noise multiplier z (std z * clip on the sum)
+    server_dp_clip: float  # L2 bound S on a client's update
+    server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
     # model
     dim: int
     layers: int
@@ -100,6 +113,18 @@ class RunSettings:
             (0 <= self.simulated_failure_rate < 1, "simulated-failure-rate", "must be in [0, 1)"),
             (self.round_timeout > 0, "round-timeout", "must be positive"),
             (0 <= self.lora_layers <= 6, "lora-layers", "must be between 0 and 6"),
+            (self.dp in ("none", "example", "user"), "dp", "must be 'none', 'example' or 'user'"),
+            (self.dp_epsilon > 0, "dp-epsilon", "must be positive"),
+            (0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)"),
+            (self.dp_expected_rounds >= 1, "dp-expected-rounds", "must be at least 1"),
+            (self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be positive"),
+            (self.dp_negatives >= 1, "dp-negatives", "must be at least 1"),
+            (self.dp_accountant in ACCOUNTANTS, "dp-accountant", f"must be one of {ACCOUNTANTS}"),
+            (self.server_dp_noise >= 0, "server-dp-noise", "must be 0 or more"),
+            (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
+            (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
+            (not (self.dp == "user" and self.partitioning == "per-user"), "dp",
+             "'user' is for silos; with one client per user use dp='example' and server-dp"),
             (self.dim % self.heads == 0, "dim", f"must be divisible by heads ({self.heads})"),
         ]
         for ok, key, message in checks:

@@ -1,6 +1,7 @@
 """What a client sends: only adapter tensors and scalar metrics, never data."""
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
@@ -65,3 +66,18 @@ def test_evaluate_reply_is_sums_and_counts():
 def test_query_reply_is_only_the_sampling_key():
     reply = send(MessageType.QUERY, context_for(3, 4), RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}))
     assert dict(reply.content["info"]) == {"sampling-key": 3}
+
+
+def test_private_client_reports_its_ledger_and_declines_when_the_budget_is_spent():
+    context = context_for(0, 40, dp="example", **{"dp-expected-rounds": 2, "dp-epsilon": 4.0, "synthetic-users": 80})
+    arrays = global_arrays(context.run_config)
+    replies = [send(MessageType.TRAIN, context, RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": r})})) for r in (1, 2, 3)]
+    first, second, third = (dict(r.content["ledger"]) for r in replies)
+    assert first["status"] == second["status"] == "trained" and third["status"] == "declined"
+    assert first["unit"] == "example" and first["accountant"] == "rdp" and first["delta"] == 1e-5
+    assert 0 < first["epsilon"] < second["epsilon"] <= 4.0 * (1 + 1e-9)
+    assert first["group-size"] == 51 and first["group-epsilon"] == pytest.approx(51 * first["epsilon"])
+    assert "arrays" in replies[1].content and "arrays" not in replies[2].content
+    assert replies[2].content["metrics"]["declined"] == 1
+    assert set(replies[0].content["metrics"].keys()) == {"num-examples", "train-loss"}
