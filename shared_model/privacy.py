@@ -13,9 +13,6 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-import dp_accounting
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy import stats
 
@@ -25,7 +22,9 @@ TWIN = {"rdp": "dp-accounting-rdp", "prv": "pld", "pld": "prv"}
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
 
 
-def _dp_event(history: Iterable[tuple[float, float, int]]) -> dp_accounting.DpEvent:
+def _dp_event(history: Iterable[tuple[float, float, int]]):
+    import dp_accounting  # imported on use: it brings absl, which logs every record twice
+
     events = [dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), int(steps))
         for z, q, steps in history if steps > 0]
@@ -46,10 +45,14 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
         acc.history = list(history)
         return float(acc.get_epsilon(delta))
     if accountant == "pld":
+        from dp_accounting import pld as dp_pld
+
         acc = dp_pld.PLDAccountant()
         acc.compose(_dp_event(history))
         return float(acc.get_epsilon(delta))
     if accountant == "dp-accounting-rdp":
+        from dp_accounting import rdp as dp_rdp
+
         acc = dp_rdp.RdpAccountant(RDP_ORDERS)
         acc.compose(_dp_event(history))
         return float(acc.get_epsilon(delta))

@@ -134,6 +134,52 @@ def cmd_prepare_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from shared_model import privacy
+
+    if args.privacy_command == "epsilon":
+        eps = privacy.epsilon([(args.noise_multiplier, args.sample_rate, args.steps)], args.delta, args.accountant)
+        print(f"epsilon {eps:.4f} (delta {args.delta:g}, accountant {args.accountant}, noise {args.noise_multiplier}, "
+              f"sample rate {args.sample_rate}, {args.steps} steps)")
+    elif args.privacy_command == "noise":
+        z = privacy.noise_multiplier(args.epsilon, args.sample_rate, args.steps, args.delta, args.accountant)
+        print(f"noise multiplier {z:.4f} (epsilon {args.epsilon} at delta {args.delta:g}, accountant "
+              f"{args.accountant}, sample rate {args.sample_rate}, {args.steps} steps)")
+    else:
+        bound = privacy.audit_lower_bound(args.canaries, args.guesses, args.correct, args.delta, args.confidence)
+        print(f"epsilon lower bound {bound:.4f} ({args.correct} of {args.guesses} guesses right, {args.canaries} "
+              f"canaries, delta {args.delta:g}, {args.confidence:.0%} confidence)")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from server.privacy_audit import audit_run, write_report
+
+    audits = [audit_run(Path(folder), args.tolerance) for folder in args.runs]
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "audit"
+    report = write_report(audits, out, args.tolerance)
+    bad = sum(len(a.disagreements) for a in audits)
+    checked = sum(a.checked for a in audits)
+    print(f"{checked} epsilons checked, {bad} disagreement(s) above {args.tolerance:.0%}; report: {report}")
+    return 1 if bad else 0
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), not {text}")
+    return value
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from server.certificates import make_certificates
+
+    paths = make_certificates(Path(args.out), args.nodes, args.host)
+    for name, path in paths.items():
+        print(f"{name:16} {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrec",
@@ -197,11 +243,56 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--partition", type=int, required=True, help="which partition (0-based)")
     device.add_argument("--out", required=True, help="the device's data directory")
     device.set_defaults(func=cmd_prepare_device)
+    certs = deploy_sub.add_parser(
+        "certs", help="create a CA, the SuperLink's TLS certificate and SuperNode key pairs",
+        description="Writes ca.crt/ca.key, superlink.crt/superlink.key (signed by the CA) and nodes/node-<i> "
+        "(OpenSSH private key) with nodes/node-<i>.pub (register it with `flwr supernode register`).",
+    )
+    certs.add_argument("--out", required=True, help="folder for the files")
+    certs.add_argument("--nodes", type=positive_int, default=3, help="SuperNode key pairs to make (default 3)")
+    certs.add_argument("--host", action="append", default=None,
+                       help="name or IP the SuperLink is reached at (repeatable; default localhost and 127.0.0.1)")
+    certs.set_defaults(func=cmd_certs)
+
+    privacy = sub.add_parser("privacy", help="privacy calculator: epsilon, noise for a target, audit lower bound")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    eps = privacy_sub.add_parser("epsilon", help="epsilon of DP-SGD / DP-FedAvg (Poisson-sampled Gaussian)")
+    eps.add_argument("--noise-multiplier", type=positive_float, required=True)
+    noise = privacy_sub.add_parser("noise", help="the noise multiplier that reaches a target epsilon")
+    noise.add_argument("--epsilon", type=positive_float, required=True)
+    for p in (eps, noise):
+        p.add_argument("--sample-rate", type=probability, required=True, help="Poisson sampling rate q")
+        p.add_argument("--steps", type=positive_int, required=True, help="number of steps (or rounds)")
+        p.add_argument("--delta", type=probability, required=True)
+        p.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
+                       help="rdp (Opacus), prv (Opacus) or pld (dp-accounting); default rdp")
+        p.set_defaults(func=cmd_privacy)
+    bound = privacy_sub.add_parser(
+        "lower-bound", help="empirical epsilon lower bound of a one-run canary audit (Steinke, Nasr, Jagielski 2023)")
+    bound.add_argument("--canaries", type=positive_int, required=True, help="m: canaries, each included w.p. 1/2")
+    bound.add_argument("--guesses", type=int, required=True, help="r: guesses made (the rest abstain)")
+    bound.add_argument("--correct", type=int, required=True, help="v: correct guesses")
+    bound.add_argument("--delta", type=probability, required=True)
+    bound.add_argument("--confidence", type=probability, default=0.95, help="default 0.95")
+    bound.set_defaults(func=cmd_privacy)
+
+    audit = sub.add_parser(
+        "audit", help="recompute every epsilon in runs' privacy ledgers with an independent accountant",
+        description="Reads RUN_DIR/privacy_ledger.jsonl of each run, recomputes every epsilon from the history "
+        "before it with a second accountant, flags disagreements, and writes a Markdown report with plots. "
+        "Exits 1 if any epsilon disagrees.",
+    )
+    audit.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders of federated runs")
+    audit.add_argument("--out", help="report folder (default: RUN_DIR/audit of the first run)")
+    audit.add_argument("--tolerance", type=positive_float, default=0.01, help="relative tolerance (default 0.01)")
+    audit.set_defaults(func=cmd_audit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "deploy_command", None) == "certs" and not args.host:
+        args.host = ["localhost", "127.0.0.1"]
     try:
         return args.func(args)
     except (DataError, FileNotFoundError, ValueError) as error:

@@ -1,0 +1,123 @@
+"""Empirical privacy audit in one training run (Steinke, Nasr and Jagielski 2023).
+
+m canary examples (a history of W random items -> a random target item) are each put into
+the training data with probability 1/2; one model is trained on it with the clients'
+DP-SGD (unit example, Opacus) at a claimed epsilon; then every canary is scored (the log
+probability of its target given its history), the top and bottom guesses are "in" and
+"out", and the number of correct guesses gives an epsilon lower bound at 95% confidence.
+The same run without DP is the control: its bound must be clearly higher, which shows
+the audit can see leakage at all.
+
+    python -m simulations.bench_privacy_audit --dataset ml-100k --epsilon 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from shared_model.data import load_dataset
+from shared_model.dp_training import PrivateData, batches_per_epoch, private_data, sample_loss, train_private
+from shared_model.privacy import audit_lower_bound, noise_multiplier
+from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
+from shared_model.splits import leave_one_out
+
+
+def make_canaries(count: int, window: int, n_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    histories = [rng.choice(n_items, size=window, replace=False) for _ in range(count)]
+    targets = rng.integers(n_items, size=count)
+    ids, _ = left_pad(histories, window)
+    included = rng.random(count) < 0.5
+    return ids, torch.as_tensor(targets), included
+
+
+def canary_scores(model, ids: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        catalog = model.catalog_vectors()
+        users = model.user_vectors(ids, torch.ones_like(ids, dtype=torch.bool), catalog)
+        logits = users @ catalog.T
+        return (logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]).numpy()
+
+
+def train_plain(model, data: PrivateData, batch_size: int, lr: float, epochs: int, negatives: int, seed: int) -> None:
+    """The control: the same per-example loss and SGD, no clipping and no noise."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    n = len(data)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            optimizer.zero_grad()
+            sample_loss(model, data, [t[idx] for t in data.tensors.tensors], negatives, generator).backward()
+            optimizer.step()
+
+
+def guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> tuple[int, int]:
+    """Guess "in" for the per_side highest scores and "out" for the per_side lowest."""
+    order = np.argsort(-scores)
+    correct = included[order[:per_side]].sum() + (~included[order[-per_side:]]).sum()
+    return 2 * per_side, int(correct)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--users", type=int, default=300, help="users whose examples form the training data")
+    parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument("--guesses-per-side", type=int, default=50)
+    parser.add_argument("--epsilon", type=float, default=8.0, help="claimed example-level epsilon of the DP run")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/privacy-audit")
+    args = parser.parse_args()
+
+    dataset = load_dataset(args.dataset, args.data_dir)
+    split = leave_one_out(dataset)
+    config = RecommenderConfig(lora_layers=0, dropout=0.0)
+    data = private_data(split.train[: args.users], config.history, "example")
+    ids, targets, included = make_canaries(args.canaries, config.history, dataset.n_items, args.seed)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    history, seen, wanted = data.tensors.tensors
+    train = PrivateData("example", TensorDataset(torch.cat([history, ids[included]]),
+                                                 torch.cat([seen, mask[included]]),
+                                                 torch.cat([wanted, targets[included]])))
+    results = {"dataset": dataset.name, "training examples": len(train), "canaries": args.canaries,
+               "included": int(included.sum()), "guesses": 2 * args.guesses_per_side, "delta": args.delta}
+    for name in ("dp", "control"):
+        torch.manual_seed(args.seed)
+        model = build_recommender(dataset.catalog.texts, config, progress=False)
+        started = time.time()
+        if name == "dp":
+            steps = args.epochs * batches_per_epoch(len(train), args.batch_size)
+            z = noise_multiplier(args.epsilon, 1 / batches_per_epoch(len(train), args.batch_size), steps, args.delta)
+            train_private(model, train, z, 1.0, args.batch_size, args.lr, args.epochs, 64, args.seed)
+        else:
+            train_plain(model, train, args.batch_size, args.lr, args.epochs, 64, args.seed)
+        made, correct = guesses(canary_scores(model, ids, targets), included, args.guesses_per_side)
+        bound = audit_lower_bound(args.canaries, made, correct, args.delta)
+        results[name] = {"claimed epsilon": args.epsilon if name == "dp" else float("inf"),
+                         "correct guesses": correct, "epsilon lower bound (95%)": bound,
+                         "seconds": time.time() - started}
+        print(name, json.dumps(results[name]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_privacy_audit.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
