@@ -37,6 +37,19 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+SEND_BATCH = 256
+
+
+def send_in_batches(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Send to many nodes SEND_BATCH at a time: Flower's simulation engine re-checks every
+    message in flight for every node, so a whole federation's worth at once (10,000
+    start-up queries) stalls it; batches keep that cost small (and bound memory)."""
+    replies: list[Message] = []
+    for start in range(0, len(messages), SEND_BATCH):
+        replies += list(grid.send_and_receive(messages[start : start + SEND_BATCH], timeout=timeout))
+    return replies
+
+
 def sampling_keys(grid: Grid, timeout: float) -> dict[int, int]:
     """Ask every connected node once for its stable sampling key."""
     node_ids = list(grid.get_node_ids())
@@ -46,7 +59,7 @@ def sampling_keys(grid: Grid, timeout: float) -> dict[int, int]:
         node_ids = list(grid.get_node_ids())
     messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in node_ids]
-    replies = [r for r in grid.send_and_receive(messages, timeout=timeout) if not r.has_error()]
+    replies = [r for r in send_in_batches(grid, messages, timeout) if not r.has_error()]
     keys = {r.metadata.src_node_id: int(r.content["info"]["sampling-key"]) for r in replies}
     if len(keys) < len(node_ids):
         log(WARNING, "fedrec: %d of %d nodes did not answer and are left out", len(node_ids) - len(keys), len(node_ids))
@@ -63,7 +76,7 @@ def federated_evaluation(grid: Grid, strategy: SeededFedAdam, server_round: int,
                          "config": ConfigRecord({"server-round": server_round})})
     messages = [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in strategy.sample(server_round, count, purpose=1)]
-    stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
+    stats = RoundStats(len(messages), send_in_batches(grid, messages, settings.round_timeout))
     out: dict[str, float] = {"eval clients": len(stats.ok), "eval left out": stats.left_out}
     for stage in STAGES:
         total = sum(r.content["metrics"][f"{stage}-count"] for r in stats.ok)

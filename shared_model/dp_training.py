@@ -117,3 +117,24 @@ def train_private(
         wrapped.to_standard_module()  # the process's model is reused: drop Opacus's hooks
     return {"train-loss": float(np.mean(losses)) if losses else 0.0, "steps": steps,
             "sample-rate": 1.0 / len(loader), "num-examples": len(data)}
+
+
+def train_plain(model: Recommender, data: PrivateData, batch_size: int, lr: float, epochs: int, negatives: int,
+                seed: int) -> dict[str, float]:
+    """The same samples, loss and SGD as `train_private`, without clipping or noise (for
+    controls and for measuring what privacy costs)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = sample_loss(model, data, [t[idx] for t in data.tensors.tensors], negatives, generator)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "steps": len(losses)}

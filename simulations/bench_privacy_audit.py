@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from shared_model.data import load_dataset
-from shared_model.dp_training import PrivateData, batches_per_epoch, private_data, sample_loss, train_private
+from shared_model.dp_training import PrivateData, batches_per_epoch, private_data, train_plain, train_private
 from shared_model.privacy import audit_lower_bound, noise_multiplier
 from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
 from shared_model.splits import leave_one_out
@@ -45,21 +45,6 @@ def canary_scores(model, ids: torch.Tensor, targets: torch.Tensor) -> np.ndarray
         users = model.user_vectors(ids, torch.ones_like(ids, dtype=torch.bool), catalog)
         logits = users @ catalog.T
         return (logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]).numpy()
-
-
-def train_plain(model, data: PrivateData, batch_size: int, lr: float, epochs: int, negatives: int, seed: int) -> None:
-    """The control: the same per-example loss and SGD, no clipping and no noise."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    n = len(data)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            optimizer.zero_grad()
-            sample_loss(model, data, [t[idx] for t in data.tensors.tensors], negatives, generator).backward()
-            optimizer.step()
 
 
 def guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> tuple[int, int]:

@@ -86,8 +86,14 @@ def total_rss(processes: list[psutil.Process]) -> int:
 
 
 def stop_processes_of(flwr_home: Path) -> int:
-    """Kill every process of this FLWR_HOME; returns how many."""
+    """Kill every process of this FLWR_HOME and all their descendants (Ray's agents rename
+    themselves and outlive their parents); returns how many."""
     mine = processes_of(flwr_home)
+    for proc in list(mine):
+        try:
+            mine += [child for child in proc.children(recursive=True) if child not in mine]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     for proc in mine:
         try:
             proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,56 @@
+"""What differential privacy costs a client in time: one round of local training on the
+same client data, with Opacus DP-SGD (per-sample gradients, clipping, noise, Poisson
+sampling) and without (the same samples, loss, batch size and SGD).
+
+    python -m simulations.bench_opacus_overhead --dataset ml-100k --clients 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from shared_model.data import load_dataset
+from shared_model.dp_training import private_data, train_plain, train_private
+from shared_model.recommender import RecommenderConfig, build_recommender
+from shared_model.splits import leave_one_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--clients", type=int, default=40, help="one client per user, the first N users")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--negatives", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a simulated client has one)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    split = leave_one_out(dataset)
+    model = build_recommender(dataset.catalog.texts, RecommenderConfig(), progress=False)
+    start_state = model.trainable_state()
+    times = {"dp": [], "plain": []}
+    for user in range(args.clients):
+        data = private_data([split.train[user]], model.config.history, "example")
+        for name in ("plain", "dp"):
+            model.load_trainable_state(start_state)
+            started = time.perf_counter()
+            if name == "dp":
+                train_private(model, data, 1.0, 1.0, args.batch_size, 0.5, 1, args.negatives, user)
+            else:
+                train_plain(model, data, args.batch_size, 0.5, 1, args.negatives, user)
+            times[name].append(time.perf_counter() - started)
+    result = {name: {"median seconds": float(np.median(t)), "mean seconds": float(np.mean(t))}
+              for name, t in times.items()}
+    result["dp / plain (medians)"] = result["dp"]["median seconds"] / result["plain"]["median seconds"]
+    result["clients"] = args.clients
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
