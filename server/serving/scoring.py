@@ -7,6 +7,7 @@ No gRPC here: ids in and out are the dataset's own item ids, and a bad input rai
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,7 @@ class ScoringModel:
         self.checkpoint = Path(checkpoint)
         self.model: Recommender = load_recommender(self.checkpoint, catalog.texts)
         self.texts = list(catalog.texts)
-        self.ids = [int(i) for i in catalog.raw_ids]
-        self.index = {raw: i for i, raw in enumerate(self.ids)}
+        self._set_ids(np.asarray(catalog.raw_ids, dtype=np.int64))
         self.lock = threading.RLock()
         self.profiles: dict[str, torch.Tensor] = {}  # profile text -> vector, for this model version
         self._apply(self.model.trainable_state())
@@ -98,14 +98,23 @@ class ScoringModel:
         return True
 
     # -- inputs ------------------------------------------------------------------------
+    def _set_ids(self, raw_ids: np.ndarray) -> None:
+        """raw id of each catalog index, and a sorted view to look ids up in bulk."""
+        self.ids = raw_ids
+        self._order = np.argsort(raw_ids, kind="stable")
+        self._sorted = raw_ids[self._order]
+
     def item_indices(self, ids, field: str) -> list[int]:
-        out = []
-        for position, raw in enumerate(ids):
-            index = self.index.get(int(raw))
-            if index is None:
-                raise InvalidInput(f"{field}[{position}]: unknown item id {raw}")
-            out.append(index)
-        return out
+        """Catalog indices of dataset item ids; the first unknown one is named."""
+        raw = np.asarray(ids, dtype=np.int64)
+        if not len(raw):
+            return []
+        position = np.minimum(np.searchsorted(self._sorted, raw), len(self._sorted) - 1)
+        known = self._sorted[position] == raw
+        if not known.all():
+            first = int(np.flatnonzero(~known)[0])
+            raise InvalidInput(f"{field}[{first}]: unknown item id {raw[first]}")
+        return self._order[position].tolist()
 
     def check_user(self, user: UserInput, field: str = "user") -> list[int]:
         if not user.history and not user.profile.strip():
@@ -128,8 +137,9 @@ class ScoringModel:
         return vectors, torch.tensor([bool(p) for p in profiles])
 
     # -- queries -----------------------------------------------------------------------
-    def _user_vectors(self, histories: list[list[int]], profiles: list[str]) -> torch.Tensor:
-        ids, mask = left_pad(histories, self.model.config.history)
+    def _user_vectors(self, histories: list[list[int]], profiles: list[str],
+                      padded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        ids, mask = padded or left_pad(histories, self.model.config.history)
         if not any(profiles):
             return self.model.user_vectors(ids, mask, self.catalog)
         return self.model.user_vectors(ids, mask, self.catalog, *self._profile_vectors(profiles))
@@ -144,26 +154,36 @@ class ScoringModel:
         return Query(history, history + self.item_indices(exclude, "exclude"), user.profile, k)
 
     def recommend(self, queries: list["Query"]) -> list[list[Recommendation]]:
-        """Top-k for a batch of prepared queries, never an item of a user's history or exclude."""
+        """Top-k for a batch of prepared queries, never an item of a user's history or
+        exclude; each item with the history items whose vectors point most its way."""
+        histories = [q.history for q in queries]
         with self.lock, torch.inference_mode():
-            scores = self._user_vectors([q.history for q in queries], [q.profile for q in queries]) @ self.catalog.T
-            for row, query in enumerate(queries):
-                if query.blocked:
-                    scores[row, torch.tensor(query.blocked)] = float("-inf")
+            padded = left_pad(histories, self.model.config.history)
+            scores = self._user_vectors(histories, [q.profile for q in queries], padded) @ self.catalog.T
+            rows = np.repeat(np.arange(len(queries)), [len(q.blocked) for q in queries])
+            if len(rows):
+                scores[torch.from_numpy(rows), torch.tensor(np.concatenate([q.blocked for q in queries]))] = -np.inf
             best = torch.topk(scores, max(q.k for q in queries), dim=1)
-            return [self._explain(best.indices[r, : q.k], best.values[r, : q.k], q.history)
-                    for r, q in enumerate(queries)]
+            because = self._because(best.indices, padded)
+            indices = best.indices.tolist()
+            values = best.values.tolist()
+            raw = self.ids[best.indices.numpy()].tolist()
+        return [[Recommendation(raw[r][j], values[r][j], self.texts[indices[r][j]], because[r][j])
+                 for j in range(query.k) if math.isfinite(values[r][j])] for r, query in enumerate(queries)]
 
-    def _explain(self, items: torch.Tensor, values: torch.Tensor, history: list[int]) -> list[Recommendation]:
-        """Each item with the history items whose vectors point most its way."""
-        because = [[] for _ in range(len(items))]
-        if history:
-            recent = torch.tensor(history[-self.model.config.history:])
-            affinity = self.catalog[items] @ self.catalog[recent].T  # [k, |recent|]
-            top = affinity.topk(min(EXPLAIN, len(recent)), dim=1).indices
-            because = [[self.ids[int(recent[j])] for j in row] for row in top]
-        return [Recommendation(self.ids[int(i)], float(v), self.texts[int(i)], b)
-                for i, v, b in zip(items, values, because) if np.isfinite(float(v))]
+    def _because(self, items: torch.Tensor, padded: tuple[torch.Tensor, torch.Tensor]) -> list[list[list[int]]]:
+        """For each user and recommended item, the raw ids of up to EXPLAIN history items
+        with the largest dot product with the item (a short "because you liked")."""
+        ids, mask = padded
+        if not mask.any():
+            return [[[] for _ in range(items.shape[1])] for _ in range(len(ids))]
+        affinity = self.catalog[items] @ self.catalog[ids].transpose(1, 2)  # [B, k, L]
+        affinity = affinity.masked_fill(~mask[:, None, :], -np.inf)
+        top = affinity.topk(min(EXPLAIN, ids.shape[1]), dim=2)
+        raw = self.ids[ids.gather(1, top.indices.flatten(1)).view(top.indices.shape).numpy()].tolist()
+        finite = torch.isfinite(top.values).tolist()
+        return [[[x for x, ok in zip(raw_j, ok_j) if ok] for raw_j, ok_j in zip(raw_b, ok_b)]
+                for raw_b, ok_b in zip(raw, finite)]
 
     def score(self, user: UserInput, item_ids: list[int]) -> list[float]:
         with self.lock, torch.inference_mode():
@@ -183,17 +203,16 @@ class ScoringModel:
         if len(items) > MAX_NEW_ITEMS:
             raise InvalidInput(f"items: {len(items)} items, at most {MAX_NEW_ITEMS}")
         seen: set[int] = set()
+        known = set(self.ids.tolist())
         for position, (raw, text) in enumerate(items):
-            if raw in self.index or raw in seen:
+            if raw in known or raw in seen:
                 raise InvalidInput(f"items[{position}].item_id: {raw} is already in the catalog")
             if not text.strip() or len(text) > MAX_TEXT_CHARS:
                 raise InvalidInput(f"items[{position}].text: must be 1..{MAX_TEXT_CHARS} characters")
             seen.add(raw)
         with self.lock, torch.inference_mode():
             vectors = self.model.add_items([t for _, t in items])
-            for raw, text in items:
-                self.index[raw] = len(self.texts)
-                self.ids.append(raw)
-                self.texts.append(text)
+            self._set_ids(np.concatenate([self.ids, np.array([raw for raw, _ in items], dtype=np.int64)]))
+            self.texts += [text for _, text in items]
             self.catalog = torch.cat([self.catalog, vectors])
             return len(self.texts)
