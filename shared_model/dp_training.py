@@ -96,12 +96,12 @@ def train_private(
     torch.manual_seed(seed)
     loader = DataLoader(data.tensors, batch_size=max(1, min(batch_size, len(data))), shuffle=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()  # Opacus refuses a module in eval mode (a reused model may have been evaluated)
     engine = PrivacyEngine()
     wrapped, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator,
     )
-    model.train()
     losses, steps = [], 0
     try:
         for _ in range(epochs):
