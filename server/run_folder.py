@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.state import load_state, save_state
@@ -44,6 +45,15 @@ def _to_torch(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Ten
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def saved_round(folder: Path) -> int:
+    """The last round a run folder's checkpoint holds (0 if none): for watching a run."""
+    path = Path(folder) / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    with safe_open(path, framework="pt") as f:
+        return int(json.loads(f.metadata()["server_round"]))
 
 
 class RunFolder:

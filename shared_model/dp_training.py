@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared_model.recommender import Recommender, example_loss, left_pad
@@ -97,6 +96,8 @@ def train_private(
     loader = DataLoader(data.tensors, batch_size=max(1, min(batch_size, len(data))), shuffle=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()  # Opacus refuses a module in eval mode (a reused model may have been evaluated)
+    from opacus import PrivacyEngine  # on use: a non-private ClientApp process skips its import time
+
     engine = PrivacyEngine()
     wrapped, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,

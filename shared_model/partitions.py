@@ -6,9 +6,7 @@ each user's dominant genre (topic) with a Dirichlet distribution.
 
 from __future__ import annotations
 
-import datasets as hf_datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from shared_model.data import Catalog
 
@@ -40,6 +38,11 @@ def partition_users(
         raise ValueError(f"partitioning must be one of {PARTITIONINGS}, not {partitioning!r}")
     if not 1 <= num_partitions <= n_users:
         raise ValueError(f"num-partitions must be between 1 and the {n_users} users, not {num_partitions}")
+    # imported on use: they take seconds, and a device's ClientApp (a fresh process for each
+    # message) reads its own directory and never partitions
+    import datasets as hf_datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     table = hf_datasets.Dataset.from_dict(
         {"user": np.arange(n_users), "genre": dominant_genre(sequences, catalog)}
     )

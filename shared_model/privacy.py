@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from scipy import stats
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 ACCOUNTANTS = ("rdp", "prv", "pld")
@@ -36,11 +34,16 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     history = [(float(z), float(q), int(t)) for z, q, t in history if int(t) > 0]
     if not history:
         return 0.0
+    # Opacus is imported on use: seconds of start-up that a non-private ClientApp process skips
     if accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+
         acc = RDPAccountant()
         acc.history = list(history)
         return float(acc.get_epsilon(delta))
     if accountant == "prv":
+        from opacus.accountants import PRVAccountant
+
         acc = PRVAccountant()
         acc.history = list(history)
         return float(acc.get_epsilon(delta))
@@ -94,6 +97,8 @@ def audit_p_value(canaries: int, guesses: int, correct: int, eps: float, delta: 
     Jagielski 2023, "Privacy auditing with one (1) training run")."""
     if not 0 <= correct <= guesses <= canaries:
         raise ValueError("need 0 <= correct <= guesses <= canaries")
+    from scipy import stats
+
     q = 1.0 / (1.0 + math.exp(-eps))  # accuracy of eps-DP randomised response
     beta = stats.binom.sf(correct - 1, guesses, q)
     alpha, tail = 0.0, 0.0

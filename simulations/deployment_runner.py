@@ -40,7 +40,8 @@ class Deployment:
 
     def env(self, home: Path) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1")
+        env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
+                   PYTHONUNBUFFERED="1")  # logs complete up to a kill
         return env
 
     def _start(self, name: str, command: list[str], home: Path) -> subprocess.Popen:
@@ -82,10 +83,15 @@ class Deployment:
             raise RuntimeError(f"registering node {node} failed: {done.stdout}{done.stderr}")
         return int(match.group(1))
 
-    def start_supernode(self, node: int, data_dir: Path) -> subprocess.Popen:
-        """flower-supernode for one device, with its own key, port, FLWR_HOME and data directory."""
+    def node_home(self, node: int) -> Path:
+        """The FLWR_HOME of one SuperNode (its processes carry it in their environment)."""
         home = self.root / f"home-node-{node}"
         home.mkdir(exist_ok=True)
+        return home
+
+    def start_supernode(self, node: int, data_dir: Path) -> subprocess.Popen:
+        """flower-supernode for one device, with its own key, port, FLWR_HOME and data directory."""
+        home = self.node_home(node)
         return self._start(f"node-{node}", [
             "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certs["ca-cert"]),
@@ -115,7 +121,7 @@ class Deployment:
             status = self.status(run_id)
             if status.startswith("finished"):
                 return status
-            time.sleep(3)
+            time.sleep(10)  # each `flwr ls` is a Python start-up: do not steal the run's CPU
         return "timed out"
 
     def run_log(self, run_id: int) -> str:

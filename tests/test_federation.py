@@ -4,24 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from server.run_folder import saved_round
 from simulations.flower_runner import run_flower
 
 CLIENTS = 10
 CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-failure-rate": 0.15}
-
-
-def checkpoint_round(folder) -> int:
-    path = folder / "checkpoint.safetensors"
-    if not path.exists():
-        return 0
-    try:
-        with safe_open(path, framework="pt") as f:
-            return int(json.loads(f.metadata()["server_round"]))
-    except Exception:  # being replaced right now
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +46,9 @@ def test_failing_clients_are_left_out_and_rounds_complete(full_run):
 def test_a_crashed_run_resumes_to_the_same_result(full_run, tmp_path):
     config = {**CONFIG, "output-dir": str(tmp_path), "run-name": "crashed"}
     folder = tmp_path / "crashed"
-    crashed = run_flower(config, num_supernodes=CLIENTS, crash_when=lambda: checkpoint_round(folder) >= 1)
+    crashed = run_flower(config, num_supernodes=CLIENTS, crash_when=lambda: saved_round(folder) >= 1)
     assert crashed.status == "crashed"
-    assert 1 <= checkpoint_round(folder) < 3
+    assert 1 <= saved_round(folder) < 3
     resumed = run_flower(config, num_supernodes=CLIENTS)
     assert resumed.ok, resumed.log[-4000:]
     assert "resuming crashed after round" in resumed.log
