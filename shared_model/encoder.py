@@ -196,7 +196,6 @@ class TextTower(nn.Module):
         super().__init__()
         self.lora_layers = cache.lora_layers
         self.encoder_path = encoder_path or default_encoder_path()
-        self._set_cache(cache)
         self._encoder = None
         self.hidden_size = self._read_hidden_size()
         self.top = None
@@ -210,6 +209,7 @@ class TextTower(nn.Module):
             )
             self.top = get_peft_model(container, config)
             self.train(self.training)  # the encoder's own dropout stays off; only LoRA weights train
+        self._set_cache(cache)  # after the whole encoder is freed: the two never share the peak
 
     def _read_hidden_size(self) -> int:
         config = json.loads((Path(self.encoder_path) / "config.json").read_text())
@@ -235,7 +235,15 @@ class TextTower(nn.Module):
     def add_texts(self, texts: list[str]) -> torch.Tensor:
         """Make new texts (new items) part of the cache; returns their ids in this tower."""
         start = len(self.cache)
-        self._set_cache(self.cache.concat(build_cache(texts, self.lora_layers, encoder=self._full_encoder())))
+        new = build_cache(texts, self.lora_layers, encoder=self._full_encoder())
+        if self.lora_layers:
+            held = CatalogCache(self.lora_layers, inputs=self._inputs[:-1], residual=self._residual[:-1],
+                                offsets=self.cache.offsets, lengths=self.cache.lengths)
+            new = CatalogCache(self.lora_layers, inputs=new.inputs.float(), residual=new.residual,
+                               offsets=new.offsets, lengths=new.lengths)
+            self._set_cache(held.concat(new))
+        else:
+            self._set_cache(self.cache.concat(new))
         return torch.arange(start, len(self.cache))
 
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -243,18 +251,20 @@ class TextTower(nn.Module):
         cache = build_cache(texts, self.lora_layers, encoder=self._full_encoder())
         if not self.lora_layers:
             return cache.pooled
-        inputs, residual, token_text, token_within = _packed_rows(cache)
-        return self._adapted(inputs[None], residual[None], token_text[None], token_within[None], cache.lengths[None])[0]
+        token_text, token_within = _token_places(cache)
+        return self._adapted(cache.inputs.float()[None], cache.residual[None], token_text[None], token_within[None],
+                             cache.lengths[None])[0]
 
     def _set_cache(self, cache: CatalogCache) -> None:
-        """Hold the cache in fp32 with one zero padding row, and each token's text and place."""
-        self.cache = cache
+        """Hold the token rows once, in fp32 with one zero padding row, and each token's text
+        and place. The stored (fp16) rows are not kept: they are a device's largest buffer."""
         if not self.lora_layers:
+            self.cache = cache
             return
-        inputs, residual, self._token_text, self._token_within = _packed_rows(cache)
-        self._inputs = torch.cat([inputs, torch.zeros(1, inputs.shape[1])])
-        self._residual = torch.cat([residual, torch.zeros(1, residual.shape[1])])
-        self._pad_row = len(inputs)
+        self.cache = CatalogCache(self.lora_layers, offsets=cache.offsets, lengths=cache.lengths)
+        self._inputs, self._residual = _padded_fp32(cache.inputs), _padded_fp32(cache.residual)
+        self._pad_row = len(cache.inputs)
+        self._token_text, self._token_within = _token_places(cache)
 
     def catalog(self) -> torch.Tensor:
         """Text vectors of every cached text [n, H], from the cache in place (no gather)."""
@@ -313,11 +323,19 @@ class TextTower(nn.Module):
         return mean_pool(padded, mask).reshape(batch, width, self.hidden_size)
 
 
-def _packed_rows(cache: CatalogCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 token rows of a cache, and each token's text and place within it."""
+def _token_places(cache: CatalogCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each cached token's text and its place within that text."""
     token_text = torch.repeat_interleave(torch.arange(len(cache.lengths)), cache.lengths)
-    token_within = torch.arange(len(cache.inputs)) - cache.offsets[token_text]
-    return cache.inputs.float(), cache.residual.float(), token_text, token_within
+    token_within = torch.arange(int(cache.lengths.sum())) - cache.offsets[token_text]
+    return token_text, token_within
+
+
+def _padded_fp32(rows: torch.Tensor) -> torch.Tensor:
+    """rows in fp32 plus a zero row, written into one buffer (no second full-size copy)."""
+    out = torch.empty(len(rows) + 1, rows.shape[1])
+    out[:-1] = rows
+    out[-1] = 0
+    return out
 
 
 def _lora_delta(adapted: nn.Module, x: torch.Tensor) -> torch.Tensor:

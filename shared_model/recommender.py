@@ -217,9 +217,13 @@ def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
 
 
 def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
-    """Full-catalog softmax at every position of left-padded sequences [B, L] (fast path)."""
+    """Full-catalog softmax at every position of left-padded sequences [B, L] (fast path).
+
+    mask marks the positions with a target; an input below 0 (a START marker) is not an
+    item, so its state is exactly that of an empty history."""
     catalog = model.catalog_vectors()
-    states = model.user_states(catalog[torch.where(mask, inputs, 0)], mask)
+    items = mask & (inputs >= 0)
+    states = model.user_states(catalog[torch.where(items, inputs, 0)], items)
     logits = states[mask] @ catalog.T
     return F.cross_entropy(logits, targets[mask])
 

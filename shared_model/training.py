@@ -26,11 +26,16 @@ class TrainConfig:
     negatives: int = 0  # 0: softmax over the whole public catalog; N: N uniform negatives
 
 
+START = -1  # the empty history before a user's first item
+
+
 def sequence_chunks(sequences: list[np.ndarray], window: int) -> list[np.ndarray]:
-    """Cut each sequence into chunks of up to W+1 items, from its end, so that every item
-    after the first is a target exactly once."""
+    """Cut each sequence, after a START marker, into chunks of up to W+1 entries from its
+    end, so that every item is a target exactly once; the first is predicted from the
+    empty history, which teaches the model a prior for users with no history yet."""
     chunks = []
     for seq in sequences:
+        seq = np.concatenate([[START], seq]) if len(seq) else seq
         end = len(seq)
         while end >= 2:
             chunks.append(seq[max(0, end - window - 1) : end])
@@ -41,7 +46,8 @@ def sequence_chunks(sequences: list[np.ndarray], window: int) -> list[np.ndarray
 def sequence_batches(
     chunks: list[np.ndarray], batch_size: int, rng: np.random.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(inputs [B, L], targets [B, L], mask [B, L]), left-padded, in a shuffled order."""
+    """(inputs [B, L], targets [B, L], mask [B, L] of real targets), left-padded, in a
+    shuffled order; an input may be START."""
     order = rng.permutation(len(chunks))
     for start in range(0, len(order), batch_size):
         batch = [chunks[i] for i in order[start : start + batch_size]]
@@ -66,7 +72,7 @@ class Examples:
 def make_examples(sequences: list[np.ndarray], window: int) -> Examples:
     windows, targets = [], []
     for seq in sequences:
-        for t in range(1, len(seq)):
+        for t in range(len(seq)):  # t = 0: the empty history predicts the first item
             windows.append(seq[max(0, t - window) : t])
             targets.append(seq[t])
     history, mask = left_pad(windows, window)

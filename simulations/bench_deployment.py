@@ -15,32 +15,51 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from client.device_store import write_device
 from shared_model.data import load_dataset, ml100k_dir
 from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences
+from simulations.bench_federated import parse_overrides
 from simulations.deployment_runner import Deployment
 from simulations.flower_runner import processes_of, total_rss
 
 
+def total_pss(processes: list[psutil.Process]) -> int:
+    """Proportional set size: pages shared between the processes counted once in all."""
+    total = 0
+    for proc in processes:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
 class MemoryWatch(threading.Thread):
-    """Peak summed RSS of each device's processes (all that carry its FLWR_HOME)."""
+    """Peak summed RSS and PSS of each device's processes (all that carry its FLWR_HOME),
+    and the largest single process (the ClientApp)."""
 
     def __init__(self, homes: dict[str, Path]):
         super().__init__(daemon=True)
         self.homes = homes
-        self.peak = {name: 0 for name in homes}
+        self.peak = {kind: {name: 0 for name in homes} for kind in ("rss", "pss", "largest process rss")}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             for name, home in self.homes.items():
-                self.peak[name] = max(self.peak[name], total_rss(processes_of(home)))
+                procs = processes_of(home)
+                for kind, value in (("rss", total_rss(procs)), ("pss", total_pss(procs)),
+                                    ("largest process rss", max((total_rss([p]) for p in procs), default=0))):
+                    self.peak[kind][name] = max(self.peak[kind][name], value)
             self.done.wait(0.5)
 
 
@@ -53,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", choices=["synthetic", "ml-100k"], default="ml-100k")
     parser.add_argument("--devices", type=int, default=3, help="SuperNodes, one user each (default 3)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other run-config override, e.g. --set lora-layers=0")
     parser.add_argument("--out", default="runs/bench-deployment", help="folder for the results and logs")
     args = parser.parse_args(argv)
 
@@ -67,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder = out / name
     config = {"dataset": args.dataset, "data-dir": data_dir, "partitioning": "per-user",
               "num-server-rounds": args.rounds, "eval-every": args.rounds, "local-steps": 0,
-              "output-dir": str(out), "run-name": name}
+              "output-dir": str(out), "run-name": name, **parse_overrides(args.set)}
     with Deployment(root / "deploy", nodes=args.devices) as d:
         d.start_superlink()
         for i in range(args.devices):
@@ -100,10 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     trained = [m for m in metrics if m["round"] > 0]
     adapters = json.loads((folder / "summary.json").read_text())["trainable_bytes"]
     result = {
-        "command": "python -m simulations.bench_deployment " + " ".join(argv or []),
+        "command": "python -m simulations.bench_deployment " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": "2 CPU cores",
         "devices": args.devices, "dataset": args.dataset, "rounds": args.rounds,
-        "peak RSS per device (MB)": {k: v / 2**20 for k, v in watch.peak.items()},
+        **{f"peak {kind} per device (MB)": {k: round(v / 2**20) for k, v in peaks.items()}
+           for kind, peaks in watch.peak.items()},
         "seconds from SuperNode start to connected": connected,
         "seconds from SuperNode start to first round finished": first_round,
         "seconds per round": [m["seconds"] for m in trained],
@@ -111,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes sent per device per round (adapters)": trained[0]["upload bytes per client"],
         "final test NDCG@10 (these few users)": metrics[-1].get("test NDCG@10"),
     }
-    (out / "bench_deployment.json").write_text(json.dumps(result, indent=2))
+    (out / f"bench_deployment{'-' + '-'.join(args.set) if args.set else ''}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result
 

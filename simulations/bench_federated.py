@@ -5,6 +5,10 @@ quality: MovieLens-100K, one simulated SuperNode per user (943), ~10% of them a 
          centralized model's test NDCG@10, seconds per round and upload per client.
     python -m simulations.bench_federated quality --centralized runs/centralized-ml-100k-*/summary.json
 
+privacy: MovieLens-100K as in quality, without DP and with example-level DP-SGD on every
+         client at each epsilon (delta 1e-5 per client); the same config otherwise.
+    python -m simulations.bench_federated privacy --rounds 60 --epsilons 8 4 1 --set lora-layers=0
+
 scale:   the synthetic catalog with many per-user clients (default 10,000, 100 a round):
          seconds per round and peak resident memory of all the simulation's processes.
     python -m simulations.bench_federated scale --clients 10000
@@ -91,6 +95,39 @@ def plot_quality(evaluated: list[dict], centralized: float, path: Path) -> None:
     plt.close(fig)
 
 
+def privacy(args: argparse.Namespace) -> dict:
+    """One run per privacy level, same seed and config; NDCG@10 and the ledger's epsilons."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = {"dataset": "ml-100k", "data-dir": str(ml100k_dir().resolve()), "partitioning": "per-user",
+            "clients-per-round": args.clients_per_round, "num-server-rounds": args.rounds,
+            "eval-every": args.eval_every, "local-steps": 0, "output-dir": str(Path(args.out).resolve()),
+            "dp-delta": 1e-5, "dp-expected-rounds": args.expected_rounds, **parse_overrides(args.set)}
+    table = []
+    for eps in [None, *args.epsilons]:
+        name = f"bench-privacy-{'none' if eps is None else f'eps{eps:g}'}-{stamp}"
+        dp = {"dp": "none"} if eps is None else {"dp": "example", "dp-epsilon": float(eps)}
+        run = run_flower({**base, **dp, "run-name": name}, num_supernodes=ML100K_USERS, echo=args.echo)
+        if not run.ok:
+            raise SystemExit(f"run {name} failed ({run.status}):\n{run.log[-4000:]}")
+        summary = json.loads((Path(args.out) / name / "summary.json").read_text())
+        example = summary["privacy"].get("example", {})
+        interaction = next((v for k, v in example.items() if k.startswith("per interaction")), {})
+        table.append({
+            "run": name, "target epsilon per client": eps,
+            "final test NDCG@10": summary["test"]["NDCG@10"],
+            "best-round test NDCG@10": summary["best"]["test"]["NDCG@10"] if summary["best"]["round"] else None,
+            "client epsilon max (example level)": example.get("epsilon max"),
+            "per-interaction epsilon (group privacy)": interaction.get("epsilon"),
+            "declined client rounds": example.get("declined", 0),
+            "user epsilon": summary["privacy"].get("user", {}).get("epsilon max"),
+        })
+        print(json.dumps(table[-1]), flush=True)
+    plain = table[0]["final test NDCG@10"]
+    for row in table:
+        row["of non-private"] = row["final test NDCG@10"] / plain if plain else None
+    return {"rounds": args.rounds, "clients per round": args.clients_per_round, "overrides": args.set, "runs": table}
+
+
 def scale(args: argparse.Namespace) -> dict:
     name = f"bench-scale-{args.clients}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {"dataset": "synthetic", "synthetic-users": args.clients, "partitioning": "per-user",
@@ -121,19 +158,26 @@ def main() -> None:
     q.add_argument("--rounds", type=int, default=200)
     q.add_argument("--clients-per-round", type=int, default=94)
     q.add_argument("--eval-every", type=int, default=10)
+    pv = sub.add_parser("privacy", help="ml-100k utility without DP and at several example-level epsilons")
+    pv.add_argument("--rounds", type=int, default=60)
+    pv.add_argument("--clients-per-round", type=int, default=94)
+    pv.add_argument("--eval-every", type=int, default=10)
+    pv.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
+    pv.add_argument("--expected-rounds", type=int, default=10,
+                    help="rounds a client plans to join (noise is calibrated for them; default 10)")
     s = sub.add_parser("scale", help="many per-user clients on the synthetic catalog")
     s.add_argument("--clients", type=int, default=10_000)
     s.add_argument("--clients-per-round", type=int, default=100)
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--fraction-evaluate", type=float, default=0.01)
-    for p in (q, s):
+    for p in (q, pv, s):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other run-config override, e.g. --set learning-rate=0.5")
         p.add_argument("--out", default="runs", help="where run folders and the figure go (default runs/)")
         p.add_argument("--echo", action="store_true", help="show the run's log as it goes")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    result = quality(args) if args.bench == "quality" else scale(args)
+    result = {"quality": quality, "privacy": privacy, "scale": scale}[args.bench](args)
     print(json.dumps(result, indent=2))
     (Path(args.out) / f"bench_{args.bench}.json").write_text(json.dumps(result, indent=2))
 

@@ -27,12 +27,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=40, help="one client per user, the first N users")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--negatives", type=int, default=64)
+    parser.add_argument("--lora-layers", type=int, default=RecommenderConfig().lora_layers,
+                        help="encoder layers with LoRA (0: only the light head trains)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a simulated client has one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, args.data_dir)
     split = leave_one_out(dataset)
-    model = build_recommender(dataset.catalog.texts, RecommenderConfig(), progress=False)
+    model = build_recommender(dataset.catalog.texts, RecommenderConfig(lora_layers=args.lora_layers), progress=False)
     start_state = model.trainable_state()
     times = {"dp": [], "plain": []}
     for user in range(args.clients):
@@ -48,7 +50,7 @@ def main() -> None:
     result = {name: {"median seconds": float(np.median(t)), "mean seconds": float(np.mean(t))}
               for name, t in times.items()}
     result["dp / plain (medians)"] = result["dp"]["median seconds"] / result["plain"]["median seconds"]
-    result["clients"] = args.clients
+    result["clients"], result["lora layers"] = args.clients, args.lora_layers
     print(json.dumps(result, indent=2))
 
 

@@ -146,6 +146,20 @@ def test_learns_and_beats_popularity_on_synthetic(small):
     assert ours > 1.3 * popular, (ours, popular)
 
 
+def test_an_empty_history_learns_what_users_start_with(small):
+    """Every user's first item is a target from the empty history (a prior for cold users)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    sequences = [np.concatenate([[7], rng.choice(np.arange(8, small.n_items), size=12, replace=False)])
+                 for _ in range(200)]
+    model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.0), progress=False)
+    optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
+    for _ in range(4):
+        train_sequences(model, optimizer, sequence_chunks(sequences, model.config.history), 64, rng)
+    ids, _ = Ranker(model).top_k(np.array([], dtype=np.int64), k=1)
+    assert int(ids[0]) == 7
+
+
 def test_ranker_agrees_with_batch_scoring(small):
     split = leave_one_out(small)
     model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
