@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 
 from client.device_store import write_device
 from shared_model.data import load_dataset, ml100k_dir
@@ -30,17 +29,6 @@ from shared_model.splits import user_sequences
 from simulations.bench_federated import parse_overrides
 from simulations.deployment_runner import Deployment
 from simulations.flower_runner import processes_of, total_rss
-
-
-def total_pss(processes: list[psutil.Process]) -> int:
-    """Proportional set size: pages shared between the processes counted once in all."""
-    total = 0
-    for proc in processes:
-        try:
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return total
 
 
 class MemoryWatch(threading.Thread):
@@ -57,7 +45,7 @@ class MemoryWatch(threading.Thread):
         while not self.done.is_set():
             for name, home in self.homes.items():
                 procs = processes_of(home)
-                for kind, value in (("rss", total_rss(procs)), ("pss", total_pss(procs)),
+                for kind, value in (("rss", total_rss(procs)), ("pss", total_rss(procs, proportional=True)),
                                     ("largest process rss", max((total_rss([p]) for p in procs), default=0))):
                     self.peak[kind][name] = max(self.peak[kind][name], value)
             self.done.wait(0.5)

@@ -75,11 +75,13 @@ def processes_of(flwr_home: Path) -> list[psutil.Process]:
     return mine
 
 
-def total_rss(processes: list[psutil.Process]) -> int:
+def total_rss(processes: list[psutil.Process], proportional: bool = False) -> int:
+    """Summed resident memory; proportional: PSS, pages shared between the processes
+    counted once in all (slower to read)."""
     total = 0
     for proc in processes:
         try:
-            total += proc.memory_info().rss
+            total += proc.memory_full_info().pss if proportional else proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return total
