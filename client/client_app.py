@@ -40,6 +40,7 @@ def model_with(settings: RunSettings, texts: list[str], arrays: ArrayRecord) -> 
     key = (tuple(sorted(config.to_dict().items())), len(texts), hash(tuple(texts)))
     if key not in _MODELS:
         _MODELS[key] = build_recommender(texts, config, progress=False)
+        _MODELS[key].text.save_memory(settings.low_memory)
     model = _MODELS[key]
     model.load_trainable_state(arrays.to_torch_state_dict())
     return model

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CACHE_FORMAT = 1
 CACHE_DIR_ENV = "FEDREC_CACHE"
+LOW_MEMORY_SLICE_TOKENS = 4096  # tokens per recomputed slice of the catalog forward
 
 
 def default_encoder_path() -> str:
@@ -46,6 +48,29 @@ def load_encoder(path: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     return tokenizer, model
+
+
+def load_top_layers(path: str, count: int) -> nn.ModuleList:
+    """The top `count` layers of a local BERT-style encoder, with only their weights read
+    from the weights file (the lower layers are never loaded)."""
+    from transformers import AutoConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    config = AutoConfig.from_pretrained(path)
+    first = config.num_hidden_layers - count
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the encoder's weights (model.safetensors) are missing")
+    state = {}
+    with safe_open(weights, "pt") as stored:
+        for key in stored.keys():
+            _, found, rest = key.partition("encoder.layer.")
+            index, _, name = rest.partition(".")
+            if found and int(index) >= first:
+                state[f"{int(index) - first}.{name}"] = stored.get_tensor(key)
+    layers = nn.ModuleList(BertLayer(config) for _ in range(count))
+    layers.load_state_dict(state)  # strict: a missing or unexpected tensor is an error
+    return layers.eval()
 
 
 @dataclass
@@ -199,17 +224,18 @@ class TextTower(nn.Module):
         self._encoder = None
         self.hidden_size = self._read_hidden_size()
         self.top = None
+        self.slice_tokens = 0  # 0: the catalog forward in one pass, activations kept
         if self.lora_layers:
-            _, bert = load_encoder(self.encoder_path)
+            from peft import LoraConfig, get_peft_model  # on use: a lora-layers=0 device skips its import
+
             container = nn.Module()
-            container.layer = nn.ModuleList(bert.encoder.layer[-self.lora_layers :])
-            del bert
+            container.layer = load_top_layers(self.encoder_path, self.lora_layers)
             config = LoraConfig(
                 r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=r"layer\.\d+\.output\.dense"
             )
             self.top = get_peft_model(container, config)
             self.train(self.training)  # the encoder's own dropout stays off; only LoRA weights train
-        self._set_cache(cache)  # after the whole encoder is freed: the two never share the peak
+        self._set_cache(cache)
 
     def _read_hidden_size(self) -> int:
         config = json.loads((Path(self.encoder_path) / "config.json").read_text())
@@ -237,10 +263,8 @@ class TextTower(nn.Module):
         start = len(self.cache)
         new = build_cache(texts, self.lora_layers, encoder=self._full_encoder())
         if self.lora_layers:
-            held = CatalogCache(self.lora_layers, inputs=self._inputs[:-1], residual=self._residual[:-1],
+            held = CatalogCache(self.lora_layers, inputs=self._inputs.half(), residual=self._residual,
                                 offsets=self.cache.offsets, lengths=self.cache.lengths)
-            new = CatalogCache(self.lora_layers, inputs=new.inputs.float(), residual=new.residual,
-                               offsets=new.offsets, lengths=new.lengths)
             self._set_cache(held.concat(new))
         else:
             self._set_cache(self.cache.concat(new))
@@ -256,24 +280,52 @@ class TextTower(nn.Module):
                              cache.lengths[None])[0]
 
     def _set_cache(self, cache: CatalogCache) -> None:
-        """Hold the token rows once, in fp32 with one zero padding row, and each token's text
-        and place. The stored (fp16) rows are not kept: they are a device's largest buffer."""
+        """Hold the token rows once, as stored (fp16 projection inputs: until first use, when
+        they become fp32 unless memory is being saved), and each token's text and place."""
         if not self.lora_layers:
             self.cache = cache
             return
         self.cache = CatalogCache(self.lora_layers, offsets=cache.offsets, lengths=cache.lengths)
-        self._inputs, self._residual = _padded_fp32(cache.inputs), _padded_fp32(cache.residual)
-        self._pad_row = len(cache.inputs)
+        self._inputs, self._residual = cache.inputs, cache.residual
         self._token_text, self._token_within = _token_places(cache)
 
+    def save_memory(self, on: bool = True) -> None:
+        """Trade step time for memory (a device's choice): hold the projection inputs, the
+        largest buffer, in fp16 (read in fp32 a slice at a time), and compute the catalog in
+        slices of about LOW_MEMORY_SLICE_TOKENS tokens that a training step recomputes in its
+        backward pass instead of keeping their activations. Same values either way."""
+        self.slice_tokens = LOW_MEMORY_SLICE_TOKENS if on else 0
+        if self.lora_layers and on:
+            self._inputs = self._inputs.half()  # a no-op if still as stored (called before first use)
+
+    def _projection_inputs(self) -> torch.Tensor:
+        """The cached projection inputs; fp32 (converted once) unless memory is being saved."""
+        if not self.slice_tokens and self._inputs.dtype != torch.float32:
+            self._inputs = self._inputs.float()  # the one-pass forward is faster on fp32 rows
+        return self._inputs
+
     def catalog(self) -> torch.Tensor:
-        """Text vectors of every cached text [n, H], from the cache in place (no gather)."""
+        """Text vectors of every cached text [n, H], in one pass or, saving memory, a
+        recomputed slice at a time."""
         if not self.lora_layers:
             return self.cache.pooled
-        rows = slice(0, self._pad_row)
+        if not self.slice_tokens:
+            return self._catalog_slice(0, len(self.cache))
+        parts = []
+        for first, last in _text_slices(self.cache.lengths, self.slice_tokens):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._catalog_slice, first, last, use_reentrant=False))
+            else:
+                parts.append(self._catalog_slice(first, last))
+        return torch.cat(parts)
+
+    def _catalog_slice(self, first: int, last: int) -> torch.Tensor:
+        """Text vectors of texts first..last-1, whose token rows are contiguous."""
+        rows = slice(int(self.cache.offsets[first]), int(self.cache.offsets[last - 1] + self.cache.lengths[last - 1]))
+        x = self._projection_inputs()[rows].float()
         return self._adapted(
-            self._inputs[rows][None], self._residual[rows][None], self._token_text[None],
-            self._token_within[None], self.cache.lengths[None],
+            x[None], self._residual[rows][None], self._token_text[rows][None] - first,
+            self._token_within[rows][None], self.cache.lengths[first:last][None],
         )[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -289,13 +341,14 @@ class TextTower(nn.Module):
         per_example = lengths.sum(dim=1)
         position = torch.arange(len(slot)) - (torch.cumsum(per_example, 0) - per_example)[example]
         packed = int(per_example.max()) if batch else 1  # Poisson sampling can draw an empty batch
-        rows = torch.full((batch, packed), self._pad_row)
+        rows = torch.zeros(batch, packed, dtype=torch.long)  # padding reads row 0; its output is dropped
         rows[example, position] = self.cache.offsets[ids.reshape(-1)][slot] + within
         segment = torch.full((batch, packed), width)
         segment[example, position] = slot % width
         token_within = torch.zeros(batch, packed, dtype=torch.long)
         token_within[example, position] = within
-        return self._adapted(self._inputs[rows], self._residual[rows], segment, token_within, lengths)
+        x = self._projection_inputs()[rows].float()
+        return self._adapted(x, self._residual[rows], segment, token_within, lengths)
 
     def _adapted(self, x, z, segment, within, lengths) -> torch.Tensor:
         """Packed tokens of B examples -> text vectors [B, M, H].
@@ -330,12 +383,16 @@ def _token_places(cache: CatalogCache) -> tuple[torch.Tensor, torch.Tensor]:
     return token_text, token_within
 
 
-def _padded_fp32(rows: torch.Tensor) -> torch.Tensor:
-    """rows in fp32 plus a zero row, written into one buffer (no second full-size copy)."""
-    out = torch.empty(len(rows) + 1, rows.shape[1])
-    out[:-1] = rows
-    out[-1] = 0
-    return out
+def _text_slices(lengths: torch.Tensor, tokens: int) -> list[tuple[int, int]]:
+    """Consecutive (first, last) text ranges of about `tokens` tokens each (at least one text)."""
+    ends = torch.cumsum(lengths, 0)
+    slices, first = [], 0
+    while first < len(lengths):
+        budget = int(ends[first] - lengths[first]) + tokens
+        last = max(first + 1, int(torch.searchsorted(ends, budget, right=True)))
+        slices.append((first, last))
+        first = last
+    return slices
 
 
 def _lora_delta(adapted: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,7 @@ class RunSettings:
     lora_alpha: float
     id_embeddings: bool
     encoder_path: str
+    low_memory: bool  # a ClientApp trades step time for memory (see TextTower.save_memory)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:

@@ -6,8 +6,10 @@ quality: MovieLens-100K, one simulated SuperNode per user (943), ~10% of them a 
     python -m simulations.bench_federated quality --centralized runs/centralized-ml-100k-*/summary.json
 
 privacy: MovieLens-100K as in quality, without DP and with example-level DP-SGD on every
-         client at each epsilon (delta 1e-5 per client); the same config otherwise.
-    python -m simulations.bench_federated privacy --rounds 60 --epsilons 8 4 1 --set lora-layers=0
+         client at each epsilon (delta 1e-5 per client); the same config otherwise. With
+         --user-level, the DP runs also run DP-FedAvg on the server (user-level epsilon),
+         and one run has that alone.
+    python -m simulations.bench_federated privacy --rounds 60 --epsilons 8 4 1 --set lora-layers=0 --user-level
 
 scale:   the synthetic catalog with many per-user clients (default 10,000, 100 a round):
          seconds per round and peak resident memory of all the simulation's processes.
@@ -103,9 +105,12 @@ def privacy(args: argparse.Namespace) -> dict:
             "eval-every": args.eval_every, "local-steps": 0, "output-dir": str(Path(args.out).resolve()),
             "dp-delta": 1e-5, "dp-expected-rounds": args.expected_rounds, **parse_overrides(args.set)}
     table = []
-    for eps in [None, *args.epsilons]:
-        name = f"bench-privacy-{'none' if eps is None else f'eps{eps:g}'}-{stamp}"
-        dp = {"dp": "none"} if eps is None else {"dp": "example", "dp-epsilon": float(eps)}
+    user_level = {"server-dp": True} if args.user_level else {}
+    levels = [("none", {"dp": "none"})] + ([("user-level-only", {"dp": "none", **user_level})] if user_level else [])
+    levels += [(f"eps{eps:g}", {"dp": "example", "dp-epsilon": float(eps), **user_level}) for eps in args.epsilons]
+    for level, dp in levels:
+        name = f"bench-privacy-{level}-{stamp}"
+        eps = dp.get("dp-epsilon")
         run = run_flower({**base, **dp, "run-name": name}, num_supernodes=ML100K_USERS, echo=args.echo)
         if not run.ok:
             raise SystemExit(f"run {name} failed ({run.status}):\n{run.log[-4000:]}")
@@ -165,6 +170,8 @@ def main() -> None:
     pv.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
     pv.add_argument("--expected-rounds", type=int, default=10,
                     help="rounds a client plans to join (noise is calibrated for them; default 10)")
+    pv.add_argument("--user-level", action="store_true",
+                    help="DP runs also run user-level DP-FedAvg on the server (server-dp-* keys)")
     s = sub.add_parser("scale", help="many per-user clients on the synthetic catalog")
     s.add_argument("--clients", type=int, default=10_000)
     s.add_argument("--clients-per-round", type=int, default=100)

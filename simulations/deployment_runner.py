@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,21 @@ from server.certificates import make_certificates
 from simulations.flower_runner import REPO, toml_value
 
 CONNECTION = "fedrec-tls"
+
+
+def wait_until_free(port: int, timeout: float = 30) -> None:
+    """Wait for a port on 127.0.0.1 to be free (a previous deployment may still be exiting)."""
+    deadline = time.time() + timeout
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"port {port} on 127.0.0.1 is in use (another SuperLink?); stop it first") from None
+        time.sleep(1)
 
 
 @dataclass
@@ -58,6 +74,7 @@ class Deployment:
 
     def start_superlink(self) -> None:
         """flower-superlink with TLS, SuperNode authentication and a persistent database."""
+        wait_until_free(self.port)
         self._start("superlink", [
             "flower-superlink", "--ssl-ca-certfile", str(self.certs["ca-cert"]),
             "--ssl-certfile", str(self.certs["superlink-cert"]), "--ssl-keyfile", str(self.certs["superlink-key"]),

@@ -67,6 +67,27 @@ def test_cached_prefix_with_lora_equals_a_fresh_forward(encoder, lora_layers):
         assert torch.allclose(model.text(ids), expected[ids], atol=2e-3)
 
 
+@pytest.mark.parametrize("lora_layers", [1, 2])
+def test_saving_memory_keeps_the_values_and_gradients_of_one_pass(lora_layers):
+    model = build_recommender(TEXTS, RecommenderConfig(lora_layers=lora_layers), progress=False)
+    randomise_lora(model)
+    weights = torch.randn(len(TEXTS), model.text.hidden_size)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def vectors_and_gradients():
+        vectors = model.text.catalog()
+        return vectors.detach(), torch.autograd.grad((vectors * weights).sum(), lora)
+
+    whole, whole_grads = vectors_and_gradients()
+    model.text.save_memory()
+    model.text.slice_tokens = 5  # several slices, some holding one text
+    sliced, sliced_grads = vectors_and_gradients()
+    assert model.text._inputs.dtype == torch.float16
+    assert torch.allclose(sliced, whole, atol=1e-5)
+    for a, b in zip(sliced_grads, whole_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_lora_sits_only_on_the_top_layers(encoder):
     model = build_recommender(TEXTS, RecommenderConfig(lora_layers=1), progress=False)
     lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
