@@ -100,8 +100,10 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
 
 
 def group_privacy(eps: float, delta: float, group: int) -> tuple[float, float]:
-    """(epsilon, delta) for a group of `group` examples from (eps, delta) for one."""
-    return group * eps, min(1.0, group * math.exp((group - 1) * eps) * delta)
+    """(epsilon, delta) for a group of `group` examples from (eps, delta) for one:
+    (k eps, min(1, k e^((k-1) eps) delta)), the delta in log space (a large eps overflows)."""
+    log_delta = math.log(group * delta) + (group - 1) * eps
+    return group * eps, 1.0 if log_delta >= 0 else math.exp(log_delta)
 
 
 def audit_p_value(canaries: int, guesses: int, correct: int, eps: float, delta: float) -> float:

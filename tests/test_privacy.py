@@ -2,12 +2,14 @@
 through `flwr run` whose ledger the audit reproduces (and whose tampering it catches)."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
-from shared_model.privacy import audit_lower_bound, audit_p_value, epsilon, independent_epsilon, noise_multiplier
+from shared_model.privacy import (audit_lower_bound, audit_p_value, epsilon, group_privacy, independent_epsilon,
+                                  noise_multiplier)
 from simulations.flower_runner import run_flower
 
 
@@ -27,6 +29,12 @@ def test_noise_for_a_target_is_the_inverse_of_epsilon():
     z = noise_multiplier(4.0, 0.01, 10_000, 1e-5, "rdp")
     assert epsilon([(z, 0.01, 10_000)], 1e-5, "rdp") <= 4.0
     assert epsilon([(z * 0.98, 0.01, 10_000)], 1e-5, "rdp") > 4.0
+
+
+def test_group_privacy_scales_epsilon_and_caps_delta_even_for_huge_epsilon():
+    eps, delta = group_privacy(0.01, 1e-6, 3)
+    assert eps == pytest.approx(0.03) and delta == pytest.approx(3 * math.exp(0.02) * 1e-6)
+    assert group_privacy(1e6, 1e-5, 51) == (51e6, 1.0)  # e^(50e6) would overflow
 
 
 def test_one_run_audit_bound():
