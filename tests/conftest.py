@@ -1,9 +1,20 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from shared_model.data import ml100k_dir
+
+
+def pytest_configure(config):
+    """A SIGTERM (a CI timeout, `kill`) interrupts like Ctrl-C, so fixture finalizers still stop
+    the SuperLinks, SuperNodes and servers the tests started."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session", autouse=True)
