@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from client.device_store import write_device
 from shared_model.data import load_dataset, ml100k_dir
 from shared_model.partitions import partition_users
