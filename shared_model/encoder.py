@@ -304,15 +304,16 @@ class TextTower(nn.Module):
             self._inputs = self._inputs.float()  # the one-pass forward is faster on fp32 rows
         return self._inputs
 
-    def catalog(self) -> torch.Tensor:
-        """Text vectors of every cached text [n, H], in one pass or, saving memory, a
-        recomputed slice at a time."""
+    def catalog(self, count: int | None = None) -> torch.Tensor:
+        """Text vectors [n, H] of the first `count` cached texts (default: all), in one pass
+        or, saving memory, a recomputed slice at a time."""
+        count = len(self.cache) if count is None else count
         if not self.lora_layers:
-            return self.cache.pooled
+            return self.cache.pooled[:count]
         if not self.slice_tokens:
-            return self._catalog_slice(0, len(self.cache))
+            return self._catalog_slice(0, count)
         parts = []
-        for first, last in _text_slices(self.cache.lengths, self.slice_tokens):
+        for first, last in _text_slices(self.cache.lengths[:count], self.slice_tokens):
             if torch.is_grad_enabled():
                 parts.append(checkpoint(self._catalog_slice, first, last, use_reentrant=False))
             else:

@@ -124,7 +124,7 @@ class Recommender(nn.Module):
 
     def catalog_vectors(self) -> torch.Tensor:
         """[n_items, dim]: every catalog item, computed once and shared by a whole batch."""
-        vectors = self.project(self.text.catalog()[: self.n_items])
+        vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
         return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items))
 
     def user_states(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -216,14 +216,22 @@ def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
     return torch.cat(out) if out else torch.empty(0, model.n_items)
 
 
-def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  profiles: torch.Tensor | None = None):
     """Full-catalog softmax at every position of left-padded sequences [B, L] (fast path).
 
     mask marks the positions with a target; an input below 0 (a START marker) is not an
-    item, so its state is exactly that of an empty history."""
+    item, so its state is exactly that of an empty history. profiles [B]: the text row of
+    each sequence's free-text profile in the model's text tower (-1: none), read before
+    the items as `user_vectors` reads it."""
     catalog = model.catalog_vectors()
     items = mask & (inputs >= 0)
-    states = model.user_states(catalog[torch.where(items, inputs, 0)], items)
+    history = catalog[torch.where(items, inputs, 0)]
+    if profiles is not None:
+        given = profiles >= 0
+        history = torch.cat([model.item_vectors(torch.where(given, profiles, 0)[:, None]), history], dim=1)
+        items = torch.cat([given[:, None], items], dim=1)
+    states = model.user_states(history, items)[:, -inputs.shape[1]:]
     logits = states[mask] @ catalog.T
     return F.cross_entropy(logits, targets[mask])
 

@@ -27,34 +27,69 @@ class TrainConfig:
 
 
 START = -1  # the empty history before a user's first item
+NO_PROFILE = -1
+PROFILE_DROPOUT = 0.5  # share of steps a chunk is trained without its profile (users who give none)
 
 
-def sequence_chunks(sequences: list[np.ndarray], window: int) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class Chunks:
+    """Training chunks of up to W+1 entries, and the text row of each one's owner's
+    free-text profile in the model's text tower (NO_PROFILE where there is none)."""
+
+    items: list[np.ndarray]
+    profiles: np.ndarray  # [len(items)] int64
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def sequence_chunks(sequences: list[np.ndarray], window: int, profile_rows: np.ndarray | None = None) -> Chunks:
     """Cut each sequence, after a START marker, into chunks of up to W+1 entries from its
     end, so that every item is a target exactly once; the first is predicted from the
-    empty history, which teaches the model a prior for users with no history yet."""
-    chunks = []
-    for seq in sequences:
+    empty history, which teaches the model a prior for users with no history yet.
+    profile_rows [n users]: each user's profile text row (see `add_profiles`)."""
+    chunks, owners = [], []
+    for user, seq in enumerate(sequences):
         seq = np.concatenate([[START], seq]) if len(seq) else seq
         end = len(seq)
         while end >= 2:
             chunks.append(seq[max(0, end - window - 1) : end])
+            owners.append(user)
             end -= window
-    return chunks
+    profiles = np.full(len(chunks), NO_PROFILE, dtype=np.int64)
+    if profile_rows is not None:
+        profiles = np.asarray(profile_rows, dtype=np.int64)[np.asarray(owners, dtype=np.int64)]
+    return Chunks(chunks, profiles)
+
+
+def add_profiles(model: Recommender, profiles: list[str]) -> np.ndarray:
+    """Put the distinct profile texts in the model's text tower (past its catalog, so they
+    train the LoRA-adapted encoder like item texts); each user's text row."""
+    distinct = sorted(set(profiles))
+    rows = model.text.add_texts(distinct).numpy()
+    row_of = dict(zip(distinct, rows))
+    return np.array([row_of[p] for p in profiles], dtype=np.int64)
 
 
 def sequence_batches(
-    chunks: list[np.ndarray], batch_size: int, rng: np.random.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(inputs [B, L], targets [B, L], mask [B, L] of real targets), left-padded, in a
-    shuffled order; an input may be START."""
+    chunks: Chunks, batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(inputs [B, L], targets [B, L], mask [B, L] of real targets, profile rows [B] or
+    None), left-padded, in a shuffled order; an input may be START. A profile is hidden
+    with probability PROFILE_DROPOUT, so the model also serves users without one."""
     order = rng.permutation(len(chunks))
+    with_profiles = bool((chunks.profiles != NO_PROFILE).any())
     for start in range(0, len(order), batch_size):
-        batch = [chunks[i] for i in order[start : start + batch_size]]
+        picked = order[start : start + batch_size]
+        batch = [chunks.items[i] for i in picked]
         length = max(len(c) for c in batch) - 1
         inputs, mask = left_pad([c[:-1] for c in batch], length)
         targets, _ = left_pad([c[1:] for c in batch], length)
-        yield inputs, targets, mask
+        profiles = None
+        if with_profiles:
+            shown = np.where(rng.random(len(picked)) < PROFILE_DROPOUT, NO_PROFILE, chunks.profiles[picked])
+            profiles = torch.from_numpy(shown)
+        yield inputs, targets, mask, profiles
 
 
 @dataclass(frozen=True)
@@ -94,7 +129,7 @@ def examples_loss(model: Recommender, examples: Examples, idx: torch.Tensor, neg
 def train_sequences(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
-    chunks: list[np.ndarray],
+    chunks: Chunks,
     batch_size: int,
     rng: np.random.Generator,
     max_steps: int | None = None,
@@ -102,9 +137,9 @@ def train_sequences(
     """One pass over the chunks (or max_steps batches); returns (mean loss, steps)."""
     model.train()
     total, steps = 0.0, 0
-    for inputs, targets, mask in sequence_batches(chunks, batch_size, rng):
+    for inputs, targets, mask, profiles in sequence_batches(chunks, batch_size, rng):
         optimizer.zero_grad(set_to_none=True)
-        loss = sequence_loss(model, inputs, targets, mask)
+        loss = sequence_loss(model, inputs, targets, mask, profiles)
         loss.backward()
         optimizer.step()
         total += loss.item()

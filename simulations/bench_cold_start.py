@@ -50,9 +50,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
     parser.add_argument("--data-dir", help="ml-100k folder")
+    parser.add_argument("--synthetic-users", type=int, default=5000,
+                        help="users of the synthetic catalog (10%% are held out as cold users; default 5000)")
     parser.add_argument("--out", default="runs/cold-start", help="where models and results go")
     args = parser.parse_args()
-    dataset = load_dataset(args.dataset, args.data_dir)
+    dataset = load_dataset(args.dataset, args.data_dir, synthetic_users=args.synthetic_users)
     out = Path(args.out) / dataset.name
     config = CentralizedConfig()
     results: dict = {"dataset": dataset.name}

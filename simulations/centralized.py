@@ -17,7 +17,7 @@ from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Ranker, Recommender, RecommenderConfig, build_recommender, score_catalog
 from shared_model.splits import LeaveOneOut, leave_one_out
 from shared_model.state import save_state
-from shared_model.training import TrainConfig, make_optimizer, sequence_chunks, train_sequences
+from shared_model.training import TrainConfig, add_profiles, make_optimizer, sequence_chunks, train_sequences
 from simulations.baselines import ease_test_scores, popularity_scores, tune_ease
 
 
@@ -38,7 +38,8 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     valid = split.cases("valid")
     model = build_recommender(texts, config.model, progress=progress)
     optimizer = make_optimizer(model, config.train)
-    chunks = sequence_chunks(split.train, config.model.history)
+    profile_rows = add_profiles(model, split.profiles) if split.profiles else None  # users' own words
+    chunks = sequence_chunks(split.train, config.model.history, profile_rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_ndcg, best_epoch, best_state = -1.0, 0, model.trainable_state()
     train_started = time.time()

@@ -12,7 +12,8 @@ from shared_model.recommender import Ranker, RecommenderConfig, build_recommende
 from shared_model.splits import leave_one_out
 from shared_model.state import load_state, save_state
 from shared_model.synthetic import SyntheticConfig, generate
-from shared_model.training import TrainConfig, make_examples, make_optimizer, sequence_chunks, train_sequences
+from shared_model.training import (TrainConfig, add_profiles, make_examples, make_optimizer, sequence_chunks,
+                                   train_sequences)
 from simulations.baselines import popularity_scores
 
 TEXTS = ["Toy Story (1995). Genres: Animation, Children's, Comedy", "A dark film about a haunted house.",
@@ -179,6 +180,27 @@ def test_an_empty_history_learns_what_users_start_with(small):
         train_sequences(model, optimizer, sequence_chunks(sequences, model.config.history), 64, rng)
     ids, _ = Ranker(model).top_k(np.array([], dtype=np.int64), k=1)
     assert int(ids[0]) == 7
+
+
+def test_a_profile_learns_what_its_users_start_with(small):
+    """Profiles are read in training (as they are when serving): with no history, the
+    user's own words decide the first recommendation."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    profiles = ["I like astronauts and alien worlds.", "I like a haunted house and a vampire."] * 100
+    sequences = [np.concatenate([[7 if u % 2 == 0 else 9], rng.choice(np.arange(10, small.n_items), 12, replace=False)])
+                 for u in range(200)]
+    model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.0), progress=False)
+    optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
+    chunks = sequence_chunks(sequences, model.config.history, add_profiles(model, profiles))
+    for _ in range(10):
+        train_sequences(model, optimizer, chunks, 64, rng)
+    model.eval()
+    with torch.no_grad():
+        catalog = model.catalog_vectors()
+        users = model.user_vectors(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.bool), catalog,
+                                   model.encode_texts(profiles[:2]), torch.ones(2, dtype=torch.bool))
+    assert (users @ catalog.T).argmax(dim=1).tolist() == [7, 9]
 
 
 def test_ranker_agrees_with_batch_scoring(small):

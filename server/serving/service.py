@@ -10,6 +10,7 @@ thousands of requests a second.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -148,4 +149,9 @@ def run_server(checkpoint: Path, catalog, host: str, port: int) -> None:
     # the other core, which under load is busy with gRPC (measured: 5 ms a call instead of 1).
     torch.set_num_threads(1)
     model = ScoringModel(checkpoint, catalog)
+    # The imports and the model leave ~400k long-lived objects; a full collection walked
+    # them all, stalling every request for ~200 ms every few seconds under load (p99 245 ms
+    # at 64 callers). Frozen, they are skipped.
+    gc.collect()
+    gc.freeze()
     asyncio.run(serve(model, host, port))
