@@ -44,9 +44,15 @@ def _rdp_per_step(sample_rate: float, noise: float) -> tuple[float, ...]:
 
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     """Epsilon after the history (0 when nothing was spent)."""
-    history = [(float(z), float(q), int(t)) for z, q, t in history if int(t) > 0]
-    if not history:
-        return 0.0
+    history = tuple((float(z), float(q), int(t)) for z, q, t in history if int(t) > 0)
+    return _epsilon(history, float(delta), accountant) if history else 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """A client asks twice a round (may the next round run? what was spent?) with the same
+    history, and clients with as many examples share histories; PRV and PLD take a tenth of
+    a second or more per call, which made a DP round several times slower."""
     # Opacus is imported on use: seconds of start-up that a non-private ClientApp process skips
     if accountant == "rdp":  # what Opacus's RDPAccountant computes, with its per-step curves cached
         from opacus.accountants.analysis.rdp import get_privacy_spent

@@ -18,12 +18,12 @@ from shared_model.data import load_dataset
 from shared_model.dp_training import private_data, train_plain, train_private
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out
+from simulations.cli import add_dataset_options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
-    parser.add_argument("--data-dir")
+    add_dataset_options(parser, default="ml-100k")
     parser.add_argument("--clients", type=int, default=40, help="one client per user, the first N users")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--negatives", type=int, default=64)

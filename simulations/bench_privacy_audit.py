@@ -27,6 +27,7 @@ from shared_model.dp_training import PrivateData, batches_per_epoch, private_dat
 from shared_model.privacy import audit_lower_bound, noise_multiplier
 from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
 from shared_model.splits import leave_one_out
+from simulations.cli import add_dataset_options
 
 
 def make_canaries(count: int, window: int, n_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -56,8 +57,7 @@ def guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> tuple[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
-    parser.add_argument("--data-dir")
+    add_dataset_options(parser, default="ml-100k")
     parser.add_argument("--users", type=int, default=300, help="users whose examples form the training data")
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--guesses-per-side", type=int, default=50)

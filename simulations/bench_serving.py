@@ -31,6 +31,7 @@ from server.serving import recommender_pb2 as pb  # noqa: E402
 from server.serving import recommender_pb2_grpc as pb_grpc  # noqa: E402
 from shared_model.data import load_dataset  # noqa: E402
 from shared_model.splits import leave_one_out  # noqa: E402
+from simulations.cli import add_dataset_options  # noqa: E402
 
 
 class CannedRecommender(pb_grpc.RecommenderServicer):
@@ -86,8 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="adapters file to serve")
     parser.add_argument("--canned-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--dataset", default="ml-100k", choices=["synthetic", "ml-100k"])
-    parser.add_argument("--data-dir", help="ml-100k folder")
+    add_dataset_options(parser, default="ml-100k")
     parser.add_argument("--concurrency", default="1,16,64", help="callers per step (default 1,16,64)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per step (default 15)")
     parser.add_argument("--out", default="runs", help="where the JSON and the figure go")

@@ -28,11 +28,16 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=["synthetic", "ml-100k"], default="synthetic",
-                        help="built-in synthetic catalog (default) or MovieLens-100K")
+def add_dataset_options(parser: argparse.ArgumentParser, default: str = "synthetic") -> None:
+    """--dataset and --data-dir, as every command and benchmark reads them."""
+    parser.add_argument("--dataset", choices=["synthetic", "ml-100k"], default=default,
+                        help=f"built-in synthetic catalog or MovieLens-100K (default {default})")
     parser.add_argument("--data-dir", help="folder with the GroupLens ml-100k files "
                         "(default: $FEDREC_ML100K, else ../shared/datasets/ml-100k)")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    add_dataset_options(parser)
     parser.add_argument("--synthetic-users", type=positive_int, default=2000,
                         help="users of the built-in synthetic dataset (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data generation and training (default 0)")
