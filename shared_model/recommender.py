@@ -229,7 +229,9 @@ def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tenso
     history = catalog[torch.where(items, inputs, 0)]
     if profiles is not None:
         given = profiles >= 0
-        history = torch.cat([model.item_vectors(torch.where(given, profiles, 0)[:, None]), history], dim=1)
+        shown = torch.zeros(len(profiles), 1, history.shape[-1])  # hidden slots are masked out
+        shown[given] = model.item_vectors(profiles[given][:, None])  # only the profiles shown
+        history = torch.cat([shown, history], dim=1)
         items = torch.cat([given[:, None], items], dim=1)
     states = model.user_states(history, items)[:, -inputs.shape[1]:]
     logits = states[mask] @ catalog.T

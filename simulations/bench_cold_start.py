@@ -25,7 +25,7 @@ from shared_model.recommender import Recommender, left_pad, score_catalog
 from shared_model.splits import EvalCases, cold_item_split, cold_user_split
 from simulations.baselines import genre_popularity_scores, popularity_scores
 from simulations.centralized import CentralizedConfig, train_reference
-from simulations.cli import add_dataset_options
+from simulations.cli import add_dataset_options, positive_int
 
 
 def among(scores: torch.Tensor, items: np.ndarray, cases: EvalCases) -> tuple[torch.Tensor, EvalCases]:
@@ -50,7 +50,7 @@ def profile_scores(model: Recommender, cases: EvalCases) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_options(parser, default="ml-100k")
-    parser.add_argument("--synthetic-users", type=int, default=5000,
+    parser.add_argument("--synthetic-users", type=positive_int, default=5000,
                         help="users of the synthetic catalog (10%% are held out as cold users; default 5000)")
     parser.add_argument("--out", default="runs/cold-start", help="where models and results go")
     args = parser.parse_args()
