@@ -74,6 +74,16 @@ def sample_loss(model: Recommender, data: PrivateData, batch: list[torch.Tensor]
     return user_loss(model, first, mask, last, sampled)
 
 
+def switch_off_dropout(model: Recommender) -> None:
+    """Dropout modules to eval mode (the next `model.train()` restores them): dropout's
+    random masks make the clipped per-example gradients of a batch agree less, and under
+    DP the batch's sum is all the signal there is against the noise. Only the parameterless
+    Dropout modules change mode: Opacus skips per-sample gradients of modules in eval mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+
+
 def batches_per_epoch(samples: int, batch_size: int) -> int:
     """Opacus's Poisson loader draws each batch at rate 1 / this."""
     return math.ceil(samples / max(1, min(batch_size, samples)))
@@ -103,6 +113,7 @@ def train_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator,
     )
+    switch_off_dropout(model)
     losses, steps = [], 0
     try:
         for _ in range(epochs):
@@ -128,6 +139,7 @@ def train_plain(model: Recommender, data: PrivateData, batch_size: int, lr: floa
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
+    switch_off_dropout(model)
     losses = []
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)

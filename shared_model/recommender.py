@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
         allowed = causal_mask(length) & key_mask[:, None, None, :]  # [B, 1, L, L]
         allowed = allowed | self_mask(length)  # a padded position reads itself
-        dropout = self.dropout.p if self.training else 0.0
+        dropout = self.dropout.p if self.dropout.training else 0.0  # off with its Dropout module
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         return self.out(y.transpose(1, 2).reshape(batch, length, dim))
 

@@ -176,6 +176,14 @@ def probability(text: str) -> float:
     return value
 
 
+def sample_rate(text: str) -> float:
+    """(0, 1]: rate 1 is a client whose one batch holds all its examples (no amplification)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from server.certificates import make_certificates
 
@@ -266,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     noise = privacy_sub.add_parser("noise", help="the noise multiplier that reaches a target epsilon")
     noise.add_argument("--epsilon", type=positive_float, required=True)
     for p in (eps, noise):
-        p.add_argument("--sample-rate", type=probability, required=True, help="Poisson sampling rate q")
+        p.add_argument("--sample-rate", type=sample_rate, required=True, help="Poisson sampling rate q, in (0, 1]")
         p.add_argument("--steps", type=positive_int, required=True, help="number of steps (or rounds)")
         p.add_argument("--delta", type=probability, required=True)
         p.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",

@@ -105,3 +105,18 @@ def test_private_training_steps_and_leaves_no_hooks(world):
     assert all(not torch.equal(before[n], p) for n, p in trainable(model))
     assert not any(m._forward_hooks for m in model.modules())
     assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for _, p in trainable(model))
+
+
+def test_private_training_runs_without_dropout(world):
+    """Dropout's random masks would lower how well a batch's clipped gradients agree."""
+    _, split = world
+    model = fresh_model(world)
+    model.blocks[0].dropout.p = 0.9
+    seen = []
+    model.blocks[0].dropout.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    data = private_data(split.train[:10], model.config.history, "example")
+    train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=32, lr=0.1, epochs=1,
+                  negatives=8, seed=0)
+    assert seen and not any(seen)
+    model.train()
+    assert model.blocks[0].dropout.training and model.blocks[0].attention.dropout.training

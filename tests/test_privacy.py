@@ -58,6 +58,8 @@ def test_calculator_prints_the_numbers():
     assert "epsilon lower bound 3.46" in out.stdout
     bad = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1.5", "--steps", "10", "--delta", "1e-5")
     assert bad.returncode == 2 and "--sample-rate" in bad.stderr
+    whole = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1", "--steps", "10", "--delta", "1e-5")
+    assert whole.returncode == 0 and "noise multiplier 2.02" in whole.stdout  # one batch of all examples
 
 
 @pytest.fixture(scope="module")
