@@ -56,10 +56,9 @@ def sequence_chunks(sequences: list[np.ndarray], window: int, profile_rows: np.n
             chunks.append(seq[max(0, end - window - 1) : end])
             owners.append(user)
             end -= window
-    profiles = np.full(len(chunks), NO_PROFILE, dtype=np.int64)
-    if profile_rows is not None:
-        profiles = np.asarray(profile_rows, dtype=np.int64)[np.asarray(owners, dtype=np.int64)]
-    return Chunks(chunks, profiles)
+    if profile_rows is None:
+        return Chunks(chunks, np.full(len(chunks), NO_PROFILE, dtype=np.int64))
+    return Chunks(chunks, np.asarray(profile_rows, dtype=np.int64)[np.asarray(owners, dtype=np.int64)])
 
 
 def add_profiles(model: Recommender, profiles: list[str]) -> np.ndarray:

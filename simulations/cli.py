@@ -169,19 +169,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def probability(text: str) -> float:
+def fraction(text: str, one_allowed: bool) -> float:
     value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), not {text}")
+    if not (0 < value <= 1 if one_allowed else 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1{']' if one_allowed else ')'}, not {text}")
     return value
+
+
+def probability(text: str) -> float:
+    return fraction(text, one_allowed=False)
 
 
 def sample_rate(text: str) -> float:
     """(0, 1]: rate 1 is a client whose one batch holds all its examples (no amplification)."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
+    return fraction(text, one_allowed=True)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
