@@ -1,7 +1,11 @@
 """The Flower ClientApp: global adapters in, local training or evaluation, adapters out.
 
-A reply carries only the trainable adapter tensors and scalar metrics (sums and counts):
-never interactions, item ids or user ids.
+Under a private mode (dp = "example" or "user") a training reply carries only the noised
+adapters, a constant weight and the round's ledger entry (public settings and the epsilon
+they give); declines say only that. No example counts, losses or evaluation sums leave
+the client, and it refuses to evaluate. With dp = "none" a reply carries the exact update
+(from which the server can read which items the client's users touched), the example
+count and the training loss; an evaluation reply carries ranking sums and counts.
 """
 
 from __future__ import annotations
@@ -79,29 +83,34 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"simulated device failure (simulated-failure-rate={settings.simulated_failure_rate})")
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
-    seed = round_seed(settings, server_round, key, 0)
+    seed = round_seed(settings, server_round, key, 0)  # data order and negatives: not privacy-relevant
+    content = RecordDict()
     if settings.dp == "none":
         result = train_local(model, data.split.train, epochs=settings.local_epochs, batch_size=settings.batch_size,
                              lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
-        ledger = None
-    else:
-        store = store_for(dict(context.node_config), context.state)
-        result, ledger = private_round(model, data.split.train, settings, store, server_round, seed)
-    content = RecordDict()
-    if result is None:  # the budget is spent: no update, but say so
-        content["metrics"] = MetricRecord({"num-examples": 0, "declined": 1})
+        content["arrays"] = ArrayRecord(model.trainable_state())
+        content["metrics"] = MetricRecord({"weight": result["num-examples"], "train-loss": result["train-loss"]})
+        return Message(content, reply_to=msg)
+    store = store_for(dict(context.node_config), context.state)
+    result, entry = private_round(model, data.split.train, settings, store, server_round, str(key), seed)
+    if result is None:  # budget spent, or no data: no update, only the decline
+        content["metrics"] = MetricRecord({"declined": 1})
     else:
         content["arrays"] = ArrayRecord(model.trainable_state())
-        content["metrics"] = MetricRecord({"num-examples": result["num-examples"], "train-loss": result["train-loss"]})
-    if ledger is not None:
-        content["ledger"] = ConfigRecord({k: v for k, v in ledger.items() if k != "time"})
+        content["metrics"] = MetricRecord({"weight": 1.0})  # equal weights: a count would reveal n
+    if entry is not None:
+        content["ledger"] = ConfigRecord(entry.to_json())
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """HR@10 and NDCG@10 sums over this client's users, for validation and test."""
+    """HR@10 and NDCG@10 sums over this client's users, for validation and test (not under
+    a private mode: a one-user client's sums give the rank of its held-out item)."""
     settings = settings_of(context)
+    if settings.dp != "none":
+        raise RuntimeError(f"dp = {settings.dp!r}: federated evaluation would release per-user ranks, so this "
+                           "client does not evaluate (the server evaluates on data that is not the clients')")
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
     catalog = catalog_vectors(model, msg.content["arrays"])
@@ -111,5 +120,5 @@ def evaluate(msg: Message, context: Context) -> Message:
             cases = data.split.cases(stage)
             sums = ranking_sums(score_catalog(model, cases.histories, catalog=catalog), cases)
             metrics.update({f"{stage}-{name}": value for name, value in sums.items()})
-    metrics["num-examples"] = metrics["test-count"]
+    metrics["weight"] = metrics["test-count"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,83 +1,135 @@
-"""A client's privacy account: its append-only ledger and its calibrated noise, kept across
-rounds and restarts (in the simulation's node state, or in files in a device's directory).
+"""A client's privacy account: its calibration (the noise for its whole budget) and its
+append-only ledger, kept across rounds and restarts (in the simulation's node state, or
+in files in a device's directory), checked against each other and against the device's
+identity.
 
 The ledger is the single source of truth: the accountant history is read back from it,
-and an entry is written (and flushed) before the round's update leaves the client, so a
-crash can only over-count a spend, never lose one.
+and an entry is written (and fsynced) before the round's update leaves the client, so a
+crash can only over-count a spend, never lose one. Everything fails closed: a calibration
+without its ledger, a ledger without its calibration, another device's calibration, a
+torn line or changed privacy settings stop the round with a message naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
 from client.device_store import write_json_atomic
-from shared_model.privacy import epsilon
-
-History = list[tuple[float, float, int]]
+from shared_model.ledger import LedgerEntry, LedgerError, append_entries, read_ledger
 
 
-def history_of(ledger: list[dict]) -> History:
-    return [(e["noise-multiplier"], e["sample-rate"], e["steps"]) for e in ledger if e["status"] == "trained"]
+class PrivacyAccountError(RuntimeError):
+    """The device's privacy state is inconsistent or does not match this run's settings."""
 
 
-def spent(ledger: list[dict], delta: float, accountant: str, planned: tuple | None = None) -> float:
-    """Epsilon of everything in the ledger (plus a planned round)."""
-    return epsilon(history_of(ledger) + ([planned] if planned else []), delta, accountant)
+def check_same_calibration(saved: dict, planned: dict, where: str) -> None:
+    """Privacy settings may not change under a running budget: that would be a reset."""
+    differ = sorted(k for k in saved.keys() | planned.keys() if saved.get(k) != planned.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {planned.get(k)!r}" for k in differ)
+        raise PrivacyAccountError(
+            f"{where}: this client's budget was calibrated with other privacy settings ({detail}); a change "
+            f"would start a fresh budget on top of what was spent, so it is refused. Run with the saved settings")
 
 
 class SimulatedStore:
-    """In the simulated node's state: it lives as long as the simulation."""
+    """In the simulated node's state: it lives as long as the simulation (a resumed DP
+    simulation would lose it, so the server refuses to resume one)."""
+
+    where = "node state"
 
     def __init__(self, state: RecordDict):
         self.state = state
 
-    def calibration(self) -> dict | None:
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        yield  # one ClientApp call per node at a time in the simulation
+
+    def calibration(self, planned: dict) -> dict:
         record = self.state.config_records.get("privacy-calibration")
-        return json.loads(record["json"]) if record else None
+        if record is None:
+            if "privacy-ledger" in self.state.config_records:
+                raise PrivacyAccountError(f"{self.where}: a privacy ledger without its calibration")
+            self.state.config_records["privacy-calibration"] = ConfigRecord({"json": json.dumps(planned)})
+            return planned
+        saved = json.loads(record["json"])
+        check_same_calibration(saved, planned, self.where)
+        return saved
 
-    def save_calibration(self, calibration: dict) -> None:
-        self.state.config_records["privacy-calibration"] = ConfigRecord({"json": json.dumps(calibration)})
-
-    def ledger(self) -> list[dict]:
+    def ledger(self) -> list[LedgerEntry]:
         record = self.state.config_records.get("privacy-ledger")
-        return [json.loads(line) for line in record["lines"]] if record else []
+        lines = list(record["lines"]) if record else []
+        return [LedgerEntry.from_json(json.loads(line), f"{self.where} line {i}") for i, line in enumerate(lines, 1)]
 
-    def append(self, entry: dict) -> None:
-        lines = [json.dumps(e) for e in self.ledger()] + [json.dumps(entry)]
+    def append(self, entry: LedgerEntry) -> None:
+        record = self.state.config_records.get("privacy-ledger")
+        lines = (list(record["lines"]) if record else []) + [json.dumps(entry.to_json())]
         self.state.config_records["privacy-ledger"] = ConfigRecord({"lines": lines})
 
 
 class DeviceStore:
-    """Files in the device's directory: state/privacy_calibration.json, state/privacy_ledger.jsonl."""
+    """Files in the device's directory, state/privacy_calibration.json and
+    state/privacy_ledger.jsonl, guarded by an exclusive lock on state/privacy.lock that a
+    round holds from its budget check to its ledger entry (two ClientApps on one device
+    run their rounds one after the other, the second seeing the first's spend)."""
 
     def __init__(self, folder: Path):
-        self.calibration_path = Path(folder) / "state" / "privacy_calibration.json"
-        self.ledger_path = Path(folder) / "state" / "privacy_ledger.jsonl"
+        state = Path(folder) / "state"
+        self.calibration_path = state / "privacy_calibration.json"
+        self.ledger_path = state / "privacy_ledger.jsonl"
+        self.lock_path = state / "privacy.lock"
+        self.where = str(state)
 
-    def calibration(self) -> dict | None:
-        return json.loads(self.calibration_path.read_text()) if self.calibration_path.exists() else None
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def save_calibration(self, calibration: dict) -> None:
-        write_json_atomic(self.calibration_path, calibration)
-
-    def ledger(self) -> list[dict]:
+    def calibration(self, planned: dict) -> dict:
+        if not self.calibration_path.exists():
+            if self.ledger():
+                raise PrivacyAccountError(f"{self.ledger_path}: a privacy ledger without its calibration "
+                                          f"({self.calibration_path.name} is missing); refusing to train")
+            self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+            self.ledger_path.touch()  # first: a calibration never exists without its ledger
+            write_json_atomic(self.calibration_path, planned)
+            return planned
         if not self.ledger_path.exists():
-            return []
-        return [json.loads(line) for line in self.ledger_path.read_text().splitlines() if line.strip()]
+            raise PrivacyAccountError(
+                f"{self.calibration_path}: a calibration without its ledger ({self.ledger_path.name} is missing): "
+                f"what this device spent is unknown, so it will not train (deleting the ledger is no fresh budget)")
+        try:
+            saved = json.loads(self.calibration_path.read_text())
+        except json.JSONDecodeError as error:
+            raise PrivacyAccountError(f"{self.calibration_path}: not JSON: {error}") from None
+        check_same_calibration(saved, planned, str(self.calibration_path))
+        return saved
 
-    def append(self, entry: dict) -> None:
-        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.ledger_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def ledger(self) -> list[LedgerEntry]:
+        try:
+            return read_ledger(self.ledger_path)
+        except LedgerError as error:
+            raise PrivacyAccountError(f"{error}; refusing to train on an unreadable ledger") from None
+
+    def append(self, entry: LedgerEntry) -> None:
+        append_entries(self.ledger_path, [entry])
 
 
-def store_for(node_config: dict, state: RecordDict) -> SimulatedStore | DeviceStore:
+Store = SimulatedStore | DeviceStore
+
+
+def store_for(node_config: dict, state: RecordDict) -> Store:
     if node_config.get("data-dir"):
         return DeviceStore(Path(str(node_config["data-dir"])))
     return SimulatedStore(state)

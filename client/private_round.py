@@ -1,46 +1,75 @@
-"""One round of local DP-SGD under a budget: calibrate the noise once for the planned
-participation, decline when the next round would exceed the budget, train, record."""
+"""One round of local DP-SGD under a budget: the noise is calibrated once for the planned
+participation (from public settings only), the round declines when it would exceed the
+budget, trains, and records its spend before the update leaves the client."""
 
 from __future__ import annotations
 
-import time
+import math
 
-from client.privacy_account import DeviceStore, SimulatedStore, spent
-from shared_model.dp_training import batches_per_epoch, private_data, train_private
-from shared_model.privacy import group_privacy, noise_multiplier
+from client.privacy_account import Store
+from shared_model.dp_training import private_data, train_private
+from shared_model.ledger import LedgerEntry, history_of
+from shared_model.privacy import epsilon, interaction_epsilon, noise_multiplier
 from shared_model.recommender import Recommender
 from shared_model.settings import RunSettings
 
 
-def private_round(model: Recommender, sequences: list, settings: RunSettings, store: SimulatedStore | DeviceStore,
-                  server_round: int, seed: int) -> tuple[dict | None, dict]:
-    """(training result or None if declined, the ledger entry written for this round)."""
-    data = private_data(sequences, model.config.history, settings.dp)
-    per_epoch = batches_per_epoch(len(data), settings.batch_size)
-    sample_rate, steps = 1.0 / per_epoch, settings.local_epochs * per_epoch
-    calibration = store.calibration()
-    if calibration is None:  # once per client, for its whole planned participation
-        z = noise_multiplier(settings.dp_epsilon, sample_rate, settings.dp_expected_rounds * steps,
-                             settings.dp_delta, settings.dp_accountant)
-        calibration = {"noise-multiplier": z, "unit": settings.dp, "budget": settings.dp_epsilon,
-                       "delta": settings.dp_delta, "accountant": settings.dp_accountant}
-        store.save_calibration(calibration)
-    z = calibration["noise-multiplier"]
-    ledger = store.ledger()
-    entry = {"round": server_round, "time": time.time(), "unit": calibration["unit"], "noise-multiplier": z,
-             "sample-rate": sample_rate, "steps": steps, "delta": calibration["delta"],
-             "accountant": calibration["accountant"], "budget": calibration["budget"]}
-    if spent(ledger, entry["delta"], entry["accountant"], (z, sample_rate, steps)) > calibration["budget"] * (1 + 1e-9):
-        entry.update(status="declined", steps=0, epsilon=spent(ledger, entry["delta"], entry["accountant"]))
-        store.append(entry)
-        return None, entry
-    result = train_private(model, data, z, settings.dp_max_grad_norm, settings.batch_size, settings.learning_rate,
-                           settings.local_epochs, settings.dp_negatives, seed)
-    entry.update(status="trained", steps=result["steps"], **{"sample-rate": result["sample-rate"]})
-    entry["epsilon"] = spent(ledger + [entry], entry["delta"], entry["accountant"])
-    if entry["unit"] == "example":  # one interaction sits in up to W + 1 examples
-        group = model.config.history + 1
-        entry["group-size"] = group
-        entry["group-epsilon"], entry["group-delta"] = group_privacy(entry["epsilon"], entry["delta"], group)
-    store.append(entry)  # before the update leaves the client
-    return result, entry
+def steps_per_round(settings: RunSettings) -> int:
+    """local-epochs expected passes at the Poisson rate, capped by local-steps (if set)."""
+    steps = settings.local_epochs * math.ceil(1 / settings.dp_sample_rate)
+    return min(steps, settings.local_steps) if settings.local_steps else steps
+
+
+def planned_calibration(settings: RunSettings, client: str) -> dict:
+    """Everything the budget was calibrated under: public settings, the same for every
+    client of the run (nothing here depends on how much data a client holds)."""
+    steps = steps_per_round(settings)
+    z = noise_multiplier(settings.dp_epsilon, settings.dp_sample_rate, settings.dp_expected_rounds * steps,
+                         settings.dp_delta, settings.dp_accountant)
+    return {"client": client, "unit": settings.dp, "budget": settings.dp_epsilon, "delta": settings.dp_delta,
+            "accountant": settings.dp_accountant, "noise-multiplier": z, "sample-rate": settings.dp_sample_rate,
+            "steps-per-round": steps, "max-grad-norm": settings.dp_max_grad_norm,
+            "expected-batch": settings.dp_expected_batch, "window": settings.history}
+
+
+def sample_count(sequences: list, unit: str) -> int:
+    return sum(len(s) for s in sequences) if unit == "example" else sum(1 for s in sequences if len(s) >= 2)
+
+
+def private_round(model: Recommender, sequences: list, settings: RunSettings, store: Store, server_round: int,
+                  client: str, seed: int) -> tuple[dict | None, LedgerEntry | None]:
+    """(training result, or None if the client declined; the ledger entry written, or
+    None for a client with no data, whose decline then reveals nothing else)."""
+    with store.lock():  # one round at a time per device: the check and the spend are one step
+        calibration = store.calibration(planned_calibration(settings, client))
+        if sample_count(sequences, calibration["unit"]) == 0:
+            return None, None
+        ledger = store.ledger()
+        step = (calibration["noise-multiplier"], calibration["sample-rate"], calibration["steps-per-round"])
+        history = history_of(ledger)
+        delta, accountant = calibration["delta"], calibration["accountant"]
+        common = dict(client=client, round=server_round, unit=calibration["unit"], noise_multiplier=step[0],
+                      sample_rate=step[1], delta=delta, accountant=accountant, budget=calibration["budget"])
+        if calibration["unit"] == "example":
+            common["window"] = calibration["window"]
+        if epsilon(history + [step], delta, accountant) > calibration["budget"] * (1 + 1e-9):
+            entry = LedgerEntry(status="declined", steps=0, epsilon=epsilon(history, delta, accountant),
+                                **with_interaction(common, history, calibration))
+            store.append(entry)
+            return None, entry
+        data = private_data(sequences, model.config.history, calibration["unit"])
+        result = train_private(model, data, step[0], calibration["max-grad-norm"], step[1], step[2],
+                               calibration["expected-batch"], settings.learning_rate, settings.dp_negatives, seed)
+        spent = history + [step]
+        entry = LedgerEntry(status="trained", steps=step[2], epsilon=epsilon(spent, delta, accountant),
+                            **with_interaction(common, spent, calibration))
+        store.append(entry)  # before the update leaves the client
+        return result, entry
+
+
+def with_interaction(common: dict, history: list, calibration: dict) -> dict:
+    """Example-level entries also carry the per-interaction epsilon at the same delta."""
+    if calibration["unit"] != "example":
+        return common
+    eps = interaction_epsilon(history, calibration["window"], calibration["delta"], calibration["accountant"])
+    return {**common, "interaction_epsilon": eps}

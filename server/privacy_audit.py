@@ -1,5 +1,7 @@
-"""Audit of federated runs' privacy ledgers: every epsilon recomputed by an independent
-accountant, disagreements above a tolerance flagged, and a Markdown report with plots."""
+"""Audit of federated runs' privacy ledgers: every epsilon (and per-interaction epsilon)
+recomputed by an independent accountant, budgets checked, disagreements above a tolerance
+flagged, and a Markdown report with plots. Exit codes of `fedrec audit`: 0 clean,
+1 a disagreement, 2 unreadable input (the message names the file and line)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared_model.privacy import TWIN, epsilon  # noqa: E402
+from shared_model.ledger import LedgerEntry, LedgerError, read_ledger  # noqa: E402
+from shared_model.privacy import TWIN, epsilon, interaction_epsilon  # noqa: E402
 
 TOLERANCE = 0.01
+
+
+class AuditInputError(ValueError):
+    """A run folder or ledger the audit cannot read (exit code 2; names the file and line)."""
 
 
 @dataclass
 class RunAudit:
     folder: Path
-    entries: list[dict]
+    entries: list[LedgerEntry]
     disagreements: list[dict] = field(default_factory=list)
     checked: int = 0
     summary: dict = field(default_factory=dict)
@@ -31,64 +38,64 @@ class RunAudit:
         return self.folder.name
 
 
-def read_ledger(folder: Path) -> list[dict]:
+def read_run_ledger(folder: Path) -> list[LedgerEntry]:
     path = folder / "privacy_ledger.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no privacy ledger (was the run made with dp or server-dp?)")
-    entries = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_no}: not JSON: {error}") from None
-        missing = {"round", "client", "unit", "noise-multiplier", "sample-rate", "steps", "delta", "accountant",
-                   "epsilon", "status"} - entry.keys()
-        if missing:
-            raise ValueError(f"{path}:{line_no}: entry lacks {sorted(missing)}")
-        entry["line"] = line_no
-        entries.append(entry)
+        raise AuditInputError(f"{path}: no privacy ledger (was the run made with dp or server-dp?)")
+    try:
+        entries = read_ledger(path)
+    except LedgerError as error:
+        raise AuditInputError(str(error)) from None
+    if not entries:
+        raise AuditInputError(f"{path}: the ledger is empty: a private run records every round")
     return entries
 
 
 def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
     """Replay each client's (and the server's) history in ledger order and recompute every
-    epsilon with the twin accountant."""
-    audit = RunAudit(Path(folder), read_ledger(Path(folder)))
-    by_client: dict[tuple, list[dict]] = defaultdict(list)
-    for entry in audit.entries:
-        by_client[(str(entry["client"]), entry["unit"])].append(entry)
-    for (client, unit), entries in by_client.items():
-        if client == "server":  # user-level DP-FedAvg: one Poisson-sampled Gaussian per round
-            history = []
-            for entry in sorted(entries, key=lambda e: e["round"]):
-                history = [(entry["noise-multiplier"], entry["sample-rate"], entry["round"])]
-                check(audit, entry, history, tolerance)
-            continue
-        history = []
-        for entry in entries:  # ledger order is the client's own order
-            if entry["status"] == "trained":
-                history.append((entry["noise-multiplier"], entry["sample-rate"], entry["steps"]))
-            check(audit, entry, history, tolerance)
+    epsilon (and per-interaction epsilon) with the twin accountant; check every budget."""
+    audit = RunAudit(Path(folder), read_run_ledger(Path(folder)))
+    by_client: dict[tuple, list[tuple[int, LedgerEntry]]] = defaultdict(list)
+    for line_no, entry in enumerate(audit.entries, start=1):
+        by_client[(entry.client, entry.unit)].append((line_no, entry))
+    for entries in by_client.values():
+        history: list = []
+        for line_no, entry in entries:  # ledger order is the client's own order
+            if entry.status != "declined":
+                history.append(entry.step())
+            check(audit, line_no, entry, history, tolerance)
     summary_path = Path(folder) / "summary.json"
     audit.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return audit
 
 
-def check(audit: RunAudit, entry: dict, history: list, tolerance: float) -> None:
-    recomputed = epsilon(history, entry["delta"], TWIN[entry["accountant"]])
-    claimed = float(entry["epsilon"])
-    audit.checked += 1
-    if abs(recomputed - claimed) > tolerance * max(abs(claimed), 1e-12):
-        audit.disagreements.append({**entry, "recomputed": recomputed, "accountant twin": TWIN[entry["accountant"]]})
+def check(audit: RunAudit, line_no: int, entry: LedgerEntry, history: list, tolerance: float) -> None:
+    twin = TWIN[entry.accountant]
+    claims = [("epsilon", entry.epsilon, epsilon(history, entry.delta, twin))]
+    if entry.unit == "example" and entry.client != "server":
+        if entry.interaction_epsilon is None:
+            claims.append(("interaction-epsilon", float("nan"), interaction_epsilon(history, entry.window, entry.delta,
+                                                                                     twin)))
+        else:
+            claims.append(("interaction-epsilon", entry.interaction_epsilon,
+                           interaction_epsilon(history, entry.window, entry.delta, twin)))
+    for name, claimed, recomputed in claims:
+        audit.checked += 1
+        if not abs(recomputed - claimed) <= tolerance * max(abs(claimed), 1e-12):
+            audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
+                                        "field": name, "claimed": claimed, "recomputed": recomputed,
+                                        "problem": f"recomputed with {twin}"})
+    if entry.budget is not None and entry.epsilon > entry.budget * (1 + 1e-9):
+        audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round, "field": "budget",
+                                    "claimed": entry.epsilon, "recomputed": entry.budget,
+                                    "problem": "spent more than its budget"})
 
 
 def final_epsilons(audit: RunAudit, unit: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for entry in audit.entries:
-        if entry["unit"] == unit and str(entry["client"]) != "server":
-            out[str(entry["client"])] = max(out.get(str(entry["client"]), 0.0), float(entry["epsilon"]))
+        if entry["unit"] == unit and entry.client != "server":
+            out[entry.client] = max(out.get(entry.client, 0.0), entry.epsilon)
     return out
 
 
@@ -99,8 +106,8 @@ def plot_audits(audits: list[RunAudit], out: Path) -> list[str]:
         for unit in ("example", "user"):
             clients = defaultdict(list)
             for e in audit.entries:
-                if e["unit"] == unit and str(e["client"]) != "server":
-                    clients[str(e["client"])].append((e["round"], e["epsilon"]))
+                if e.unit == unit and e.client != "server":
+                    clients[e.client].append((e.round, e.epsilon))
             for i, points in enumerate(list(clients.values())[:50]):
                 per_client.plot(*zip(*points), "-", alpha=0.4, label=f"{audit.name} ({unit})" if i == 0 else None)
             finals = list(final_epsilons(audit, unit).values())
@@ -121,12 +128,12 @@ def plot_audits(audits: list[RunAudit], out: Path) -> list[str]:
     plt.close(fig)
     figures.append("epsilon_per_client.png")
 
-    servers = [(a, [e for e in a.entries if str(e["client"]) == "server"]) for a in audits]
+    servers = [(a, [e for e in a.entries if e.client == "server"]) for a in audits]
     if any(entries for _, entries in servers):
         fig, ax = plt.subplots(figsize=(6, 4))
         for audit, entries in servers:
             if entries:
-                ax.plot([e["round"] for e in entries], [e["epsilon"] for e in entries], "-", label=audit.name)
+                ax.plot([e.round for e in entries], [e.epsilon for e in entries], "-", label=audit.name)
         ax.set_xlabel("round")
         ax.set_ylabel("user-level epsilon (DP-FedAvg)")
         ax.grid(alpha=0.3)
@@ -155,7 +162,7 @@ def plot_audits(audits: list[RunAudit], out: Path) -> list[str]:
 
 
 def claimed_epsilon(audit: RunAudit) -> float | None:
-    values = [float(e["epsilon"]) for e in audit.entries]
+    values = [e.epsilon for e in audit.entries]
     return max(values) if values else None
 
 
@@ -170,29 +177,30 @@ def write_report(audits: list[RunAudit], out: Path, tolerance: float = TOLERANCE
              "declined | test NDCG@10 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for audit in audits:
-        for unit in sorted({e["unit"] for e in audit.entries}):
-            mine = [e for e in audit.entries if e["unit"] == unit]
-            worst = max(mine, key=lambda e: e["epsilon"])
-            clients = len({str(e["client"]) for e in mine})
-            declined = sum(1 for e in mine if e["status"] == "declined")
+        for unit in sorted({e.unit for e in audit.entries}):
+            mine = [e for e in audit.entries if e.unit == unit]
+            worst = max(mine, key=lambda e: e.epsilon)
+            clients = len({e.client for e in mine})
+            declined = sum(1 for e in mine if e.status == "declined")
             ndcg = audit.summary.get("test", {}).get("NDCG@10")
             lines.append(f"| {audit.name} | {audit.checked} | {len(audit.disagreements)} | {unit} | {clients} | "
-                         f"{worst['epsilon']:.4f} | {worst['delta']:g} | {worst['accountant']} | {declined} | "
+                         f"{worst.epsilon:.4f} | {worst.delta:g} | {worst.accountant} | {declined} | "
                          f"{'' if ndcg is None else f'{ndcg:.4f}'} |")
-    groups = [e for a in audits for e in a.entries if "group-epsilon" in e]
-    if groups:
-        worst = max(groups, key=lambda e: e["epsilon"])
+    examples = [e for a in audits for e in a.entries if e.interaction_epsilon is not None]
+    if examples:
+        worst = max(examples, key=lambda e: e.interaction_epsilon)
         lines += ["", f"Unit `example`: one interaction is the target of one example and sits in the input window "
-                  f"of up to {worst['group-size'] - 1} later ones, so it is protected only through group privacy "
-                  f"over {worst['group-size']} examples: epsilon {worst['group-epsilon']:.1f}, delta "
-                  f"{worst['group-delta']:.3g} at the worst client. User-level protection comes from the "
-                  f"server's DP-FedAvg (unit `user`)."]
+                  f"of up to W = {worst.window} later ones, so removing it moves the clipped sum by up to "
+                  f"(2W + 1) C; accounted as such (noise multiplier z / {2 * worst.window + 1}, no amplification) "
+                  f"it has epsilon {worst.interaction_epsilon:.4g} at delta {worst.delta:g} at the worst client. "
+                  f"Example-level DP over overlapping windows protects one interaction weakly: use unit `user`."]
     bad = [d for a in audits for d in a.disagreements]
     lines += ["", "## Disagreements", ""]
     if bad:
-        lines += ["| run | ledger line | client | round | claimed | recomputed |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {d['run'] if 'run' in d else ''} | {d['line']} | {d['client']} | {d['round']} | "
-                  f"{d['epsilon']:.6g} | {d['recomputed']:.6g} |" for d in bad]
+        lines += ["| run | ledger line | client | round | field | claimed | recomputed or budget | problem |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {a.name} | {d['line']} | {d['client']} | {d['round']} | {d['field']} | {d['claimed']:.6g} | "
+                  f"{d['recomputed']:.6g} | {d['problem']} |" for a in audits for d in a.disagreements]
     else:
         lines.append("None: every claimed epsilon was reproduced.")
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from shared_model.ledger import LedgerEntry, append_entries
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.state import load_state, save_state
 
@@ -129,14 +130,9 @@ class RunFolder:
     def ledger_path(self) -> Path:
         return self.path / "privacy_ledger.jsonl"
 
-    def append_ledger(self, entries: list[dict]) -> None:
-        """The server's privacy ledger: append-only, flushed to disk each round."""
-        if not entries:
-            return
-        with open(self.ledger_path, "a") as f:
-            f.write("".join(json.dumps(e) + "\n" for e in entries))
-            f.flush()
-            os.fsync(f.fileno())
+    def append_ledger(self, entries: list[LedgerEntry]) -> None:
+        """The server's privacy ledger: append-only, fsynced each round."""
+        append_entries(self.ledger_path, entries)
 
     def write_summary(self, summary: dict) -> None:
         write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2))

@@ -1,9 +1,15 @@
-"""The Flower ServerApp: rounds of FedAdam over the adapters, federated evaluation, and a
-run folder with per-round metrics, plots, checkpoints and adapters (resumable)."""
+"""The Flower ServerApp: rounds of FedAdam over the adapters, evaluation, and a run folder
+with per-round metrics, plots, checkpoints, adapters and the privacy ledger (resumable).
+
+Under a private mode (client DP-SGD or server DP-FedAvg) clients never evaluate: their
+ranking sums would be releases no epsilon covers. A simulation then evaluates on the
+server, over the held-out split (the experimenter's view, not a release of the
+federation), and the final model is the one kept: no round is picked on those numbers.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
 from logging import INFO, WARNING
@@ -17,12 +23,13 @@ from flwr.serverapp import Grid, ServerApp
 from server.plots import plot_rounds
 from server.run_folder import Checkpoint, RunFolder
 from server.simulation_speedup import speed_up_in_memory_link_state
-from server.dp_strategy import DPFedAdam
+from server.dp_strategy import DPFedAvg
 from server.strategy import RoundStats, SeededFedAdam
+from shared_model.ledger import LedgerEntry, LedgerError, history_of, read_ledger
 from shared_model.metrics import evaluate_scores
-from shared_model.privacy import epsilon
+from shared_model.privacy import RELATION, epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
-from shared_model.settings import RunSettings
+from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import leave_one_out
 
 app = ServerApp()
@@ -87,10 +94,10 @@ def federated_evaluation(grid: Grid, strategy: SeededFedAdam, server_round: int,
 
 
 class ServerSideEvaluation:
-    """Simulation only: the same metrics over the whole split, computed on the server."""
+    """Simulation only: the same metrics over the whole held-out split, on the server."""
 
-    def __init__(self, settings: RunSettings, model: Recommender):
-        self.model = model
+    def __init__(self, settings: RunSettings, model: Recommender, prefix: str):
+        self.model, self.prefix = model, prefix
         split = leave_one_out(settings.load_dataset())
         self.cases = {stage: split.cases(stage) for stage in STAGES}
 
@@ -99,58 +106,89 @@ class ServerSideEvaluation:
         out = {}
         for stage, cases in self.cases.items():
             metrics = evaluate_scores(score_catalog(self.model, cases.histories), cases)
-            out.update({f"server {stage} {k}": v for k, v in metrics.items()})
+            out.update({f"{self.prefix}{stage} {k}": v for k, v in metrics.items()})
         return out
 
 
-def make_strategy(settings: RunSettings, keys: dict[int, int]) -> SeededFedAdam:
+def make_strategy(settings: RunSettings, keys: dict[int, int]) -> tuple[SeededFedAdam, SeededFedAdam | DPFedAvg]:
+    """(the server optimiser, the strategy that runs the rounds: it, or DP-FedAvg around it)."""
+    optimizer = SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
+                              settings.server_lr_half_life)
     if settings.server_dp:
-        return DPFedAdam(keys, settings.seed, settings.server_learning_rate, settings.server_lr_half_life,
-                         settings.server_dp_noise, settings.server_dp_clip, settings.server_dp_sample_rate)
-    return SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
-                         settings.server_lr_half_life)
+        return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
+                                   settings.server_dp_sample_rate)
+    return optimizer, optimizer
 
 
-def record_privacy(folder: RunFolder, settings: RunSettings, strategy: SeededFedAdam, server_round: int,
+def is_private(settings: RunSettings) -> bool:
+    return settings.dp != "none" or settings.server_dp
+
+
+def record_privacy(folder: RunFolder, settings: RunSettings, keys: dict[int, int], server_round: int,
                    stats: RoundStats) -> dict:
-    """Write the clients' ledger entries and the round's user-level event to the server's
-    ledger; return the round's privacy figures for the metrics line."""
+    """Write the clients' ledger entries and the round's DP-FedAvg event (its epsilon
+    computed here, over every aggregation the ledger holds) to the server's ledger; return
+    the round's privacy figures for the metrics line."""
     out: dict = {}
     entries = []
     for reply in stats.ok:
-        if "ledger" in reply.content:
-            entry = dict(reply.content["ledger"])
-            entries.append({"run": folder.path.name, "client": strategy.keys[reply.metadata.src_node_id], **entry})
+        if "ledger" not in reply.content:
+            continue
+        where = f"the ledger entry of client {keys.get(reply.metadata.src_node_id)} in round {server_round}"
+        try:
+            entry = LedgerEntry.from_json(dict(reply.content["ledger"]), where)
+        except LedgerError as error:
+            log(WARNING, "fedrec: %s", error)
+            continue
+        entries.append(dataclasses.replace(entry, run=folder.path.name))
     if entries:
-        out["client epsilon max"] = max(e["epsilon"] for e in entries)
+        out["client epsilon max"] = max(e.epsilon for e in entries)
     if settings.server_dp:
-        history = [(settings.server_dp_noise, settings.server_dp_sample_rate, server_round)]
-        eps = epsilon(history, settings.dp_delta, settings.dp_accountant)
-        entries.append({"run": folder.path.name, "client": "server", "round": server_round, "unit": "user",
-                        "status": "aggregated", "noise-multiplier": settings.server_dp_noise,
-                        "sample-rate": settings.server_dp_sample_rate, "steps": 1, "delta": settings.dp_delta,
-                        "accountant": settings.dp_accountant, "epsilon": eps})
+        step = (settings.server_dp_noise, settings.server_dp_sample_rate, 1)
+        spent = history_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"]) + [step]
+        eps = epsilon(spent, settings.dp_delta, settings.dp_accountant)
+        entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
+                                   noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
+                                   accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name))
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
 
 
+AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
+           "dp-fedavg": "other clients and anyone who sees the model (not the server: it sees each update)"}
+
+
 def privacy_summary(folder: RunFolder) -> dict:
-    """Per unit: the largest epsilon spent, with its delta and accountant (from the ledger)."""
-    if not folder.ledger_path.exists():
-        return {"dp": "none"}
-    entries = [json.loads(line) for line in folder.ledger_path.read_text().splitlines() if line.strip()]
-    out = {}
-    for unit in sorted({e["unit"] for e in entries}):
-        mine = [e for e in entries if e["unit"] == unit]
-        worst = max(mine, key=lambda e: e["epsilon"])
-        out[unit] = {"epsilon max": worst["epsilon"], "delta": worst["delta"], "accountant": worst["accountant"],
-                     "clients": len({e["client"] for e in mine}),
-                     "declined": sum(1 for e in mine if e["status"] == "declined")}
-        if "group-epsilon" in worst:
-            out[unit]["per interaction (group of %d)" % worst["group-size"]] = {
-                "epsilon": worst["group-epsilon"], "delta": worst["group-delta"]}
+    """Per guarantee: the largest epsilon spent, with its unit, delta, accountant, relation
+    and adversary (from the ledger). Keyed by unit; DP-FedAvg's user-level guarantee is
+    "user" unless local DP-SGD already gives one at that unit."""
+    entries = read_ledger(folder.ledger_path)
+    out: dict = {}
+    for mechanism, mine in (("dp-sgd", [e for e in entries if e.client != "server"]),
+                            ("dp-fedavg", [e for e in entries if e.client == "server"])):
+        for unit in sorted({e.unit for e in mine}):
+            of_unit = [e for e in mine if e.unit == unit]
+            worst = max(of_unit, key=lambda e: e.epsilon)
+            key = unit if unit not in out else f"{unit} (dp-fedavg)"
+            out[key] = {"epsilon": worst.epsilon, "delta": worst.delta, "accountant": worst.accountant,
+                        "relation": RELATION, "mechanism": mechanism, "against": AGAINST[mechanism]}
+            if mechanism == "dp-sgd":
+                out[key].update(clients=len({e.client for e in of_unit}),
+                                declined=sum(1 for e in of_unit if e.status == "declined"))
+            if worst.interaction_epsilon is not None:
+                out[key]["per interaction"] = {"epsilon": worst.interaction_epsilon, "delta": worst.delta,
+                                               "window": worst.window}
     return out
+
+
+def privacy_line(privacy: dict) -> str:
+    if not privacy:
+        return ("fedrec: NOT PRIVATE (dp = \"none\", server-dp = false): the server saw every client's exact update, "
+                "from which it can read which items each client's users touched")
+    parts = [f"{unit}-level epsilon {p['epsilon']:.3g} at delta {p['delta']:g} ({p['accountant']}, {p['relation']}, "
+             f"{p['mechanism']}, against {p['against']})" for unit, p in privacy.items()]
+    return "fedrec: privacy: " + "; ".join(parts)
 
 
 def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
@@ -162,15 +200,37 @@ def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
         if key in line:
             text += f", {key} {line[key]:.3f}"
     if "valid NDCG@10" in line:
-        text += (f" | valid NDCG@10 {line['valid NDCG@10']:.4f}, test NDCG@10 {line['test NDCG@10']:.4f}"
-                 f" (best valid {best['valid NDCG@10']:.4f} at round {best['round']})")
+        text += f" | valid NDCG@10 {line['valid NDCG@10']:.4f}, test NDCG@10 {line['test NDCG@10']:.4f}"
+        if not is_private(settings):
+            text += f" (best valid {best['valid NDCG@10']:.4f} at round {best['round']})"
     return text
+
+
+def evaluation(grid: Grid, optimizer: SeededFedAdam, settings: RunSettings, model: Recommender,
+               simulation: bool):
+    """What evaluates the global model each evaluation round: the clients (non-private
+    runs; also on the server with server-eval), the server alone (a private simulation), or
+    nothing (a private deployment: the server holds no held-out data)."""
+    if is_private(settings):
+        if not simulation:
+            log(INFO, "fedrec: private run: clients do not evaluate and the server has no held-out data")
+            return lambda server_round, arrays: {}
+        on_server = ServerSideEvaluation(settings, model, prefix="")
+        return lambda server_round, arrays: {"evaluated on": "server (held-out split)", **on_server(arrays)}
+    on_server = ServerSideEvaluation(settings, model, prefix="server ") if settings.server_eval else None
+
+    def federated(server_round: int, arrays: dict) -> dict:
+        line = federated_evaluation(grid, optimizer, server_round, arrays, settings)
+        return {**line, **on_server(arrays)} if on_server else line
+
+    return federated
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     session_started = time.time()
-    if type(grid).__name__ == "InMemoryGrid":  # a simulation: the link state is in this process
+    simulation = type(grid).__name__ == "InMemoryGrid"
+    if simulation:  # the link state is in this process
         speed_up_in_memory_link_state()
     settings = RunSettings.from_run_config(context.run_config)
     folder = RunFolder.open(settings)
@@ -179,26 +239,32 @@ def main(grid: Grid, context: Context) -> None:
     catalog = settings.load_catalog()
     model = build_recommender(catalog.texts, settings.model_config(), progress=False)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
-    keys = sampling_keys(grid, settings.round_timeout)
-    strategy = make_strategy(settings, keys)
-    log(INFO, "fedrec: %d clients, %d per round, %d rounds, adapters %.1f KB", len(keys),
-        strategy.clients_per_round, settings.num_server_rounds, model.trainable_bytes() / 1024)
-    best, best_arrays, first_round = {"round": 0, "valid NDCG@10": -1.0}, arrays, 1
     checkpoint = folder.load_checkpoint()
+    if checkpoint is not None and simulation and settings.dp != "none":
+        raise SettingsError(f"{folder.path}: a DP simulation keeps its clients' privacy ledgers in the simulation's "
+                            "node state, which ended with it: resuming would give every client a fresh budget. "
+                            "Start a new run (another run-name)")
+    keys = sampling_keys(grid, settings.round_timeout)
+    optimizer, strategy = make_strategy(settings, keys)
+    if not is_private(settings):
+        log(WARNING, "%s", privacy_line({}))
+    log(INFO, "fedrec: %d clients, %s a round, %d rounds, adapters %.1f KB", len(keys),
+        f"Poisson q={settings.server_dp_sample_rate}" if settings.server_dp else optimizer.clients_per_round,
+        settings.num_server_rounds, model.trainable_bytes() / 1024)
+    best, best_arrays, first_round = {"round": 0, "valid NDCG@10": -1.0}, arrays, 1
     if checkpoint is not None:
         arrays, best_arrays, best = checkpoint.arrays, checkpoint.best_arrays, checkpoint.best
-        strategy.load_optimizer_state(checkpoint.optimizer)
+        optimizer.load_optimizer_state(checkpoint.optimizer)
         first_round = checkpoint.server_round + 1
         log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
-    server_eval = ServerSideEvaluation(settings, model) if settings.server_eval else None
+    evaluate = evaluation(grid, optimizer, settings, model, simulation)
     if checkpoint is None:  # where training starts from, for the plot and the record
-        line = {"round": 0, **federated_evaluation(grid, strategy, 0, arrays, settings)}
-        if server_eval is not None:
-            line.update(server_eval(arrays))
+        line = {"round": 0, **evaluate(0, arrays)}
         folder.append_metrics(line)
-        log(INFO, "[round 0] valid NDCG@10 %.4f, test NDCG@10 %.4f before training",
-            line["valid NDCG@10"], line["test NDCG@10"])
+        if "valid NDCG@10" in line:
+            log(INFO, "[round 0] valid NDCG@10 %.4f, test NDCG@10 %.4f before training",
+                line["valid NDCG@10"], line["test NDCG@10"])
 
     for server_round in range(first_round, settings.num_server_rounds + 1):
         started = time.time()
@@ -210,23 +276,26 @@ def main(grid: Grid, context: Context) -> None:
         line = {
             "round": server_round, "clients": stats.sent, "left out": stats.left_out, "errors": stats.errors,
             "timeouts": stats.timeouts, "declined": stats.declined,
-            "train loss": float(train_metrics["train-loss"]) if train_metrics else float("nan"),
+            "train loss": float(train_metrics["train-loss"]) if train_metrics and "train-loss" in train_metrics
+            else float("nan"),  # private clients send none
             "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
             "upload bytes max": int(max(stats.upload_bytes, default=0)),
-            "server lr": strategy.eta,
+            "server lr": optimizer.eta,
         }
         if server_round % settings.eval_every == 0 or server_round == settings.num_server_rounds:
-            line.update(federated_evaluation(grid, strategy, server_round, arrays, settings))
-            if server_eval is not None:
-                line.update(server_eval(arrays))
-            if line["valid NDCG@10"] > best["valid NDCG@10"]:
+            line.update(evaluate(server_round, arrays))
+            if not is_private(settings) and line["valid NDCG@10"] > best["valid NDCG@10"]:
                 best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
                 best_arrays = arrays
-        line.update(record_privacy(folder, settings, strategy, server_round, stats))
+        line.update(record_privacy(folder, settings, keys, server_round, stats))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
-        folder.save_checkpoint(Checkpoint(server_round, arrays, best_arrays, strategy.optimizer_state(), best))
+        if is_private(settings):  # the final model is kept: no round is picked on the clients' data
+            best_arrays = arrays
+            best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
+                    "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
+        folder.save_checkpoint(Checkpoint(server_round, arrays, best_arrays, optimizer.optimizer_state(), best))
         log(INFO, "%s", progress_line(settings, line, best))
 
     finish(folder, settings, model, arrays, best_arrays, best, len(keys), session_started)
@@ -266,3 +335,4 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
     folder.write_summary(summary)
     log(INFO, "fedrec: final test NDCG@10 %.4f, best valid NDCG@10 %.4f at round %s; results in %s",
         final.get("test NDCG@10", float("nan")), best["valid NDCG@10"], best["round"], folder.path)
+    log(INFO, "%s", privacy_line(summary["privacy"]))

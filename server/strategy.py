@@ -38,7 +38,7 @@ class RoundStats:
 class SeededFedAdam(FedAdam):
     def __init__(self, keys: dict[int, int], clients_per_round: int, seed: int,
                  server_lr: float, half_life: float):
-        super().__init__(eta=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-8,
+        super().__init__(eta=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-8, weighted_by_key="weight",
                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
         self.nodes = sorted(keys, key=keys.get)  # node ids in the order of their stable keys
         self.keys = keys
@@ -57,14 +57,15 @@ class SeededFedAdam(FedAdam):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        return self.train_messages(server_round, arrays, config, self.sample(server_round, self.clients_per_round))
+
+    def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       nodes: list[int]) -> list[Message]:
+        """Training messages to these nodes (a wrapping strategy may choose them)."""
         self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN)
-                for n in self.train_sample(server_round)]
-
-    def train_sample(self, server_round: int) -> list[int]:
-        return self.sample(server_round, self.clients_per_round)
+        return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -2,12 +2,20 @@
 
 The unit of privacy is one Opacus sample:
 - "example": one (window of up to W items -> next item) example; an interaction also
-  sits in the input windows of up to W later examples, so protecting one interaction
-  needs group privacy over W + 1 examples (see shared_model.privacy.group_privacy);
+  sits in the input windows of up to W later examples, so one interaction is protected
+  only weakly (see shared_model.privacy.interaction_epsilon);
 - "user" (silos): one user's most recent W + 1 items, all their next-item predictions
   in one sample, so the epsilon covers everything the user contributes.
 Each sample's loss uses only its own items and negatives drawn uniformly from the public
 catalog, so per-sample gradients are exact (tests/test_dp_training.py checks them).
+
+What a step releases depends on the data only through the clipped gradients: the Poisson
+rate, the number of steps and the number the noisy sum is divided by are public settings
+(dividing by the realised batch or by the client's size would release that size, and the
+add/remove accounting would no longer hold). The noise and the Poisson draws come from OS
+entropy (shared_model.fresh_randomness), the noise through Opacus's secure mode (the sum
+of four Gaussians, against floating-point attacks on the sampler); the sampled negatives
+are public randomness and follow the run seed.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from shared_model.fresh_randomness import fresh_torch_generator
 from shared_model.recommender import Recommender, example_loss, left_pad
 from shared_model.training import make_examples
 
@@ -84,9 +93,13 @@ def switch_off_dropout(model: Recommender) -> None:
             module.eval()
 
 
-def batches_per_epoch(samples: int, batch_size: int) -> int:
-    """Opacus's Poisson loader draws each batch at rate 1 / this."""
-    return math.ceil(samples / max(1, min(batch_size, samples)))
+def check_private_model(model: Recommender) -> None:
+    """Opacus's per-sample gradients are right only where every trainable layer sees the
+    examples as its leading dimension: LoRA on the top encoder layer does (its inputs are
+    a sample's own items), but a second LoRA layer sees [batch x items, ...] rows."""
+    if model.config.lora_layers >= 2:
+        raise ValueError(f"DP-SGD supports lora-layers 0 or 1, not {model.config.lora_layers}: with LoRA on more "
+                         "than the top encoder layer Opacus's per-sample gradients would be wrong")
 
 
 def train_private(
@@ -94,41 +107,51 @@ def train_private(
     data: PrivateData,
     noise_multiplier: float,
     max_grad_norm: float,
-    batch_size: int,
+    sample_rate: float,
+    steps: int,
+    expected_batch: float,
     lr: float,
-    epochs: int,
     negatives: int,
     seed: int,
+    private_randomness: torch.Generator | None = None,
+    secure_noise: bool = True,
 ) -> dict[str, float]:
-    """DP-SGD over the data for `epochs` passes (Poisson sampling at batch_size / n)."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    loader = DataLoader(data.tensors, batch_size=max(1, min(batch_size, len(data))), shuffle=False)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()  # Opacus refuses a module in eval mode (a reused model may have been evaluated)
-    from opacus import PrivacyEngine  # on use: a non-private ClientApp process skips its import time
+    """`steps` DP-SGD steps, each on a Poisson sample of the data at `sample_rate`, the sum
+    of clipped per-sample gradients plus N(0, (z C)^2) divided by `expected_batch`.
 
-    engine = PrivacyEngine()
-    wrapped, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator,
-    )
+    private_randomness: the generator of the noise and the Poisson draws; None (always, in
+    the apps) draws a fresh one from OS entropy. Tests pass a seeded one as the control that
+    shows what an adversary who can replay it would learn. secure_noise=False (one Gaussian
+    draw per coordinate, open to floating-point attacks) only to measure what it costs."""
+    check_private_model(model)
+    if len(data) == 0:
+        raise ValueError("no samples to train on (a client without data declines instead)")
+    from opacus import GradSampleModule  # on use: a non-private ClientApp process skips its import time
+    from opacus.optimizers import DPOptimizer
+
+    private_randomness = private_randomness or fresh_torch_generator()
+    public_randomness = torch.Generator().manual_seed(seed)  # the sampled negatives
+    model.train()  # Opacus refuses a module in eval mode (a reused model may have been evaluated)
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr),
+                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                            expected_batch_size=expected_batch, loss_reduction="mean",
+                            generator=private_randomness, secure_mode=secure_noise)
     switch_off_dropout(model)
-    losses, steps = [], 0
+    losses = []
     try:
-        for _ in range(epochs):
-            for batch in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = sample_loss(model, data, batch, negatives, generator)
-                loss.backward()
-                optimizer.step()  # an empty Poisson batch still steps: noise only
-                if len(batch[0]):
-                    losses.append(loss.item())
-                steps += 1
+        for _ in range(steps):
+            picked = torch.rand(len(data), generator=private_randomness) < sample_rate  # Poisson sampling
+            batch = [t[picked] for t in data.tensors.tensors]
+            optimizer.zero_grad(set_to_none=True)
+            loss = sample_loss(model, data, batch, negatives, public_randomness)
+            loss.backward()
+            optimizer.step()  # an empty Poisson batch still steps: noise only
+            if len(batch[0]):
+                losses.append(loss.item())
     finally:
         wrapped.to_standard_module()  # the process's model is reused: drop Opacus's hooks
-    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "steps": steps,
-            "sample-rate": 1.0 / len(loader), "num-examples": len(data)}
+    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "steps": steps, "sample-rate": sample_rate}
 
 
 def train_plain(model: Recommender, data: PrivateData, batch_size: int, lr: float, epochs: int, negatives: int,

@@ -1,5 +1,11 @@
 """Privacy accounting: epsilon of a history of (noise multiplier, sample rate, steps),
-the noise for a target epsilon, group privacy, and the one-run audit lower bound.
+the noise for a target epsilon, the per-interaction epsilon of example-level DP-SGD, and
+the one-run audit lower bound.
+
+One neighbouring relation everywhere: add/remove one unit (an example or a user). Every
+accountant below computes it (Opacus RDP and PRV, dp-accounting RDP and PLD by default).
+Nothing a private client releases depends on how many units it holds (sample rate, steps
+and the normaliser of the noisy sum are public settings), so add/remove is the right one.
 
 Like Opacus's accountants, a history is a plain list of (noise_multiplier, sample_rate,
 steps) entries (easy to persist and audit). Accountants, by name:
@@ -18,6 +24,7 @@ import numpy as np
 
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+RELATION = "add/remove"
 ACCOUNTANTS = ("rdp", "prv", "pld")
 TWIN = {"rdp": "dp-accounting-rdp", "prv": "pld", "pld": "prv"}
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
@@ -42,9 +49,24 @@ def _rdp_per_step(sample_rate: float, noise: float) -> tuple[float, ...]:
     return tuple(compute_rdp(q=sample_rate, noise_multiplier=noise, steps=1, orders=RDP_ORDERS))
 
 
+def check_step(noise: float, sample_rate: float, steps: int) -> None:
+    """A history entry the accountants can take: a finite positive noise multiplier, a rate
+    in (0, 1] and a whole number of steps (zero noise or infinities are no mechanism)."""
+    if not (math.isfinite(noise) and noise > 0):
+        raise ValueError(f"noise multiplier must be a finite positive number, not {noise}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], not {sample_rate}")
+    if steps < 0:
+        raise ValueError(f"steps must be 0 or more, not {steps}")
+
+
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     """Epsilon after the history (0 when nothing was spent)."""
     history = tuple((float(z), float(q), int(t)) for z, q, t in history if int(t) > 0)
+    for z, q, t in history:
+        check_step(z, q, t)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), not {delta}")
     return _epsilon(history, float(delta), accountant) if history else 0.0
 
 
@@ -89,8 +111,8 @@ def independent_epsilon(history: History, delta: float, accountant: str) -> floa
 def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float,
                      accountant: str = "rdp", tolerance: float = 0.005) -> float:
     """The smallest noise multiplier whose epsilon after `steps` is at most the target."""
-    if target_epsilon <= 0:
-        raise ValueError(f"target epsilon must be positive, not {target_epsilon}")
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target epsilon must be a finite positive number, not {target_epsilon}")
     low, high = 0.0, 1.0
     while epsilon([(high, sample_rate, steps)], delta, accountant) > target_epsilon:
         low, high = high, 2 * high
@@ -105,11 +127,17 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
     return high
 
 
-def group_privacy(eps: float, delta: float, group: int) -> tuple[float, float]:
-    """(epsilon, delta) for a group of `group` examples from (eps, delta) for one:
-    (k eps, min(1, k e^((k-1) eps) delta)), the delta in log space (a large eps overflows)."""
-    log_delta = math.log(group * delta) + (group - 1) * eps
-    return group * eps, 1.0 if log_delta >= 0 else math.exp(log_delta)
+def interaction_epsilon(history: History, window: int, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon for one interaction under example-level DP-SGD, from the mechanism itself.
+
+    One interaction is the target of one example and sits in the input windows of up to W
+    later ones: removing it removes one example and changes W others, each change moving
+    the clipped sum by up to 2C, so the sum moves by up to (2W + 1) C. Each step is then a
+    Gaussian mechanism with noise multiplier z / (2W + 1); sampling amplification is not
+    claimed (the 2W + 1 examples are not one Poisson-sampled unit), so the rate is taken
+    as 1. Same delta as the example-level figure (a group bound's delta grows to 1)."""
+    group = 2 * window + 1
+    return epsilon([(z / group, 1.0, t) for z, _, t in history], delta, accountant)
 
 
 def audit_p_value(canaries: int, guesses: int, correct: int, eps: float, delta: float) -> float:

@@ -7,6 +7,7 @@ error that names the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -56,6 +57,8 @@ class RunSettings:
     dp_epsilon: float  # a client's whole budget (example- or user-level, see dp)
     dp_delta: float
     dp_expected_rounds: int  # rounds a client plans to take part in; noise is calibrated for them
+    dp_sample_rate: float  # Poisson rate of a DP-SGD step (public: it must not depend on a client's size)
+    dp_expected_batch: float  # what the noisy gradient sum is divided by (public, for the same reason)
     dp_max_grad_norm: float
     dp_negatives: int  # uniform catalog negatives per sample
     dp_accountant: str  # "rdp", "prv" or "pld"
@@ -97,6 +100,10 @@ class RunSettings:
         return settings
 
     def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"run config '{f.name.replace('_', '-')}' must be a finite number, not {value!r}")
         checks = [
             (self.dataset in ("synthetic", "ml-100k"), "dataset", "must be 'synthetic' or 'ml-100k'"),
             (self.synthetic_users >= 10, "synthetic-users", "must be at least 10"),
@@ -118,10 +125,14 @@ class RunSettings:
             (self.dp_epsilon > 0, "dp-epsilon", "must be positive"),
             (0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)"),
             (self.dp_expected_rounds >= 1, "dp-expected-rounds", "must be at least 1"),
+            (0 < self.dp_sample_rate <= 1, "dp-sample-rate", "must be in (0, 1]"),
+            (self.dp_expected_batch > 0, "dp-expected-batch", "must be positive"),
+            (self.dp == "none" or self.lora_layers <= 1, "lora-layers",
+             "must be 0 or 1 under dp (Opacus's per-sample gradients are wrong for a second LoRA layer)"),
             (self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be positive"),
             (self.dp_negatives >= 1, "dp-negatives", "must be at least 1"),
             (self.dp_accountant in ACCOUNTANTS, "dp-accountant", f"must be one of {ACCOUNTANTS}"),
-            (self.server_dp_noise >= 0, "server-dp-noise", "must be 0 or more"),
+            (self.server_dp_noise > 0, "server-dp-noise", "must be positive (zero noise is no DP; set server-dp = false)"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",

@@ -1,7 +1,8 @@
 """Empirical privacy audit in one training run (Steinke, Nasr and Jagielski 2023).
 
 m canary examples (a history of W random items -> a random target item) are each put into
-the training data with probability 1/2; one model is trained on it with the clients'
+the training data with probability 1/2 (drawn from OS entropy: the auditor must not be able
+to replay the inclusion from a seed, nor the training's noise); one model is trained on it with the clients'
 DP-SGD (unit example, Opacus) at each claimed epsilon; then every canary is scored (the log
 probability of its target given its history), the top and bottom guesses are "in" and
 "out", and the number of correct guesses gives an epsilon lower bound at 95% confidence.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,7 +25,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from shared_model.data import load_dataset
-from shared_model.dp_training import PrivateData, batches_per_epoch, private_data, train_plain, train_private
+from shared_model.dp_training import PrivateData, private_data, train_plain, train_private
+from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.privacy import audit_lower_bound, noise_multiplier
 from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
 from shared_model.splits import leave_one_out
@@ -31,11 +34,11 @@ from simulations.cli import add_dataset_options
 
 
 def make_canaries(count: int, window: int, n_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the canaries themselves are public
     histories = [rng.choice(n_items, size=window, replace=False) for _ in range(count)]
     targets = rng.integers(n_items, size=count)
     ids, _ = left_pad(histories, window)
-    included = rng.random(count) < 0.5
+    included = fresh_numpy_generator().random(count) < 0.5
     return ids, torch.as_tensor(targets), included
 
 
@@ -89,9 +92,10 @@ def main() -> None:
         model = build_recommender(dataset.catalog.texts, config, progress=False)
         started = time.time()
         if claimed < float("inf"):
-            steps = args.epochs * batches_per_epoch(len(train), args.batch_size)
-            z = noise_multiplier(claimed, 1 / batches_per_epoch(len(train), args.batch_size), steps, args.delta)
-            train_private(model, train, z, 1.0, args.batch_size, args.lr, args.epochs, 64, args.seed)
+            rate = args.batch_size / len(train)
+            steps = args.epochs * math.ceil(1 / rate)
+            z = noise_multiplier(claimed, rate, steps, args.delta)
+            train_private(model, train, z, 1.0, rate, steps, args.batch_size, args.lr, 64, args.seed)
         else:
             train_plain(model, train, args.batch_size, args.lr, args.epochs, 64, args.seed)
         made, correct = guesses(canary_scores(model, ids, targets), included, args.guesses_per_side)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import fields
@@ -23,8 +24,8 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, not {text}")
     return value
 
 
@@ -180,6 +181,14 @@ def probability(text: str) -> float:
     return fraction(text, one_allowed=False)
 
 
+def audit_delta(text: str) -> float:
+    """[0, 1): delta 0 is the audit's standard case (a pure-epsilon claim)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
 def sample_rate(text: str) -> float:
     """(0, 1]: rate 1 is a client whose one batch holds all its examples (no amplification)."""
     return fraction(text, one_allowed=True)
@@ -286,15 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--canaries", type=positive_int, required=True, help="m: canaries, each included w.p. 1/2")
     bound.add_argument("--guesses", type=int, required=True, help="r: guesses made (the rest abstain)")
     bound.add_argument("--correct", type=int, required=True, help="v: correct guesses")
-    bound.add_argument("--delta", type=probability, required=True)
+    bound.add_argument("--delta", type=audit_delta, required=True, help="delta of the claim, in [0, 1)")
     bound.add_argument("--confidence", type=probability, default=0.95, help="default 0.95")
     bound.set_defaults(func=cmd_privacy)
 
     audit = sub.add_parser(
         "audit", help="recompute every epsilon in runs' privacy ledgers with an independent accountant",
-        description="Reads RUN_DIR/privacy_ledger.jsonl of each run, recomputes every epsilon from the history "
-        "before it with a second accountant, flags disagreements, and writes a Markdown report with plots. "
-        "Exits 1 if any epsilon disagrees.",
+        description="Reads RUN_DIR/privacy_ledger.jsonl of each run, recomputes every epsilon (and per-interaction "
+        "epsilon) from the history before it with a second accountant, checks every entry against its budget, "
+        "and writes a Markdown report with plots. Exit codes: 0 clean; 1 an epsilon disagrees or a budget was "
+        "overspent; 2 unreadable input (an empty or missing ledger, a line that is not a valid entry, a "
+        "non-finite number), named by file and line.",
     )
     audit.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders of federated runs")
     audit.add_argument("--out", help="report folder (default: RUN_DIR/audit of the first run)")

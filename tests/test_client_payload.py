@@ -1,4 +1,5 @@
-"""What a client sends: only adapter tensors and scalar metrics, never data."""
+"""What a client sends: without DP, adapter tensors and scalar metrics; under a private
+mode, only the noised adapters, a constant weight and its ledger entry."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app
+from client.device_store import write_device
 from client.local_data import simulated_client_data
 from conftest import default_run_config
 from shared_model.recommender import build_recommender
@@ -34,7 +36,7 @@ def send(message_type: str, context: Context, content: RecordDict) -> Message:
 
 
 def test_train_reply_carries_only_adapters_and_scalars():
-    context = context_for(2, 4, **{"local-steps": 2})
+    context = context_for(2, 4, dp="none", **{"local-steps": 2})
     arrays = global_arrays(context.run_config)
     reply = send(MessageType.TRAIN, context,
                  RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}))
@@ -45,21 +47,21 @@ def test_train_reply_carries_only_adapters_and_scalars():
         assert sent[name].numpy().dtype == np.float32 and sent[name].shape == arrays[name].shape
     assert any(not np.array_equal(sent[k].numpy(), arrays[k].numpy()) for k in sent.keys())
     metrics = reply.content["metrics"]
-    assert isinstance(metrics, MetricRecord) and set(metrics.keys()) == {"num-examples", "train-loss"}
+    assert isinstance(metrics, MetricRecord) and set(metrics.keys()) == {"weight", "train-loss"}
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     # the client's own data does not appear in the reply in any form
     settings = RunSettings.from_run_config(context.run_config)
     data = simulated_client_data(settings, 2, 4)
-    assert metrics["num-examples"] == sum(len(s) - 1 for s in data.split.train if len(s) > 1)
+    assert metrics["weight"] == sum(len(s) - 1 for s in data.split.train if len(s) > 1)  # the exact count
 
 
 def test_evaluate_reply_is_sums_and_counts():
-    context = context_for(1, 4)
+    context = context_for(1, 4, dp="none")
     reply = send(MessageType.EVALUATE, context, RecordDict({"arrays": global_arrays(context.run_config)}))
     assert set(reply.content.keys()) == {"metrics"}
     metrics = reply.content["metrics"]
     expected = {f"{s}-{m}" for s in ("valid", "test") for m in ("HR@10-sum", "NDCG@10-sum", "count")}
-    assert set(metrics.keys()) == expected | {"num-examples"}
+    assert set(metrics.keys()) == expected | {"weight"}
     assert 0 <= metrics["test-NDCG@10-sum"] <= metrics["test-HR@10-sum"] <= metrics["test-count"]
 
 
@@ -68,16 +70,39 @@ def test_query_reply_is_only_the_sampling_key():
     assert dict(reply.content["info"]) == {"sampling-key": 3}
 
 
+def test_a_private_client_does_not_evaluate():
+    context = context_for(1, 4, dp="user")
+    with pytest.raises(RuntimeError, match="would release per-user ranks"):  # the SuperNode reports it as an error
+        send(MessageType.EVALUATE, context, RecordDict({"arrays": global_arrays(context.run_config)}))
+
+
 def test_private_client_reports_its_ledger_and_declines_when_the_budget_is_spent():
-    context = context_for(0, 40, dp="example", **{"dp-expected-rounds": 2, "dp-epsilon": 4.0, "synthetic-users": 80})
+    context = context_for(0, 40, dp="example", **{"dp-expected-rounds": 2, "dp-epsilon": 4.0, "synthetic-users": 80,
+                                                  "dp-sample-rate": 0.5, "dp-expected-batch": 20.0})
     arrays = global_arrays(context.run_config)
     replies = [send(MessageType.TRAIN, context, RecordDict({"arrays": arrays, "config": ConfigRecord(
         {"server-round": r})})) for r in (1, 2, 3)]
     first, second, third = (dict(r.content["ledger"]) for r in replies)
     assert first["status"] == second["status"] == "trained" and third["status"] == "declined"
     assert first["unit"] == "example" and first["accountant"] == "rdp" and first["delta"] == 1e-5
+    assert first["relation"] == "add/remove" and first["sample-rate"] == 0.5 and first["steps"] == 2
     assert 0 < first["epsilon"] < second["epsilon"] <= 4.0 * (1 + 1e-9)
-    assert first["group-size"] == 51 and first["group-epsilon"] == pytest.approx(51 * first["epsilon"])
+    assert first["window"] == 50 and first["interaction-epsilon"] > 10 * first["epsilon"]
     assert "arrays" in replies[1].content and "arrays" not in replies[2].content
-    assert replies[2].content["metrics"]["declined"] == 1
-    assert set(replies[0].content["metrics"].keys()) == {"num-examples", "train-loss"}
+    assert dict(replies[2].content["metrics"]) == {"declined": 1}
+    assert dict(replies[0].content["metrics"]) == {"weight": 1.0}  # no example count, no loss
+    assert set(replies[0].content.keys()) == {"arrays", "metrics", "ledger"}
+
+
+def test_a_private_client_without_data_declines_and_says_nothing_else(tmp_path):
+    """A device whose one user has a single interaction has no user-level sample to train on."""
+    settings = RunSettings.from_run_config(default_run_config(**{"synthetic-users": 20}))
+    write_device(tmp_path, settings.load_dataset(), np.array([0]))
+    rows = (tmp_path / "interactions.csv").read_text().splitlines()
+    (tmp_path / "interactions.csv").write_text("\n".join(rows[:1] + rows[-1:]) + "\n")
+    context = Context(run_id=1, node_id=7, node_config={"data-dir": str(tmp_path)}, state=RecordDict(),
+                      run_config=default_run_config(dp="user", **{"synthetic-users": 20}))
+    reply = send(MessageType.TRAIN, context, RecordDict({"arrays": global_arrays(context.run_config),
+                                                        "config": ConfigRecord({"server-round": 1})}))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"metrics"} and dict(reply.content["metrics"]) == {"declined": 1}

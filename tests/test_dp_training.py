@@ -98,10 +98,9 @@ def test_private_training_steps_and_leaves_no_hooks(world):
     model = fresh_model(world)
     before = {n: p.detach().clone() for n, p in trainable(model)}
     data = private_data(split.train, model.config.history, "example")
-    result = train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=32, lr=0.1,
-                           epochs=1, negatives=16, seed=0)
-    assert result["steps"] == int(np.ceil(len(data) / 32))
-    assert result["sample-rate"] == pytest.approx(1 / result["steps"])
+    result = train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, steps=3,
+                           expected_batch=32, lr=0.1, negatives=16, seed=0)
+    assert result["steps"] == 3 and result["sample-rate"] == 0.2  # the rate and steps that ran: public settings
     assert all(not torch.equal(before[n], p) for n, p in trainable(model))
     assert not any(m._forward_hooks for m in model.modules())
     assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for _, p in trainable(model))
@@ -115,8 +114,27 @@ def test_private_training_runs_without_dropout(world):
     seen = []
     model.blocks[0].dropout.register_forward_hook(lambda module, args, out: seen.append(module.training))
     data = private_data(split.train[:10], model.config.history, "example")
-    train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=32, lr=0.1, epochs=1,
-                  negatives=8, seed=0)
+    train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2, expected_batch=16,
+                  lr=0.1, negatives=8, seed=0)
     assert seen and not any(seen)
     model.train()
     assert model.blocks[0].dropout.training and model.blocks[0].attention.dropout.training
+
+
+def test_a_second_lora_layer_is_refused_under_dp(world):
+    _, split = world
+    model = fresh_model(world, lora_layers=2)
+    data = private_data(split.train[:4], model.config.history, "example")
+    with pytest.raises(ValueError, match="lora-layers 0 or 1"):
+        train_private(model, data, 1.0, 1.0, 0.5, 1, 8, 0.1, 8, 0)
+
+
+def test_an_empty_poisson_batch_still_adds_noise(world):
+    _, split = world
+    model = fresh_model(world)
+    before = {n: p.detach().clone() for n, p in trainable(model)}
+    data = private_data(split.train[:2], model.config.history, "user")
+    result = train_private(model, data, 1.0, 1.0, sample_rate=1e-9, steps=1, expected_batch=1, lr=0.1, negatives=8,
+                           seed=0)
+    assert result["train-loss"] == 0.0  # nobody was sampled
+    assert all(not torch.equal(before[n], p) for n, p in trainable(model))  # yet the step moved every weight

@@ -1,0 +1,146 @@
+"""The privacy ledger: one typed entry per spend (or decline), append-only, on the client,
+the server and in the audit alike.
+
+An entry holds the whole of one mechanism's use, so its epsilon can be recomputed from
+the entries before it: the Gaussian's noise multiplier, the Poisson rate and steps, the
+unit protected, delta, accountant and neighbouring relation. A line that cannot be read
+fails closed, naming the file and line: a torn or forged ledger is never a fresh budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from shared_model.privacy import ACCOUNTANTS, RELATION, History
+
+UNITS = ("example", "user")
+STATUSES = ("trained", "declined", "aggregated")
+
+
+class LedgerError(ValueError):
+    """A ledger line that is not a valid entry (the message names the file and line)."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    client: str  # the device's sampling key, or "server" for DP-FedAvg
+    round: int
+    status: str  # "trained" (a client spent), "declined" (it did not), "aggregated" (the server's DP-FedAvg)
+    unit: str  # what one add/remove step protects: one "example" or one "user" (all their data)
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # steps this entry spent (0 when declined)
+    delta: float
+    accountant: str
+    epsilon: float  # everything this client (or the server) has spent up to and including this entry
+    budget: float | None = None  # the client's whole budget (None: the server has none)
+    relation: str = RELATION
+    window: int | None = None  # unit "example": the history window W an interaction spans
+    interaction_epsilon: float | None = None  # unit "example": per interaction, same delta
+    run: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.status not in STATUSES:
+            problems.append(f"status {self.status!r} is not one of {STATUSES}")
+        if self.unit not in UNITS:
+            problems.append(f"unit {self.unit!r} is not one of {UNITS}")
+        if self.accountant not in ACCOUNTANTS:
+            problems.append(f"accountant {self.accountant!r} is not one of {ACCOUNTANTS}")
+        if self.relation != RELATION:
+            problems.append(f"relation {self.relation!r}: every epsilon here is for {RELATION!r}")
+        for name in ("noise_multiplier", "sample_rate", "delta", "epsilon", "budget", "interaction_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                problems.append(f"{name.replace('_', '-')} {value!r} is not a finite number >= 0")
+        if not self.noise_multiplier > 0:
+            problems.append("noise-multiplier must be positive")
+        if not 0 < self.sample_rate <= 1:
+            problems.append(f"sample-rate {self.sample_rate} is not in (0, 1]")
+        if not 0 < self.delta < 1:
+            problems.append(f"delta {self.delta} is not in (0, 1)")
+        if self.steps < 0 or (self.status == "declined" and self.steps):
+            problems.append(f"steps {self.steps} (a decline spends none)")
+        if self.unit == "example" and self.client != "server" and (self.window is None or self.window < 1):
+            problems.append("an example-level entry needs its window W")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def step(self) -> tuple[float, float, int]:
+        return self.noise_multiplier, self.sample_rate, self.steps
+
+    def to_json(self) -> dict:
+        return {f.name.replace("_", "-"): v for f, v in zip(fields(self), asdict(self).values()) if v is not None}
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> LedgerEntry:
+        if not isinstance(value, dict):
+            raise LedgerError(f"{where}: expected a JSON object, found {type(value).__name__}")
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise LedgerError(f"{where}: unknown field(s) {unknown}")
+        kinds = {"str": str, "int": int, "float": float}
+        values = {}
+        for key, f in known.items():
+            if key not in value:
+                if f.default is not MISSING:
+                    continue
+                raise LedgerError(f"{where}: missing field '{key}'")
+            raw, kind = value[key], f.type.split(" | ")[0]
+            if kind == "float" and isinstance(raw, int) and not isinstance(raw, bool):
+                raw = float(raw)
+            if kind == "str" and key == "client" and isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)
+            if not (type(raw) is kinds[kind] or (raw is None and "None" in f.type)):
+                raise LedgerError(f"{where}: field '{key}' should be {kind}, found {raw!r}")
+            values[f.name] = raw
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise LedgerError(f"{where}: {error}") from None
+
+
+def read_ledger(path: Path) -> list[LedgerEntry]:
+    """Every entry of a ledger file, in order (an absent file is an empty ledger)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LedgerError(f"{path}:{line_no}: not JSON (a torn or edited line?): {error}") from None
+        entries.append(LedgerEntry.from_json(value, f"{path}:{line_no}"))
+    return entries
+
+
+def append_entries(path: Path, entries: list[LedgerEntry]) -> None:
+    """Append and fsync (the file and, for a new file, its folder) before anything is sent."""
+    if not entries:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(e.to_json()) + "\n" for e in entries))
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def history_of(entries: list[LedgerEntry]) -> History:
+    """The accountant history of the entries that spent (trained or aggregated)."""
+    return [e.step() for e in entries if e.status != "declined"]
