@@ -57,19 +57,33 @@ def send_in_batches(grid: Grid, messages: list[Message], timeout: float) -> list
     return replies
 
 
-def sampling_keys(grid: Grid, timeout: float) -> dict[int, int]:
-    """Ask every connected node once for its stable sampling key."""
+def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict[int, int]:
+    """Ask every connected node for its stable sampling key. A node that answers with an
+    error (still cleaning up after a stopped run, briefly offline) is asked again while the
+    SuperLink still lists it online, until `timeout`; every error is logged."""
+    deadline = time.time() + timeout
     node_ids = list(grid.get_node_ids())
     while not node_ids:
         log(INFO, "fedrec: waiting for SuperNodes to connect")
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
-    messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
-                        message_type=MessageType.QUERY) for n in node_ids]
-    replies = [r for r in send_in_batches(grid, messages, timeout) if not r.has_error()]
-    keys = {r.metadata.src_node_id: int(r.content["info"]["sampling-key"]) for r in replies}
-    if len(keys) < len(node_ids):
-        log(WARNING, "fedrec: %d of %d nodes did not answer and are left out", len(node_ids) - len(keys), len(node_ids))
+    keys: dict[int, int] = {}
+    asked = set(node_ids)
+    while True:
+        messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
+                            message_type=MessageType.QUERY) for n in node_ids if n not in keys]
+        for reply in send_in_batches(grid, messages, max(1.0, deadline - time.time())):
+            if reply.has_error():
+                log(WARNING, "fedrec: start-up query: error %s (%s)", reply.error.code, reply.error.reason)
+            else:
+                keys[reply.metadata.src_node_id] = int(reply.content["info"]["sampling-key"])
+        online = set(grid.get_node_ids())
+        node_ids = [n for n in node_ids if n in online]  # nodes gone offline are not asked again
+        if all(n in keys for n in node_ids) or time.time() + retry_every >= deadline:
+            break
+        time.sleep(retry_every)
+    if len(keys) < len(asked):
+        log(WARNING, "fedrec: %d of %d nodes did not answer and are left out", len(asked) - len(keys), len(asked))
     if not keys:
         raise RuntimeError("no SuperNode answered the start-up query")
     return keys
@@ -182,10 +196,12 @@ def privacy_summary(folder: RunFolder) -> dict:
     return out
 
 
-def privacy_line(privacy: dict) -> str:
-    if not privacy:
+def privacy_line(settings: RunSettings, privacy: dict) -> str:
+    if not is_private(settings):
         return ("fedrec: NOT PRIVATE (dp = \"none\", server-dp = false): the server saw every client's exact update, "
                 "from which it can read which items each client's users touched")
+    if not privacy:
+        return "fedrec: privacy: nothing was spent (no client trained)"
     parts = [f"{unit}-level epsilon {p['epsilon']:.3g} at delta {p['delta']:g} ({p['accountant']}, {p['relation']}, "
              f"{p['mechanism']}, against {p['against']})" for unit, p in privacy.items()]
     return "fedrec: privacy: " + "; ".join(parts)
@@ -247,7 +263,7 @@ def main(grid: Grid, context: Context) -> None:
     keys = sampling_keys(grid, settings.round_timeout)
     optimizer, strategy = make_strategy(settings, keys)
     if not is_private(settings):
-        log(WARNING, "%s", privacy_line({}))
+        log(WARNING, "%s", privacy_line(settings, {}))
     log(INFO, "fedrec: %d clients, %s a round, %d rounds, adapters %.1f KB", len(keys),
         f"Poisson q={settings.server_dp_sample_rate}" if settings.server_dp else optimizer.clients_per_round,
         settings.num_server_rounds, model.trainable_bytes() / 1024)
@@ -335,4 +351,4 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
     folder.write_summary(summary)
     log(INFO, "fedrec: final test NDCG@10 %.4f, best valid NDCG@10 %.4f at round %s; results in %s",
         final.get("test NDCG@10", float("nan")), best["valid NDCG@10"], best["round"], folder.path)
-    log(INFO, "%s", privacy_line(summary["privacy"]))
+    log(INFO, "%s", privacy_line(settings, summary["privacy"]))

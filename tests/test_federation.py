@@ -10,7 +10,8 @@ from server.run_folder import saved_round
 from simulations.flower_runner import run_flower
 
 CLIENTS = 10
-CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-failure-rate": 0.15}
+CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-failure-rate": 0.15, "dp": "none",
+          "lora-layers": 1}  # the non-private baseline: bit-reproducible, resumable
 
 
 @pytest.fixture(scope="module")

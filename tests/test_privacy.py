@@ -2,14 +2,14 @@
 through `flwr run` whose ledger the audit reproduces (and whose tampering it catches)."""
 
 import json
-import math
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from shared_model.privacy import (audit_lower_bound, audit_p_value, epsilon, group_privacy, independent_epsilon,
-                                  noise_multiplier)
+from shared_model.privacy import (audit_lower_bound, audit_p_value, epsilon, independent_epsilon,
+                                  interaction_epsilon, noise_multiplier)
 from simulations.flower_runner import run_flower
 
 
@@ -31,10 +31,21 @@ def test_noise_for_a_target_is_the_inverse_of_epsilon():
     assert epsilon([(z * 0.98, 0.01, 10_000)], 1e-5, "rdp") > 4.0
 
 
-def test_group_privacy_scales_epsilon_and_caps_delta_even_for_huge_epsilon():
-    eps, delta = group_privacy(0.01, 1e-6, 3)
-    assert eps == pytest.approx(0.03) and delta == pytest.approx(3 * math.exp(0.02) * 1e-6)
-    assert group_privacy(1e6, 1e-5, 51) == (51e6, 1.0)  # e^(50e6) would overflow
+def test_per_interaction_epsilon_is_the_mechanism_at_sensitivity_2w_plus_1():
+    """The README's old "epsilon 8" row (noise 2.02, rate 1, 10 steps, W = 50): the Gaussian
+    with noise multiplier 2.02 / 101, at the same delta, is about 13,000, not 8 x 51."""
+    eps = interaction_epsilon([(2.02, 1.0, 10)], 50, 1e-5, "rdp")
+    assert eps == pytest.approx(epsilon([(2.02 / 101, 1.0, 10)], 1e-5, "rdp"))
+    assert 12_000 < eps < 15_000
+    assert interaction_epsilon([(2.02, 1.0, 10)], 50, 1e-5, "pld") == pytest.approx(eps, rel=0.05)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0])
+def test_accountants_refuse_what_is_no_mechanism(bad):
+    with pytest.raises(ValueError, match="noise multiplier"):
+        epsilon([(bad, 0.5, 10)], 1e-5)
+    with pytest.raises(ValueError, match="target epsilon"):
+        noise_multiplier(bad, 0.5, 10, 1e-5)
 
 
 def test_one_run_audit_bound():
@@ -60,14 +71,21 @@ def test_calculator_prints_the_numbers():
     assert bad.returncode == 2 and "--sample-rate" in bad.stderr
     whole = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1", "--steps", "10", "--delta", "1e-5")
     assert whole.returncode == 0 and "noise multiplier 2.02" in whole.stdout  # one batch of all examples
+    pure = run_cli("privacy", "lower-bound", "--canaries", "1000", "--guesses", "100", "--correct", "100",
+                   "--delta", "0")
+    assert pure.returncode == 0 and "epsilon lower bound 3.4" in pure.stdout  # delta 0: a pure-epsilon claim
+    for flag, value in (("--noise-multiplier", "inf"), ("--noise-multiplier", "nan"), ("--noise-multiplier", "0")):
+        refused = run_cli("privacy", "epsilon", flag, value, "--sample-rate", "0.5", "--steps", "10", "--delta", "1e-5")
+        assert refused.returncode == 2 and flag in refused.stderr
 
 
 @pytest.fixture(scope="module")
 def private_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     config = {"synthetic-users": 16, "partitioning": "per-user", "num-server-rounds": 3, "eval-every": 3,
-              "dp": "example", "dp-expected-rounds": 1, "dp-epsilon": 2.0, "dp-negatives": 16,
-              "server-dp": True, "server-dp-sample-rate": 0.75, "output-dir": str(out), "run-name": "private"}
+              "dp": "example", "dp-expected-rounds": 1, "dp-epsilon": 2.0, "dp-negatives": 16, "dp-sample-rate": 0.5,
+              "dp-expected-batch": 20.0, "server-dp": True, "server-dp-sample-rate": 0.75, "output-dir": str(out),
+              "run-name": "private"}
     run = run_flower(config, num_supernodes=16)
     assert run.ok, run.log[-4000:]
     return out / "private"
@@ -77,26 +95,74 @@ def test_clients_decline_when_their_budget_is_spent_and_the_run_completes(privat
     rounds = [json.loads(line) for line in (private_run / "metrics.jsonl").read_text().splitlines()][1:]
     assert [m["round"] for m in rounds] == [1, 2, 3]
     assert sum(m["declined"] for m in rounds) > 0
+    assert rounds[-1]["evaluated on"] == "server (held-out split)"  # clients never evaluate under DP
     summary = json.loads((private_run / "summary.json").read_text())
-    assert summary["privacy"]["example"]["epsilon max"] <= 2.0 * (1 + 1e-9)
-    assert summary["privacy"]["example"]["declined"] > 0
-    assert summary["privacy"]["user"]["epsilon max"] == pytest.approx(epsilon([(1.0, 0.75, 3)], 1e-5, "rdp"))
+    example = summary["privacy"]["example"]
+    assert example["epsilon"] <= 2.0 * (1 + 1e-9) and example["declined"] > 0
+    assert example["delta"] == 1e-5 and example["accountant"] == "rdp" and example["relation"] == "add/remove"
+    assert example["per interaction"]["epsilon"] > 10 * example["epsilon"]
+    user = summary["privacy"]["user"]
+    assert user["epsilon"] == pytest.approx(epsilon([(1.0, 0.75, 3)], 1e-5, "rdp")) and user["mechanism"] == "dp-fedavg"
+    assert summary["best"]["round"] == 3  # no round is picked on private validation numbers
+
+
+def audit(folder, out):
+    return run_cli("audit", str(folder), "--out", str(out))
+
+
+def rewrite(folder, change):
+    """Apply `change` to the ledger's entries (a list of dicts) in a copy of the run folder."""
+    entries = [json.loads(line) for line in (folder / "privacy_ledger.jsonl").read_text().splitlines()]
+    lines = change(entries)
+    (folder / "privacy_ledger.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
 def test_audit_reproduces_the_ledger_and_catches_tampering(private_run, tmp_path):
     report_dir = tmp_path / "report"
-    ok = run_cli("audit", str(private_run), "--out", str(report_dir))
+    ok = audit(private_run, report_dir)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     report = (report_dir / "privacy_audit.md").read_text()
     entries = [json.loads(line) for line in (private_run / "privacy_ledger.jsonl").read_text().splitlines()]
     worst = max((e for e in entries if e["unit"] == "example"), key=lambda e: e["epsilon"])
     assert f"{worst['epsilon']:.4f}" in report and "None: every claimed epsilon was reproduced" in report
     assert (report_dir / "epsilon_per_client.png").exists() and (report_dir / "user_epsilon.png").exists()
+    server = [e for e in entries if e["client"] == "server"]
+    assert [e["steps"] for e in server] == [1, 1, 1]  # one aggregation a round, composed over rounds
 
     trained = next(i for i, e in enumerate(entries) if e["status"] == "trained")
-    entries[trained]["epsilon"] *= 0.9  # someone under-reports a spend
-    (private_run / "privacy_ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    caught = run_cli("audit", str(private_run), "--out", str(tmp_path / "tampered"))
-    assert caught.returncode == 1
-    assert "1 disagreement(s)" in caught.stdout
-    assert f"| {trained + 1} |" in (tmp_path / "tampered" / "privacy_audit.md").read_text()
+    tampered = {
+        "under-reported epsilon": lambda e: e.update(epsilon=e["epsilon"] * 0.9),
+        "forged per-interaction epsilon": lambda e: e.update(**{"interaction-epsilon": 8.0}),
+        "spent above its budget": lambda e: e.update(budget=e["epsilon"] / 2),
+    }
+    for name, change in tampered.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(private_run, copy)
+
+        def edit(rows, change=change):
+            change(rows[trained])
+            return [json.dumps(r) for r in rows]
+
+        rewrite(copy, edit)
+        caught = audit(copy, tmp_path / f"{copy.name}-report")
+        assert caught.returncode == 1, name
+        assert f"| {copy.name} | {trained + 1} |" in (tmp_path / f"{copy.name}-report" / "privacy_audit.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["nan epsilon", "infinite epsilon", "not an object", "torn line", "empty"])
+def test_audit_refuses_unreadable_ledgers_naming_the_line(private_run, tmp_path, case):
+    copy = tmp_path / "run"
+    shutil.copytree(private_run, copy)
+    edits = {
+        "nan epsilon": lambda rows: [json.dumps({**rows[0], "epsilon": float("nan")})] + [json.dumps(r) for r in rows[1:]],
+        "infinite epsilon": lambda rows: [json.dumps({**rows[0], "epsilon": float("inf")})] + [json.dumps(r) for r in rows[1:]],
+        "not an object": lambda rows: ["[1, 2]"] + [json.dumps(r) for r in rows[1:]],
+        "torn line": lambda rows: [json.dumps(r) for r in rows] + ['{"client": "3", "rou'],
+        "empty": lambda rows: [],
+    }
+    rewrite(copy, edits[case])
+    refused = audit(copy, tmp_path / "report")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "privacy_ledger.jsonl" in refused.stderr and "Traceback" not in refused.stderr
+    if case != "empty":
+        assert f"privacy_ledger.jsonl:{1 if case != 'torn line' else ''}" in refused.stderr
