@@ -120,10 +120,17 @@ def device_split(folder: Path):
 
 def device_identity(folder: Path) -> int:
     """A random key the device keeps for good: the server orders clients by it for
-    reproducible sampling. It reveals nothing about the device's data."""
+    reproducible sampling, and the privacy ledger is tied to it. It reveals nothing about
+    the device's data. Created once, atomically: two ClientApps starting together on a new
+    device agree on it (the second finds the first's file)."""
     path = Path(folder) / "state" / "identity.json"
-    if path.exists():
-        return int(json.loads(path.read_text())["sampling-key"])
-    key = secrets.randbits(62)
-    write_json_atomic(path, {"sampling-key": key})
-    return key
+    if not path.exists():
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_json_atomic(partial, {"sampling-key": secrets.randbits(62)})
+        try:
+            os.link(partial, path)  # fails if another process created it first
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    return int(json.loads(path.read_text())["sampling-key"])

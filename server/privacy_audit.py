@@ -94,7 +94,7 @@ def check(audit: RunAudit, line_no: int, entry: LedgerEntry, history: list, tole
 def final_epsilons(audit: RunAudit, unit: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for entry in audit.entries:
-        if entry["unit"] == unit and entry.client != "server":
+        if entry.unit == unit and entry.client != "server":
             out[entry.client] = max(out.get(entry.client, 0.0), entry.epsilon)
     return out
 

@@ -20,7 +20,6 @@ are public randomness and follow the run seed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -5,12 +5,17 @@ quality: MovieLens-100K, one simulated SuperNode per user (943), ~10% of them a 
          centralized model's test NDCG@10, seconds per round and upload per client.
     python -m simulations.bench_federated quality --centralized runs/centralized-ml-100k-*/summary.json
 
+default: the app's default run (`flwr run .`: private, user-level DP-SGD in 2 silos) beside
+         the same run with dp = "none" and popularity on the same split: NDCG@10, the
+         share of the non-private lift over popularity it keeps, wall time, epsilon.
+    python -m simulations.bench_federated default
+
 privacy: MovieLens-100K as in quality, without DP and with example-level DP-SGD on every
          client at each epsilon (delta 1e-5 per client); the same config otherwise. With
          --user-level, the DP runs also run DP-FedAvg on the server (user-level epsilon),
          and one run has that alone. Saves privacy_utility.png (NDCG@10 against epsilon).
-         batch-size=1024 puts all of a client's examples in its one Poisson batch a round.
-    python -m simulations.bench_federated privacy --epsilons 8 4 1 --set lora-layers=0 --set batch-size=1024
+         Each DP client takes one Poisson step a round at rate 1 (all its examples).
+    python -m simulations.bench_federated privacy --epsilons 8 4 1
 
 scale:   the synthetic catalog with many per-user clients (default 10,000, 100 a round):
          seconds per round and peak resident memory of all the simulation's processes.
@@ -98,13 +103,48 @@ def plot_quality(evaluated: list[dict], centralized: float, path: Path) -> None:
     plt.close(fig)
 
 
+def default(args: argparse.Namespace) -> dict:
+    """The default run, the same without DP, and popularity on the same split."""
+    from shared_model.metrics import evaluate_scores
+    from shared_model.settings import RunSettings
+    from shared_model.splits import leave_one_out
+    from simulations.baselines import popularity_scores
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows = {}
+    for name, overrides in (("private (default)", {}), ("non-private", {"dp": "none"})):
+        run_name = f"bench-default-{'none' if overrides else 'private'}-{stamp}"
+        started = time.time()
+        run = run_flower({"output-dir": str(Path(args.out).resolve()), "run-name": run_name, **overrides,
+                          **parse_overrides(args.set)}, num_supernodes=2, echo=args.echo)
+        wall = time.time() - started
+        if not run.ok:
+            raise SystemExit(f"run {run_name} failed ({run.status}):\n{run.log[-4000:]}")
+        summary = json.loads((Path(args.out) / run_name / "summary.json").read_text())
+        config = summary["config"]
+        rows[name] = {"test NDCG@10": summary["test"]["NDCG@10"], "test HR@10": summary["test"]["HR@10"],
+                      "wall seconds (flwr run, start to end)": wall, "privacy": summary["privacy"],
+                      "run folder": str(Path(args.out) / run_name)}
+        print(name, json.dumps(rows[name]), flush=True)
+    split = leave_one_out(RunSettings.from_run_config(config).load_dataset())  # the runs' own data
+    cases = split.cases("test")
+    rows["popularity"] = {f"test {k}": v for k, v in
+                          evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases).items()}
+    base = rows["popularity"]["test NDCG@10"]
+    lift = rows["non-private"]["test NDCG@10"] - base
+    rows["private (default)"]["share of the non-private lift over popularity"] = (
+        (rows["private (default)"]["test NDCG@10"] - base) / lift if lift > 0 else None)
+    return {"overrides": args.set, "runs": rows}
+
+
 def privacy(args: argparse.Namespace) -> dict:
     """One run per privacy level, same seed and config; NDCG@10 and the ledger's epsilons."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = {"dataset": "ml-100k", "data-dir": str(ml100k_dir().resolve()), "partitioning": "per-user",
             "clients-per-round": args.clients_per_round, "num-server-rounds": args.rounds,
             "eval-every": args.eval_every, "local-steps": 0, "output-dir": str(Path(args.out).resolve()),
-            "dp-delta": 1e-5, "dp-expected-rounds": args.expected_rounds, **parse_overrides(args.set)}
+            "dp-delta": 1e-5, "dp-expected-rounds": args.expected_rounds, "dp-sample-rate": 1.0,
+            "dp-expected-batch": 100.0, "lora-layers": 0, **parse_overrides(args.set)}
     table = []
     user_level = {"server-dp": True} if args.user_level else {}
     levels = [("none", {"dp": "none"})] + ([("user-level-only", {"dp": "none", **user_level})] if user_level else [])
@@ -117,15 +157,15 @@ def privacy(args: argparse.Namespace) -> dict:
             raise SystemExit(f"run {name} failed ({run.status}):\n{run.log[-4000:]}")
         summary = json.loads((Path(args.out) / name / "summary.json").read_text())
         example = summary["privacy"].get("example", {})
-        interaction = next((v for k, v in example.items() if k.startswith("per interaction")), {})
+        interaction = example.get("per interaction", {})
         table.append({
             "run": name, "target epsilon per client": eps,
             "final test NDCG@10": summary["test"]["NDCG@10"],
             "best-round test NDCG@10": summary["best"]["test"]["NDCG@10"] if summary["best"]["round"] else None,
-            "client epsilon max (example level)": example.get("epsilon max"),
-            "per-interaction epsilon (group privacy)": interaction.get("epsilon"),
+            "client epsilon max (example level)": example.get("epsilon"),
+            "per-interaction epsilon (sensitivity (2W+1) C, same delta)": interaction.get("epsilon"),
             "declined client rounds": example.get("declined", 0),
-            "user epsilon": summary["privacy"].get("user", {}).get("epsilon max"),
+            "user epsilon": summary["privacy"].get("user", {}).get("epsilon"),
         })
         print(json.dumps(table[-1]), flush=True)
     plain = table[0]["final test NDCG@10"]
@@ -184,6 +224,7 @@ def scale(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
+    d = sub.add_parser("default", help="the default private run beside the same run without DP and popularity")
     q = sub.add_parser("quality", help="ml-100k, 943 per-user clients, against the centralized reference")
     q.add_argument("--centralized", required=True, help="summary.json of `fedrec centralized --dataset ml-100k`")
     q.add_argument("--rounds", type=int, default=200)
@@ -203,14 +244,14 @@ def main() -> None:
     s.add_argument("--clients-per-round", type=int, default=100)
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--fraction-evaluate", type=float, default=0.01)
-    for p in (q, pv, s):
+    for p in (d, q, pv, s):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other run-config override, e.g. --set learning-rate=0.5")
         p.add_argument("--out", default="runs", help="where run folders and the figure go (default runs/)")
         p.add_argument("--echo", action="store_true", help="show the run's log as it goes")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    result = {"quality": quality, "privacy": privacy, "scale": scale}[args.bench](args)
+    result = {"default": default, "quality": quality, "privacy": privacy, "scale": scale}[args.bench](args)
     print(json.dumps(result, indent=2))
     (Path(args.out) / f"bench_{args.bench}.json").write_text(json.dumps(result, indent=2))
 

@@ -163,7 +163,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     audits = [audit_run(Path(folder), args.tolerance) for folder in args.runs]
     out = Path(args.out) if args.out else Path(args.runs[0]) / "audit"
-    report = write_report(audits, out, args.tolerance)
+    try:
+        report = write_report(audits, out, args.tolerance)
+    except Exception as error:  # exit 1 means a disagreement: a failure to report must not look like one
+        print(f"fedrec audit: error: could not write the report to {out}: {error!r}", file=sys.stderr)
+        return 2
     bad = sum(len(a.disagreements) for a in audits)
     checked = sum(a.checked for a in audits)
     print(f"{checked} epsilons checked, {bad} disagreement(s) above {args.tolerance:.0%}; report: {report}")

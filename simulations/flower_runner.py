@@ -41,6 +41,17 @@ class FlowerRun:
         return self.status == "finished:completed"
 
 
+def app_run_config(**overrides) -> dict:
+    """The app's run config as pyproject.toml declares it, with overrides (like --run-config)."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise KeyError(f"unknown run-config keys {sorted(unknown)}")
+    return {**config, **overrides}
+
+
 def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -34,10 +34,6 @@ def ml100k_path() -> Path:
 
 def default_run_config(**overrides) -> dict:
     """The app's run config as pyproject.toml declares it, with overrides (like --run-config)."""
-    import tomllib
+    from simulations.flower_runner import app_run_config
 
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
-    for key in overrides:
-        assert key in config, f"unknown run-config key {key}"
-    return {**config, **overrides}
+    return app_run_config(**overrides)

@@ -3,42 +3,19 @@ mode, only the noised adapters, a constant weight and its ledger entry."""
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord, RecordDict
 
-from flwr.supercore.task_identity import TaskIdentity
-
-from client.client_app import app
 from client.device_store import write_device
 from client.local_data import simulated_client_data
 from conftest import default_run_config
-from shared_model.recommender import build_recommender
 from shared_model.settings import RunSettings
-
-
-def context_for(partition: int, partitions: int, **overrides) -> Context:
-    return Context(run_id=1, node_id=100 + partition, node_config={"partition-id": partition,
-                   "num-partitions": partitions}, state=RecordDict(), run_config=default_run_config(**overrides))
-
-
-def global_arrays(run_config: dict) -> ArrayRecord:
-    settings = RunSettings.from_run_config(run_config)
-    data = simulated_client_data(settings, 0, 4)
-    torch.manual_seed(0)
-    model = build_recommender(data.texts, settings.model_config(), progress=False)
-    return ArrayRecord({k: Array(v.numpy()) for k, v in model.trainable_state().items()})
-
-
-def send(message_type: str, context: Context, content: RecordDict) -> Message:
-    """Deliver a message to the real ClientApp, as a SuperNode's runtime does."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = context.run_id, context.node_id, 1
-    return app(Message(content, dst_node_id=context.node_id, message_type=message_type), context)
+from simulations.bench_attacks import client_context, deliver, global_state
 
 
 def test_train_reply_carries_only_adapters_and_scalars():
-    context = context_for(2, 4, dp="none", **{"local-steps": 2})
-    arrays = global_arrays(context.run_config)
-    reply = send(MessageType.TRAIN, context,
+    context = client_context(2, 4, dp="none", **{"local-steps": 2})
+    arrays = global_state(context.run_config)
+    reply = deliver(MessageType.TRAIN, context,
                  RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}))
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     sent = reply.content["arrays"]
@@ -56,8 +33,8 @@ def test_train_reply_carries_only_adapters_and_scalars():
 
 
 def test_evaluate_reply_is_sums_and_counts():
-    context = context_for(1, 4, dp="none")
-    reply = send(MessageType.EVALUATE, context, RecordDict({"arrays": global_arrays(context.run_config)}))
+    context = client_context(1, 4, dp="none")
+    reply = deliver(MessageType.EVALUATE, context, RecordDict({"arrays": global_state(context.run_config)}))
     assert set(reply.content.keys()) == {"metrics"}
     metrics = reply.content["metrics"]
     expected = {f"{s}-{m}" for s in ("valid", "test") for m in ("HR@10-sum", "NDCG@10-sum", "count")}
@@ -66,21 +43,21 @@ def test_evaluate_reply_is_sums_and_counts():
 
 
 def test_query_reply_is_only_the_sampling_key():
-    reply = send(MessageType.QUERY, context_for(3, 4), RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}))
+    reply = deliver(MessageType.QUERY, client_context(3, 4), RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}))
     assert dict(reply.content["info"]) == {"sampling-key": 3}
 
 
 def test_a_private_client_does_not_evaluate():
-    context = context_for(1, 4, dp="user")
+    context = client_context(1, 4, dp="user")
     with pytest.raises(RuntimeError, match="would release per-user ranks"):  # the SuperNode reports it as an error
-        send(MessageType.EVALUATE, context, RecordDict({"arrays": global_arrays(context.run_config)}))
+        deliver(MessageType.EVALUATE, context, RecordDict({"arrays": global_state(context.run_config)}))
 
 
 def test_private_client_reports_its_ledger_and_declines_when_the_budget_is_spent():
-    context = context_for(0, 40, dp="example", **{"dp-expected-rounds": 2, "dp-epsilon": 4.0, "synthetic-users": 80,
+    context = client_context(0, 40, dp="example", **{"dp-expected-rounds": 2, "dp-epsilon": 4.0, "synthetic-users": 80,
                                                   "dp-sample-rate": 0.5, "dp-expected-batch": 20.0})
-    arrays = global_arrays(context.run_config)
-    replies = [send(MessageType.TRAIN, context, RecordDict({"arrays": arrays, "config": ConfigRecord(
+    arrays = global_state(context.run_config)
+    replies = [deliver(MessageType.TRAIN, context, RecordDict({"arrays": arrays, "config": ConfigRecord(
         {"server-round": r})})) for r in (1, 2, 3)]
     first, second, third = (dict(r.content["ledger"]) for r in replies)
     assert first["status"] == second["status"] == "trained" and third["status"] == "declined"
@@ -102,7 +79,7 @@ def test_a_private_client_without_data_declines_and_says_nothing_else(tmp_path):
     (tmp_path / "interactions.csv").write_text("\n".join(rows[:1] + rows[-1:]) + "\n")
     context = Context(run_id=1, node_id=7, node_config={"data-dir": str(tmp_path)}, state=RecordDict(),
                       run_config=default_run_config(dp="user", **{"synthetic-users": 20}))
-    reply = send(MessageType.TRAIN, context, RecordDict({"arrays": global_arrays(context.run_config),
+    reply = deliver(MessageType.TRAIN, context, RecordDict({"arrays": global_state(context.run_config),
                                                         "config": ConfigRecord({"server-round": 1})}))
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"metrics"} and dict(reply.content["metrics"]) == {"declined": 1}

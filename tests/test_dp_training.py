@@ -1,7 +1,6 @@
 """Opacus on this model, PEFT LoRA included: per-sample gradients are exact, and a DP step
 without noise or clipping is a plain step (the traps of DESIGN.md's privacy rule 7)."""
 
-import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule, PrivacyEngine

@@ -15,7 +15,7 @@ from client.device_store import write_device
 from client.privacy_account import PrivacyAccountError
 from conftest import default_run_config
 from shared_model.settings import RunSettings
-from test_client_payload import global_arrays, send
+from simulations.bench_attacks import deliver, global_state
 
 USERS = 20
 PRIVATE = {"synthetic-users": USERS, "dp": "user", "dp-expected-rounds": 2, "dp-expected-batch": 1.0}
@@ -31,7 +31,7 @@ def train(device: Path, server_round: int, **overrides):
     config = default_run_config(**{**PRIVATE, **overrides})
     context = Context(run_id=1, node_id=5, node_config={"data-dir": str(device)}, state=RecordDict(),
                       run_config=config)
-    return send(MessageType.TRAIN, context, RecordDict({"arrays": global_arrays(config),
+    return deliver(MessageType.TRAIN, context, RecordDict({"arrays": global_state(config),
                                                        "config": ConfigRecord({"server-round": server_round})}))
 
 
@@ -99,6 +99,7 @@ def test_two_clientapps_racing_on_one_device_spend_its_budget_once(device):
     racers = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True) for _ in range(2)]
     outcomes = [racer.communicate(timeout=300) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), outcomes
     statuses = sorted(json.loads(out.strip().splitlines()[-1]) for out, _ in outcomes)
     assert statuses == ["declined", "trained"], outcomes
     ledger = [json.loads(line) for line in (device / "state" / "privacy_ledger.jsonl").read_text().splitlines()]
