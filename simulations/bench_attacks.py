@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from torch.utils.data import TensorDataset
 
-from shared_model.dp_training import PrivateData, private_data, train_plain, train_private
-from shared_model.privacy import audit_lower_bound, noise_multiplier
+from shared_model.dp_training import private_data, train_private
+from shared_model.privacy import audit_lower_bound
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.settings import RunSettings
 from shared_model.splits import leave_one_out
 from shared_model.synthetic import SyntheticConfig, generate
-from simulations.bench_privacy_audit import canary_scores, guesses, make_canaries
+from simulations.bench_privacy_audit import canary_scores, guesses, make_canaries, train_audited, with_canaries
 from simulations.flower_runner import app_run_config
 
 def client_context(partition: int, partitions: int, **overrides) -> Context:
@@ -122,18 +120,7 @@ def membership_audit(world, claimed: float | None, canaries: int = 200, per_side
     model = fresh_model(world)
     real = private_data(split.train, model.config.history, "example")
     ids, targets, included = make_canaries(canaries, model.config.history, data.n_items, seed=1)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    history, seen, wanted = real.tensors.tensors
-    train = PrivateData("example", TensorDataset(torch.cat([history, ids[included]]),
-                                                 torch.cat([seen, mask[included]]),
-                                                 torch.cat([wanted, targets[included]])))
-    if claimed is None:
-        train_plain(model, train, 64, 0.5, epochs, 16, seed=0)
-    else:
-        rate = 64 / len(train)
-        steps = epochs * math.ceil(1 / rate)
-        train_private(model, train, noise_multiplier(claimed, rate, steps, 1e-5), 1.0, rate, steps, 64, 0.5, 16,
-                      seed=0)
+    train_audited(model, with_canaries(real, ids, targets, included), claimed, 1e-5, 64, 0.5, epochs, 16, seed=0)
     made, correct = guesses(canary_scores(model, ids, targets), included, per_side)
     return correct, audit_lower_bound(canaries, made, correct, 1e-5, confidence=0.999)
 
@@ -170,10 +157,10 @@ def main() -> None:
         membership[name] = {"correct guesses of 40": correct, "epsilon lower bound (99.9%)": bound}
         print(name, json.dumps(membership[name]), flush=True)
     result["membership (one-run canary audit, 200 canaries)"] = membership
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_attacks.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2)
+    (Path(args.out) / "bench_attacks.json").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

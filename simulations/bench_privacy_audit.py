@@ -58,6 +58,27 @@ def guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> tuple[in
     return 2 * per_side, int(correct)
 
 
+def with_canaries(data: PrivateData, ids: torch.Tensor, targets: torch.Tensor, included: np.ndarray) -> PrivateData:
+    """The training examples plus the included canaries (a full window -> its target)."""
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    history, seen, wanted = data.tensors.tensors
+    return PrivateData("example", TensorDataset(torch.cat([history, ids[included]]), torch.cat([seen, mask[included]]),
+                                                torch.cat([wanted, targets[included]])))
+
+
+def train_audited(model, train: PrivateData, claimed: float | None, delta: float, batch_size: int, lr: float,
+                  epochs: int, negatives: int, seed: int) -> None:
+    """Without DP (claimed None: the control), or example-level DP-SGD calibrated for the
+    claimed epsilon over `epochs` expected passes at rate batch_size / examples."""
+    if claimed is None:
+        train_plain(model, train, batch_size, lr, epochs, negatives, seed)
+        return
+    rate = batch_size / len(train)
+    steps = epochs * math.ceil(1 / rate)
+    train_private(model, train, noise_multiplier(claimed, rate, steps, delta), 1.0, rate, steps, batch_size, lr,
+                  negatives, seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_options(parser, default="ml-100k")
@@ -79,25 +100,15 @@ def main() -> None:
     config = RecommenderConfig(lora_layers=0, dropout=0.0)
     data = private_data(split.train[: args.users], config.history, "example")
     ids, targets, included = make_canaries(args.canaries, config.history, dataset.n_items, args.seed)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    history, seen, wanted = data.tensors.tensors
-    train = PrivateData("example", TensorDataset(torch.cat([history, ids[included]]),
-                                                 torch.cat([seen, mask[included]]),
-                                                 torch.cat([wanted, targets[included]])))
+    train = with_canaries(data, ids, targets, included)
     results = {"dataset": dataset.name, "training examples": len(train), "canaries": args.canaries,
                "included": int(included.sum()), "guesses": 2 * args.guesses_per_side, "delta": args.delta}
-    runs = [(f"dp eps{eps:g}", eps) for eps in args.epsilons] + [("control", float("inf"))]
+    runs = [(f"dp eps{eps:g}", eps) for eps in args.epsilons] + [("control", None)]
     for name, claimed in runs:
         torch.manual_seed(args.seed)
         model = build_recommender(dataset.catalog.texts, config, progress=False)
         started = time.time()
-        if claimed < float("inf"):
-            rate = args.batch_size / len(train)
-            steps = args.epochs * math.ceil(1 / rate)
-            z = noise_multiplier(claimed, rate, steps, args.delta)
-            train_private(model, train, z, 1.0, rate, steps, args.batch_size, args.lr, 64, args.seed)
-        else:
-            train_plain(model, train, args.batch_size, args.lr, args.epochs, 64, args.seed)
+        train_audited(model, train, claimed, args.delta, args.batch_size, args.lr, args.epochs, 64, args.seed)
         made, correct = guesses(canary_scores(model, ids, targets), included, args.guesses_per_side)
         bound = audit_lower_bound(args.canaries, made, correct, args.delta)
         results[name] = {"claimed epsilon": claimed, "correct guesses": correct,

@@ -11,7 +11,7 @@ from simulations.flower_runner import run_flower
 
 CLIENTS = 10
 CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-failure-rate": 0.15, "dp": "none",
-          "lora-layers": 1}  # the non-private baseline: bit-reproducible, resumable
+          "synthetic-users": 2000, "lora-layers": 1}  # the non-private baseline: bit-reproducible, resumable
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,55 @@ def test_audit_refuses_unreadable_ledgers_naming_the_line(private_run, tmp_path,
     assert "privacy_ledger.jsonl" in refused.stderr and "Traceback" not in refused.stderr
     if case != "empty":
         assert f"privacy_ledger.jsonl:{1 if case != 'torn line' else ''}" in refused.stderr
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"dp-epsilon": float("inf")}, "dp-epsilon"),
+    ({"dp-delta": float("nan")}, "dp-delta"),
+    ({"server-dp": True, "server-dp-noise": 0.0}, "server-dp-noise"),
+    ({"dp": "user", "lora-layers": 2}, "lora-layers"),
+    ({"dp-sample-rate": 0.0}, "dp-sample-rate"),
+])
+def test_settings_that_are_no_guarantee_are_refused_naming_the_key(overrides, key):
+    from conftest import default_run_config
+    from shared_model.settings import RunSettings, SettingsError
+
+    with pytest.raises(SettingsError, match=f"'{key}'"):
+        RunSettings.from_run_config(default_run_config(**overrides))
+
+
+def test_the_default_is_private_at_user_level_for_every_user():
+    from conftest import default_run_config
+    from shared_model.settings import RunSettings
+
+    settings = RunSettings.from_run_config(default_run_config())
+    assert settings.dp == "user" and settings.partitioning != "per-user" and settings.dp_epsilon <= 8
+    assert settings.dp_delta <= 1 / settings.synthetic_users
+    assert settings.dp_expected_rounds >= settings.num_server_rounds  # every silo trains every round, none declines
+
+
+def test_a_default_private_run_states_its_guarantee_and_cannot_be_resumed(tmp_path):
+    config = {"synthetic-users": 200, "num-server-rounds": 2, "dp-expected-rounds": 2, "dp-expected-batch": 100.0,
+              "output-dir": str(tmp_path), "run-name": "default-private"}
+    run = run_flower(config, num_supernodes=2)
+    assert run.ok, run.log[-4000:]
+    summary = json.loads((tmp_path / "default-private" / "summary.json").read_text())
+    user = summary["privacy"]["user"]
+    assert user["epsilon"] <= 8.0 and user["delta"] == 1e-5 and user["accountant"] == "rdp"
+    assert "fedrec: privacy: user-level epsilon" in run.log and "against the server" in run.log
+    assert "NOT PRIVATE" not in run.log
+    again = run_flower({**config, "num-server-rounds": 3}, num_supernodes=2)
+    assert not again.ok and "resuming would give every client a fresh budget" in again.log
+
+
+def test_dp_steps_a_round_are_the_expected_passes_capped_by_local_steps():
+    from client.private_round import steps_per_round
+    from conftest import default_run_config
+    from shared_model.settings import RunSettings
+
+    def steps(**overrides):
+        return steps_per_round(RunSettings.from_run_config(default_run_config(**overrides)))
+
+    assert steps(**{"dp-sample-rate": 0.1, "local-steps": 0, "local-epochs": 2}) == 20
+    assert steps(**{"dp-sample-rate": 0.1, "local-steps": 4}) == 4  # local-steps is honoured under DP
+    assert steps(**{"dp-sample-rate": 0.3, "local-steps": 0}) == 4  # ceil(1 / 0.3): the steps that run are recorded
