@@ -133,6 +133,9 @@ class RunSettings:
             (self.dp_negatives >= 1, "dp-negatives", "must be at least 1"),
             (self.dp_accountant in ACCOUNTANTS, "dp-accountant", f"must be one of {ACCOUNTANTS}"),
             (self.server_dp_noise > 0, "server-dp-noise", "must be positive (zero noise is no DP; set server-dp = false)"),
+            (not (self.server_dp and self.dp == "none" and self.id_embeddings), "id-embeddings",
+             "must be false with server-dp and dp = 'none': each client's exact update reaches the server, and an "
+             "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",

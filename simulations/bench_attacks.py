@@ -129,7 +129,6 @@ MODES = {
     "dp = none (control)": {"dp": "none"},
     "dp = user (default, epsilon 8)": {"dp": "user"},
     "dp = example (epsilon 8)": {"dp": "example", "dp-sample-rate": 1.0, "dp-expected-batch": 40.0},
-    "server-dp only (DP-FedAvg)": {"dp": "none", "server-dp": True},
 }
 
 

@@ -149,7 +149,8 @@ def privacy(args: argparse.Namespace) -> dict:
             "dp-expected-batch": 100.0, "lora-layers": 0, **parse_overrides(args.set)}
     table = []
     user_level = {"server-dp": True} if args.user_level else {}
-    levels = [("none", {"dp": "none"})] + ([("user-level-only", {"dp": "none", **user_level})] if user_level else [])
+    alone = {"dp": "none", "id-embeddings": False, **user_level}  # the server sees exact updates: no id table
+    levels = [("none", {"dp": "none"})] + ([("user-level-only", alone)] if user_level else [])
     levels += [(f"eps{eps:g}", {"dp": "example", "dp-epsilon": float(eps), **user_level}) for eps in args.epsilons]
     for level, dp in levels:
         name = f"bench-privacy-{level}-{stamp}"

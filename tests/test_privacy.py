@@ -174,6 +174,7 @@ def test_audit_refuses_unreadable_ledgers_naming_the_line(private_run, tmp_path,
     ({"server-dp": True, "server-dp-noise": 0.0}, "server-dp-noise"),
     ({"dp": "user", "lora-layers": 2}, "lora-layers"),
     ({"dp-sample-rate": 0.0}, "dp-sample-rate"),
+    ({"dp": "none", "server-dp": True}, "id-embeddings"),  # the id table's exact update would reach the server
 ])
 def test_settings_that_are_no_guarantee_are_refused_naming_the_key(overrides, key):
     from conftest import default_run_config
