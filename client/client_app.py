@@ -83,23 +83,22 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"simulated device failure (simulated-failure-rate={settings.simulated_failure_rate})")
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
-    seed = round_seed(settings, server_round, key, 0)  # data order and negatives: not privacy-relevant
     content = RecordDict()
     if settings.dp == "none":
+        seed = round_seed(settings, server_round, key, 0)  # data order and negatives
         result = train_local(model, data.split.train, epochs=settings.local_epochs, batch_size=settings.batch_size,
                              lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
         content["arrays"] = ArrayRecord(model.trainable_state())
         content["metrics"] = MetricRecord({"weight": result["num-examples"], "train-loss": result["train-loss"]})
         return Message(content, reply_to=msg)
     store = store_for(dict(context.node_config), context.state)
-    result, entry = private_round(model, data.split.train, settings, store, server_round, str(key), seed)
-    if result is None:  # budget spent, or no data: no update, only the decline
+    result, entry = private_round(model, data.split.train, settings, store, server_round, str(key))
+    if result is None:  # the budget is spent: no update, only the decline
         content["metrics"] = MetricRecord({"declined": 1})
     else:
         content["arrays"] = ArrayRecord(model.trainable_state())
         content["metrics"] = MetricRecord({"weight": 1.0})  # equal weights: a count would reveal n
-    if entry is not None:
-        content["ledger"] = ConfigRecord(entry.to_json())
+    content["ledger"] = ConfigRecord(entry.to_json())
     return Message(content, reply_to=msg)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,7 @@ class DeviceStore:
         state = Path(folder) / "state"
         self.calibration_path = state / "privacy_calibration.json"
         self.ledger_path = state / "privacy_ledger.jsonl"
+        self.head_path = state / "privacy_ledger_head.json"  # entry count and hash: a truncated ledger shows
         self.lock_path = state / "privacy.lock"
         self.where = str(state)
 
@@ -103,6 +105,7 @@ class DeviceStore:
                                           f"({self.calibration_path.name} is missing); refusing to train")
             self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
             self.ledger_path.touch()  # first: a calibration never exists without its ledger
+            self.write_head()
             write_json_atomic(self.calibration_path, planned)
             return planned
         if not self.ledger_path.exists():
@@ -117,6 +120,8 @@ class DeviceStore:
         return saved
 
     def ledger(self) -> list[LedgerEntry]:
+        if self.calibration_path.exists():
+            self.check_head()
         try:
             return read_ledger(self.ledger_path)
         except LedgerError as error:
@@ -124,6 +129,27 @@ class DeviceStore:
 
     def append(self, entry: LedgerEntry) -> None:
         append_entries(self.ledger_path, [entry])
+        self.write_head()  # a crash before this leaves one entry more than the head: over-counted, accepted
+
+    def ledger_lines(self) -> list[bytes]:
+        return self.ledger_path.read_bytes().splitlines(keepends=True) if self.ledger_path.exists() else []
+
+    def write_head(self) -> None:
+        lines = self.ledger_lines()
+        write_json_atomic(self.head_path, {"entries": len(lines), "sha256": hashlib.sha256(b"".join(lines)).hexdigest()})
+
+    def check_head(self) -> None:
+        """The ledger holds at least the entries the head counts, unchanged: a truncated,
+        rolled-back or edited ledger is refused (a whole state folder restored from a backup
+        is not detectable here)."""
+        try:
+            head = json.loads(self.head_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as error:
+            raise PrivacyAccountError(f"{self.head_path}: unreadable ({error}); refusing to train") from None
+        lines = self.ledger_lines()
+        if len(lines) < head["entries"] or hashlib.sha256(b"".join(lines[:head["entries"]])).hexdigest() != head["sha256"]:
+            raise PrivacyAccountError(f"{self.ledger_path}: {len(lines)} entries, but {head['entries']} were written, "
+                                      f"or they were changed since: a truncated or edited ledger is no fresh budget")
 
 
 Store = SimulatedStore | DeviceStore

@@ -32,18 +32,12 @@ def planned_calibration(settings: RunSettings, client: str) -> dict:
             "expected-batch": settings.dp_expected_batch, "window": settings.history}
 
 
-def sample_count(sequences: list, unit: str) -> int:
-    return sum(len(s) for s in sequences) if unit == "example" else sum(1 for s in sequences if len(s) >= 2)
-
-
 def private_round(model: Recommender, sequences: list, settings: RunSettings, store: Store, server_round: int,
-                  client: str, seed: int) -> tuple[dict | None, LedgerEntry | None]:
-    """(training result, or None if the client declined; the ledger entry written, or
-    None for a client with no data, whose decline then reveals nothing else)."""
+                  client: str) -> tuple[dict | None, LedgerEntry]:
+    """(training result, or None if the budget would be exceeded; the ledger entry written).
+    A client without data trains too (noise only): declining would release that it has none."""
     with store.lock():  # one round at a time per device: the check and the spend are one step
         calibration = store.calibration(planned_calibration(settings, client))
-        if sample_count(sequences, calibration["unit"]) == 0:
-            return None, None
         ledger = store.ledger()
         step = (calibration["noise-multiplier"], calibration["sample-rate"], calibration["steps-per-round"])
         history = history_of(ledger)
@@ -59,7 +53,7 @@ def private_round(model: Recommender, sequences: list, settings: RunSettings, st
             return None, entry
         data = private_data(sequences, model.config.history, calibration["unit"])
         result = train_private(model, data, step[0], calibration["max-grad-norm"], step[1], step[2],
-                               calibration["expected-batch"], settings.learning_rate, settings.dp_negatives, seed)
+                               calibration["expected-batch"], settings.learning_rate, settings.dp_negatives)
         spent = history + [step]
         entry = LedgerEntry(status="trained", steps=step[2], epsilon=epsilon(spent, delta, accountant),
                             **with_interaction(common, spent, calibration))

@@ -55,15 +55,21 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
     """Replay each client's (and the server's) history in ledger order and recompute every
     epsilon (and per-interaction epsilon) with the twin accountant; check every budget."""
     audit = RunAudit(Path(folder), read_run_ledger(Path(folder)))
-    by_client: dict[tuple, list[tuple[int, LedgerEntry]]] = defaultdict(list)
+    by_client: dict[str, list[tuple[int, LedgerEntry]]] = defaultdict(list)
     for line_no, entry in enumerate(audit.entries, start=1):
-        by_client[(entry.client, entry.unit)].append((line_no, entry))
+        by_client[entry.client].append((line_no, entry))
     for entries in by_client.values():
         history: list = []
+        first = entries[0][1]
         for line_no, entry in entries:  # ledger order is the client's own order
             if entry.status != "declined":
                 history.append(entry.step())
             check(audit, line_no, entry, history, tolerance)
+            changed = [k for k in ("unit", "delta", "accountant", "budget") if getattr(entry, k) != getattr(first, k)]
+            if changed:  # one client, one calibration: anything else restarts an account
+                audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
+                                            "field": ", ".join(changed), "claimed": entry.epsilon,
+                                            "recomputed": float("nan"), "problem": "changed since the client's first entry"})
     summary_path = Path(folder) / "summary.json"
     audit.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return audit
@@ -85,9 +91,10 @@ def check(audit: RunAudit, line_no: int, entry: LedgerEntry, history: list, tole
             audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
                                         "field": name, "claimed": claimed, "recomputed": recomputed,
                                         "problem": f"recomputed with {twin}"})
-    if entry.budget is not None and entry.epsilon > entry.budget * (1 + 1e-9):
+    spent = max(entry.epsilon, claims[0][2])  # the budget holds for the claim and for the recomputed value
+    if entry.budget is not None and spent > entry.budget * (1 + 1e-9):
         audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round, "field": "budget",
-                                    "claimed": entry.epsilon, "recomputed": entry.budget,
+                                    "claimed": spent, "recomputed": entry.budget,
                                     "problem": "spent more than its budget"})
 
 

@@ -148,13 +148,9 @@ def record_privacy(folder: RunFolder, settings: RunSettings, keys: dict[int, int
     for reply in stats.ok:
         if "ledger" not in reply.content:
             continue
-        where = f"the ledger entry of client {keys.get(reply.metadata.src_node_id)} in round {server_round}"
-        try:
-            entry = LedgerEntry.from_json(dict(reply.content["ledger"]), where)
-        except LedgerError as error:
-            log(WARNING, "fedrec: %s", error)
-            continue
-        entries.append(dataclasses.replace(entry, run=folder.path.name))
+        entry = client_entry(reply, keys, server_round)
+        if entry is not None:
+            entries.append(dataclasses.replace(entry, run=folder.path.name))
     if entries:
         out["client epsilon max"] = max(e.epsilon for e in entries)
     if settings.server_dp:
@@ -167,6 +163,30 @@ def record_privacy(folder: RunFolder, settings: RunSettings, keys: dict[int, int
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
+
+
+def client_entry(reply: Message, keys: dict[int, int], server_round: int) -> LedgerEntry | None:
+    """A reply's ledger entry, attributed to the node that sent it (not to whatever client
+    the entry names), or None (logged) if it is not a valid client entry."""
+    client = str(keys.get(reply.metadata.src_node_id))
+    try:
+        entry = LedgerEntry.from_json(dict(reply.content["ledger"]), f"client {client}'s entry, round {server_round}")
+    except LedgerError as error:
+        log(WARNING, "fedrec: %s", error)
+        return None
+    if entry.client != client or entry.round != server_round:
+        log(WARNING, "fedrec: client %s sent an entry for client %s, round %d", client, entry.client, entry.round)
+        return None
+    return entry
+
+
+def accounted(replies: list[Message], keys: dict[int, int], settings: RunSettings, server_round: int
+              ) -> list[Message]:
+    """Under client DP, only updates whose spend the ledger records are aggregated."""
+    if settings.dp == "none":
+        return replies
+    return [r for r in replies if "ledger" in r.content and (entry := client_entry(r, keys, server_round))
+            is not None and entry.status == "trained"]
 
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
@@ -286,7 +306,8 @@ def main(grid: Grid, context: Context) -> None:
         started = time.time()
         messages = list(strategy.configure_train(server_round, array_record(arrays), ConfigRecord(), grid))
         stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
-        aggregated, train_metrics = strategy.aggregate_train(server_round, stats.trained)
+        aggregated, train_metrics = strategy.aggregate_train(server_round,
+                                                             accounted(stats.trained, keys, settings, server_round))
         if aggregated is not None:
             arrays = numpy_arrays(aggregated)
         line = {

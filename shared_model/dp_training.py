@@ -12,14 +12,17 @@ catalog, so per-sample gradients are exact (tests/test_dp_training.py checks the
 What a step releases depends on the data only through the clipped gradients: the Poisson
 rate, the number of steps and the number the noisy sum is divided by are public settings
 (dividing by the realised batch or by the client's size would release that size, and the
-add/remove accounting would no longer hold). The noise and the Poisson draws come from OS
-entropy (shared_model.fresh_randomness), the noise through Opacus's secure mode (the sum
-of four Gaussians, against floating-point attacks on the sampler); the sampled negatives
-are public randomness and follow the run seed.
+add/remove accounting would no longer hold). The noise, the Poisson draws and each sample's
+negatives come from one numpy generator seeded with 128 bits of OS entropy
+(shared_model.fresh_randomness): torch's CPU generator keeps only the low 32 bits of a
+seed, few enough for a server to search. Each sample's negatives are fresh draws of its
+own, so no sample's loss depends on which others were sampled. The noise is Opacus's
+secure sampler (the sum of four Gaussians, halved) against floating-point attacks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from shared_model.fresh_randomness import fresh_torch_generator
+from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.recommender import Recommender, example_loss, left_pad
 from shared_model.training import make_examples
 
@@ -73,13 +76,13 @@ def user_loss(model: Recommender, inputs: torch.Tensor, mask: torch.Tensor, targ
     return ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def sample_loss(model: Recommender, data: PrivateData, batch: list[torch.Tensor], negatives: int,
-                generator: torch.Generator) -> torch.Tensor:
+def sample_loss(model: Recommender, data: PrivateData, batch: list[torch.Tensor], negatives: torch.Tensor
+                ) -> torch.Tensor:
+    """Mean loss of a batch of samples, each against its own catalog negatives [B, N]."""
     first, mask, last = batch
-    sampled = torch.randint(model.n_items, (len(first), negatives), generator=generator)
     if data.unit == "example":
-        return example_loss(model, first, mask, last, sampled)
-    return user_loss(model, first, mask, last, sampled)
+        return example_loss(model, first, mask, last, negatives)
+    return user_loss(model, first, mask, last, negatives)
 
 
 def switch_off_dropout(model: Recommender) -> None:
@@ -101,6 +104,34 @@ def check_private_model(model: Recommender) -> None:
                          "than the top encoder layer Opacus's per-sample gradients would be wrong")
 
 
+def gaussian_like(reference: torch.Tensor, std: float, randomness: np.random.Generator, secure: bool) -> torch.Tensor:
+    """N(0, std^2) noise shaped like the reference; secure: Opacus's floating-point-safe
+    sampler (the sum of four draws, halved; Holohan and Braghin 2021, section 5.1)."""
+    draws = 4 if secure else 1
+    total = sum(randomness.standard_normal(tuple(reference.shape)) for _ in range(draws))
+    return torch.as_tensor(total * (std / math.sqrt(draws)), dtype=reference.dtype)
+
+
+def private_optimizer(optimizer: torch.optim.Optimizer, noise_multiplier: float, max_grad_norm: float,
+                      expected_batch: float, randomness: np.random.Generator, secure_noise: bool):
+    """Opacus's DPOptimizer (clipping, summing, scaling by the expected batch) with its noise
+    drawn from a numpy generator instead of a torch one (checked against opacus 1.6)."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class FreshNoiseDPOptimizer(DPOptimizer):
+        def add_noise(self) -> None:  # DPOptimizer.add_noise, with the noise from `randomness`
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm, randomness,
+                                      secure_noise)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return FreshNoiseDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 expected_batch_size=expected_batch, loss_reduction="mean")
+
+
 def train_private(
     model: Recommender,
     data: PrivateData,
@@ -111,39 +142,34 @@ def train_private(
     expected_batch: float,
     lr: float,
     negatives: int,
-    seed: int,
-    private_randomness: torch.Generator | None = None,
+    private_randomness: np.random.Generator | None = None,
     secure_noise: bool = True,
 ) -> dict[str, float]:
     """`steps` DP-SGD steps, each on a Poisson sample of the data at `sample_rate`, the sum
-    of clipped per-sample gradients plus N(0, (z C)^2) divided by `expected_batch`.
+    of clipped per-sample gradients plus N(0, (z C)^2) divided by `expected_batch`. With no
+    data every step is noise only (a client's size is not released by declining).
 
-    private_randomness: the generator of the noise and the Poisson draws; None (always, in
-    the apps) draws a fresh one from OS entropy. Tests pass a seeded one as the control that
-    shows what an adversary who can replay it would learn. secure_noise=False (one Gaussian
-    draw per coordinate, open to floating-point attacks) only to measure what it costs."""
+    private_randomness: the generator of the Poisson draws, negatives and noise; None (always,
+    in the apps) draws a fresh one from OS entropy. Tests pass a seeded one as the control
+    that shows what an adversary who can replay it would learn. secure_noise=False (one
+    Gaussian draw per coordinate, open to floating-point attacks) only to measure its cost."""
     check_private_model(model)
-    if len(data) == 0:
-        raise ValueError("no samples to train on (a client without data declines instead)")
     from opacus import GradSampleModule  # on use: a non-private ClientApp process skips its import time
-    from opacus.optimizers import DPOptimizer
 
-    private_randomness = private_randomness or fresh_torch_generator()
-    public_randomness = torch.Generator().manual_seed(seed)  # the sampled negatives
+    randomness = private_randomness or fresh_numpy_generator()
     model.train()  # Opacus refuses a module in eval mode (a reused model may have been evaluated)
     wrapped = GradSampleModule(model, loss_reduction="mean")
-    optimizer = DPOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr),
-                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                            expected_batch_size=expected_batch, loss_reduction="mean",
-                            generator=private_randomness, secure_mode=secure_noise)
+    optimizer = private_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr),
+                                  noise_multiplier, max_grad_norm, expected_batch, randomness, secure_noise)
     switch_off_dropout(model)
     losses = []
     try:
         for _ in range(steps):
-            picked = torch.rand(len(data), generator=private_randomness) < sample_rate  # Poisson sampling
+            picked = torch.from_numpy(randomness.random(len(data)) < sample_rate)  # Poisson sampling
             batch = [t[picked] for t in data.tensors.tensors]
+            sampled = torch.from_numpy(randomness.integers(model.n_items, size=(len(batch[0]), negatives)))
             optimizer.zero_grad(set_to_none=True)
-            loss = sample_loss(model, data, batch, negatives, public_randomness)
+            loss = sample_loss(model, data, batch, sampled)
             loss.backward()
             optimizer.step()  # an empty Poisson batch still steps: noise only
             if len(batch[0]):
@@ -168,7 +194,8 @@ def train_plain(model: Recommender, data: PrivateData, batch_size: int, lr: floa
         for start in range(0, len(data), batch_size):
             idx = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = sample_loss(model, data, [t[idx] for t in data.tensors.tensors], negatives, generator)
+            sampled = torch.randint(model.n_items, (len(idx), negatives), generator=generator)
+            loss = sample_loss(model, data, [t[idx] for t in data.tensors.tensors], sampled)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

@@ -12,18 +12,9 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
-import torch
-
-
-def fresh_seed() -> int:
-    """63 bits of OS entropy (what a torch generator's seed holds)."""
-    return secrets.randbits(63)
-
-
-def fresh_torch_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(fresh_seed())
 
 
 def fresh_numpy_generator() -> np.random.Generator:
-    """numpy's PCG64 seeded with 128 bits of OS entropy."""
+    """numpy's PCG64 seeded with 128 bits of OS entropy. (Not a torch generator: torch's CPU
+    generator keeps only the low 32 bits of its seed, a space a server can search.)"""
     return np.random.default_rng(secrets.randbits(128))

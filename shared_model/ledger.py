@@ -63,8 +63,12 @@ class LedgerEntry:
             problems.append(f"sample-rate {self.sample_rate} is not in (0, 1]")
         if not 0 < self.delta < 1:
             problems.append(f"delta {self.delta} is not in (0, 1)")
-        if self.steps < 0 or (self.status == "declined" and self.steps):
-            problems.append(f"steps {self.steps} (a decline spends none)")
+        if (self.status == "declined") != (self.steps == 0) or self.steps < 0:
+            problems.append(f"steps {self.steps} with status {self.status!r} (a decline spends none, a spend some)")
+        if (self.client == "server") != (self.status == "aggregated"):
+            problems.append(f"status {self.status!r} for client {self.client!r} (only the server aggregates)")
+        if self.client != "server" and self.budget is None:
+            problems.append("a client's entry needs its budget")
         if self.unit == "example" and self.client != "server" and (self.window is None or self.window < 1):
             problems.append("an example-level entry needs its window W")
         if problems:

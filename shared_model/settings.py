@@ -133,6 +133,9 @@ class RunSettings:
             (self.dp_negatives >= 1, "dp-negatives", "must be at least 1"),
             (self.dp_accountant in ACCOUNTANTS, "dp-accountant", f"must be one of {ACCOUNTANTS}"),
             (self.server_dp_noise > 0, "server-dp-noise", "must be positive (zero noise is no DP; set server-dp = false)"),
+            (not self.server_dp or self.partitioning == "per-user", "server-dp",
+             "needs partitioning 'per-user' (one user a client): in a silo one user changes the silo's clipped update "
+             "by up to twice the clip, so DP-FedAvg's epsilon would not be user-level"),
             (not (self.server_dp and self.dp == "none" and self.id_embeddings), "id-embeddings",
              "must be false with server-dp and dp = 'none': each client's exact update reaches the server, and an "
              "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),

@@ -51,7 +51,7 @@ def main() -> None:
             else:
                 seeded = name == "dp seeded"
                 train_private(model, data, 1.0, 1.0, rate, math.ceil(1 / rate), args.batch_size, 0.5, args.negatives,
-                              user, private_randomness=torch.Generator().manual_seed(user) if seeded else None,
+                              private_randomness=np.random.default_rng(user) if seeded else None,
                               secure_noise=not seeded)
             times[name].append(time.perf_counter() - started)
     result = {name: {"median seconds": float(np.median(t)), "mean seconds": float(np.mean(t))}

@@ -76,7 +76,7 @@ def train_audited(model, train: PrivateData, claimed: float | None, delta: float
     rate = batch_size / len(train)
     steps = epochs * math.ceil(1 / rate)
     train_private(model, train, noise_multiplier(claimed, rate, steps, delta), 1.0, rate, steps, batch_size, lr,
-                  negatives, seed)
+                  negatives)
 
 
 def main() -> None:

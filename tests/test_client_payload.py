@@ -71,8 +71,9 @@ def test_private_client_reports_its_ledger_and_declines_when_the_budget_is_spent
     assert set(replies[0].content.keys()) == {"arrays", "metrics", "ledger"}
 
 
-def test_a_private_client_without_data_declines_and_says_nothing_else(tmp_path):
-    """A device whose one user has a single interaction has no user-level sample to train on."""
+def test_a_private_client_without_data_sends_noise_like_any_other(tmp_path):
+    """A device whose one user has a single interaction has no user-level sample to train on;
+    declining would tell the server so, so it sends a noise-only update and records it."""
     settings = RunSettings.from_run_config(default_run_config(**{"synthetic-users": 20}))
     write_device(tmp_path, settings.load_dataset(), np.array([0]))
     rows = (tmp_path / "interactions.csv").read_text().splitlines()
@@ -82,4 +83,5 @@ def test_a_private_client_without_data_declines_and_says_nothing_else(tmp_path):
     reply = deliver(MessageType.TRAIN, context, RecordDict({"arrays": global_state(context.run_config),
                                                         "config": ConfigRecord({"server-round": 1})}))
     assert not reply.has_error()
-    assert set(reply.content.keys()) == {"metrics"} and dict(reply.content["metrics"]) == {"declined": 1}
+    assert set(reply.content.keys()) == {"arrays", "metrics", "ledger"}
+    assert dict(reply.content["metrics"]) == {"weight": 1.0} and reply.content["ledger"]["status"] == "trained"

@@ -1,12 +1,12 @@
 """Opacus on this model, PEFT LoRA included: per-sample gradients are exact, and a DP step
 without noise or clipping is a plain step (the traps of DESIGN.md's privacy rule 7)."""
 
+import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule, PrivacyEngine
-from torch.utils.data import DataLoader
+from opacus import GradSampleModule
 
-from shared_model.dp_training import private_data, sample_loss, train_private
+from shared_model.dp_training import private_data, private_optimizer, sample_loss, train_private
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out
 from shared_model.synthetic import SyntheticConfig, generate
@@ -41,29 +41,18 @@ def test_per_sample_gradients_equal_per_example_autograd(world, unit):
     data = private_data(split.train[:12], model.config.history, unit)
     batch = [t[:6] for t in data.tensors.tensors]
     gsm = GradSampleModule(model, loss_reduction="sum")
-    loss = sample_loss(model, data, batch, 8, torch.Generator().manual_seed(1)) * len(batch[0])
+    negatives = torch.randint(model.n_items, (len(batch[0]), 8), generator=torch.Generator().manual_seed(1))
+    loss = sample_loss(model, data, batch, negatives) * len(batch[0])
     loss.backward()
     per_sample = {n: p.grad_sample.clone() for n, p in trainable(model)}
     gsm.to_standard_module()
     for i in range(len(batch[0])):
         model.zero_grad()
-        generator = torch.Generator().manual_seed(1)
-        negatives = torch.randint(model.n_items, (len(batch[0]), 8), generator=generator)[i:i + 1]
         one = [t[i:i + 1] for t in batch]
-        loss_i = sample_loss_with(model, data, one, negatives)  # the negatives sample i had in the batch
+        loss_i = sample_loss(model, data, one, negatives[i:i + 1])  # the negatives sample i had in the batch
         loss_i.backward()
         for name, p in trainable(model):
             assert torch.allclose(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4), (unit, name)
-
-
-def sample_loss_with(model, data, batch, negatives):
-    from shared_model.dp_training import user_loss
-    from shared_model.recommender import example_loss
-
-    first, mask, last = batch
-    if data.unit == "example":
-        return example_loss(model, first, mask, last, negatives)
-    return user_loss(model, first, mask, last, negatives)
 
 
 def test_dp_step_without_noise_or_clipping_is_a_plain_step(world):
@@ -73,18 +62,15 @@ def test_dp_step_without_noise_or_clipping_is_a_plain_step(world):
     batch = list(data.tensors.tensors)
     lr = 0.5
 
+    negatives = torch.randint(plain.n_items, (len(data), 8), generator=torch.Generator().manual_seed(5))
     optimizer = torch.optim.SGD([p for _, p in trainable(plain)], lr=lr)
-    sample_loss(plain, data, batch, 8, torch.Generator().manual_seed(5)).backward()
+    sample_loss(plain, data, batch, negatives).backward()
     optimizer.step()
 
-    engine = PrivacyEngine()
-    loader = DataLoader(data.tensors, batch_size=len(data))
-    optimizer = torch.optim.SGD([p for _, p in trainable(private)], lr=lr)
-    wrapped, optimizer, loader = engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
-                                                     noise_multiplier=0.0, max_grad_norm=1e9,
-                                                     poisson_sampling=False)
-    (full,) = list(loader)
-    sample_loss(private, data, full, 8, torch.Generator().manual_seed(5)).backward()
+    wrapped = GradSampleModule(private, loss_reduction="mean")
+    optimizer = private_optimizer(torch.optim.SGD([p for _, p in trainable(private)], lr=lr), 0.0, 1e9,
+                                  len(data), np.random.default_rng(0), secure_noise=True)
+    sample_loss(private, data, batch, negatives).backward()
     optimizer.step()
     wrapped.to_standard_module()
     for (name, a), (_, b) in zip(trainable(plain), trainable(private)):
@@ -98,7 +84,7 @@ def test_private_training_steps_and_leaves_no_hooks(world):
     before = {n: p.detach().clone() for n, p in trainable(model)}
     data = private_data(split.train, model.config.history, "example")
     result = train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, steps=3,
-                           expected_batch=32, lr=0.1, negatives=16, seed=0)
+                           expected_batch=32, lr=0.1, negatives=16)
     assert result["steps"] == 3 and result["sample-rate"] == 0.2  # the rate and steps that ran: public settings
     assert all(not torch.equal(before[n], p) for n, p in trainable(model))
     assert not any(m._forward_hooks for m in model.modules())
@@ -114,7 +100,7 @@ def test_private_training_runs_without_dropout(world):
     model.blocks[0].dropout.register_forward_hook(lambda module, args, out: seen.append(module.training))
     data = private_data(split.train[:10], model.config.history, "example")
     train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2, expected_batch=16,
-                  lr=0.1, negatives=8, seed=0)
+                  lr=0.1, negatives=8)
     assert seen and not any(seen)
     model.train()
     assert model.blocks[0].dropout.training and model.blocks[0].attention.dropout.training
@@ -125,7 +111,7 @@ def test_a_second_lora_layer_is_refused_under_dp(world):
     model = fresh_model(world, lora_layers=2)
     data = private_data(split.train[:4], model.config.history, "example")
     with pytest.raises(ValueError, match="lora-layers 0 or 1"):
-        train_private(model, data, 1.0, 1.0, 0.5, 1, 8, 0.1, 8, 0)
+        train_private(model, data, 1.0, 1.0, 0.5, 1, 8, 0.1, 8)
 
 
 def test_an_empty_poisson_batch_still_adds_noise(world):
@@ -133,7 +119,31 @@ def test_an_empty_poisson_batch_still_adds_noise(world):
     model = fresh_model(world)
     before = {n: p.detach().clone() for n, p in trainable(model)}
     data = private_data(split.train[:2], model.config.history, "user")
-    result = train_private(model, data, 1.0, 1.0, sample_rate=1e-9, steps=1, expected_batch=1, lr=0.1, negatives=8,
-                           seed=0)
+    result = train_private(model, data, 1.0, 1.0, sample_rate=1e-9, steps=1, expected_batch=1, lr=0.1, negatives=8)
     assert result["train-loss"] == 0.0  # nobody was sampled
     assert all(not torch.equal(before[n], p) for n, p in trainable(model))  # yet the step moved every weight
+
+
+def test_no_data_at_all_still_steps_with_noise(world):
+    """A client without data sends a noise-only update like any other (declining would
+    release that it has none)."""
+    model = fresh_model(world)
+    before = {n: p.detach().clone() for n, p in trainable(model)}
+    result = train_private(model, private_data([], model.config.history, "user"), 1.0, 1.0, sample_rate=1.0,
+                           steps=2, expected_batch=10, lr=0.1, negatives=8)
+    assert result["steps"] == 2 and all(not torch.equal(before[n], p) for n, p in trainable(model))
+
+
+def test_the_noise_has_std_z_c_over_the_expected_batch_and_is_fresh(world):
+    """One noise-only step (nobody sampled): each coordinate moved by lr x N(0, (z C / B)^2),
+    drawn from 128 bits of OS entropy (two runs differ)."""
+    def moved():
+        model = fresh_model(world)
+        before = torch.cat([p.detach().flatten().clone() for _, p in trainable(model)])
+        train_private(model, private_data([], model.config.history, "user"), 2.0, 0.5, sample_rate=1.0, steps=1,
+                      expected_batch=4, lr=0.1, negatives=8)
+        return torch.cat([p.detach().flatten() for _, p in trainable(model)]) - before
+
+    first, second = moved(), moved()
+    assert first.std().item() == pytest.approx(0.1 * 2.0 * 0.5 / 4, rel=0.05)
+    assert not torch.equal(first, second)

@@ -171,10 +171,11 @@ def test_audit_refuses_unreadable_ledgers_naming_the_line(private_run, tmp_path,
 @pytest.mark.parametrize("overrides, key", [
     ({"dp-epsilon": float("inf")}, "dp-epsilon"),
     ({"dp-delta": float("nan")}, "dp-delta"),
-    ({"server-dp": True, "server-dp-noise": 0.0}, "server-dp-noise"),
+    ({"server-dp": True, "server-dp-noise": 0.0, "partitioning": "per-user", "dp": "example"}, "server-dp-noise"),
+    ({"server-dp": True, "dp": "example"}, "server-dp"),  # silos: one user is not one client
     ({"dp": "user", "lora-layers": 2}, "lora-layers"),
     ({"dp-sample-rate": 0.0}, "dp-sample-rate"),
-    ({"dp": "none", "server-dp": True}, "id-embeddings"),  # the id table's exact update would reach the server
+    ({"dp": "none", "server-dp": True, "partitioning": "per-user"}, "id-embeddings"),  # the id table's exact update would reach the server
 ])
 def test_settings_that_are_no_guarantee_are_refused_naming_the_key(overrides, key):
     from conftest import default_run_config

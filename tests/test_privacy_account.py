@@ -56,6 +56,19 @@ def test_deleting_the_calibration_is_no_fresh_budget_either(device):
         train(device, 2)
 
 
+@pytest.mark.parametrize("how", ["emptied", "last entry dropped", "edited"])
+def test_a_truncated_or_edited_ledger_is_no_fresh_budget(device, how):
+    train(device, 1)
+    train(device, 2)
+    path = device / "state" / "privacy_ledger.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    changed = {"emptied": [], "last entry dropped": lines[:1],
+               "edited": [lines[0].replace('"round": 1', '"round": 7')] + lines[1:]}[how]
+    path.write_text("".join(changed))
+    with pytest.raises(PrivacyAccountError, match="truncated or edited ledger"):
+        train(device, 3)
+
+
 def test_a_torn_ledger_line_fails_closed_naming_the_file_and_line(device):
     train(device, 1)
     with open(device / "state" / "privacy_ledger.jsonl", "a") as f:
