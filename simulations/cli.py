@@ -142,15 +142,16 @@ def cmd_prepare_device(args: argparse.Namespace) -> int:
 
 def cmd_privacy(args: argparse.Namespace) -> int:
     from shared_model import privacy
+    from shared_model.privacy import RELATION
 
     if args.privacy_command == "epsilon":
         eps = privacy.epsilon([(args.noise_multiplier, args.sample_rate, args.steps)], args.delta, args.accountant)
-        print(f"epsilon {eps:.4f} (delta {args.delta:g}, accountant {args.accountant}, noise {args.noise_multiplier}, "
-              f"sample rate {args.sample_rate}, {args.steps} steps)")
+        print(f"epsilon {eps:.4f} (delta {args.delta:g}, accountant {args.accountant}, {RELATION}, noise "
+              f"{args.noise_multiplier}, sample rate {args.sample_rate}, {args.steps} steps)")
     elif args.privacy_command == "noise":
         z = privacy.noise_multiplier(args.epsilon, args.sample_rate, args.steps, args.delta, args.accountant)
         print(f"noise multiplier {z:.4f} (epsilon {args.epsilon} at delta {args.delta:g}, accountant "
-              f"{args.accountant}, sample rate {args.sample_rate}, {args.steps} steps)")
+              f"{args.accountant}, {RELATION}, sample rate {args.sample_rate}, {args.steps} steps)")
     else:
         bound = privacy.audit_lower_bound(args.canaries, args.guesses, args.correct, args.delta, args.confidence)
         print(f"epsilon lower bound {bound:.4f} ({args.correct} of {args.guesses} guesses right, {args.canaries} "
