@@ -138,30 +138,33 @@ def is_private(settings: RunSettings) -> bool:
     return settings.dp != "none" or settings.server_dp
 
 
-def record_privacy(folder: RunFolder, settings: RunSettings, keys: dict[int, int], server_round: int,
-                   stats: RoundStats) -> dict:
+def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, received: list[LedgerEntry],
+                   server_history: list) -> dict:
     """Write the clients' ledger entries and the round's DP-FedAvg event (its epsilon
-    computed here, over every aggregation the ledger holds) to the server's ledger; return
-    the round's privacy figures for the metrics line."""
+    computed here, over every aggregation so far: `server_history`, extended in place) to
+    the server's ledger; return the round's privacy figures for the metrics line."""
     out: dict = {}
-    entries = []
-    for reply in stats.ok:
-        if "ledger" not in reply.content:
-            continue
-        entry = client_entry(reply, keys, server_round)
-        if entry is not None:
-            entries.append(dataclasses.replace(entry, run=folder.path.name))
+    entries = [dataclasses.replace(entry, run=folder.path.name) for entry in received]
     if entries:
         out["client epsilon max"] = max(e.epsilon for e in entries)
     if settings.server_dp:
         step = (settings.server_dp_noise, settings.server_dp_sample_rate, 1)
-        spent = history_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"]) + [step]
-        eps = epsilon(spent, settings.dp_delta, settings.dp_accountant)
+        server_history.append(step)
+        eps = epsilon(server_history, settings.dp_delta, settings.dp_accountant)
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
                                    noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
                                    accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name))
         out["user epsilon"] = eps
     folder.append_ledger(entries)
+    return out
+
+
+def client_entries(replies: list[Message], keys: dict[int, int], server_round: int) -> dict[int, LedgerEntry]:
+    """The valid ledger entry of each reply that carries one, by sending node."""
+    out = {}
+    for reply in replies:
+        if "ledger" in reply.content and (entry := client_entry(reply, keys, server_round)) is not None:
+            out[reply.metadata.src_node_id] = entry
     return out
 
 
@@ -180,13 +183,12 @@ def client_entry(reply: Message, keys: dict[int, int], server_round: int) -> Led
     return entry
 
 
-def accounted(replies: list[Message], keys: dict[int, int], settings: RunSettings, server_round: int
-              ) -> list[Message]:
+def accounted(replies: list[Message], entries: dict[int, LedgerEntry], settings: RunSettings) -> list[Message]:
     """Under client DP, only updates whose spend the ledger records are aggregated."""
     if settings.dp == "none":
         return replies
-    return [r for r in replies if "ledger" in r.content and (entry := client_entry(r, keys, server_round))
-            is not None and entry.status == "trained"]
+    return [r for r in replies if (entry := entries.get(r.metadata.src_node_id)) is not None
+            and entry.status == "trained"]
 
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
@@ -295,6 +297,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
     evaluate = evaluation(grid, optimizer, settings, model, simulation)
+    # DP-FedAvg's aggregations so far (a resumed run's included), read once, then kept here
+    server_history = history_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"])
     if checkpoint is None:  # where training starts from, for the plot and the record
         line = {"round": 0, **evaluate(0, arrays)}
         folder.append_metrics(line)
@@ -306,8 +310,8 @@ def main(grid: Grid, context: Context) -> None:
         started = time.time()
         messages = list(strategy.configure_train(server_round, array_record(arrays), ConfigRecord(), grid))
         stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
-        aggregated, train_metrics = strategy.aggregate_train(server_round,
-                                                             accounted(stats.trained, keys, settings, server_round))
+        received = client_entries(stats.ok, keys, server_round)  # parsed once: for aggregation and the ledger
+        aggregated, train_metrics = strategy.aggregate_train(server_round, accounted(stats.trained, received, settings))
         if aggregated is not None:
             arrays = numpy_arrays(aggregated)
         line = {
@@ -325,7 +329,7 @@ def main(grid: Grid, context: Context) -> None:
                 best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
                 best_arrays = arrays
-        line.update(record_privacy(folder, settings, keys, server_round, stats))
+        line.update(record_privacy(folder, settings, server_round, list(received.values()), server_history))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         if is_private(settings):  # the final model is kept: no round is picked on the clients' data

@@ -4,7 +4,8 @@ clients, canary inclusion in audits.
 Each use draws a new seed from the operating system's entropy (`secrets`), never from the
 run seed: the server knows the run seed (it is in config.json), and noise it can replay
 protects nothing. The run seed keeps governing what privacy does not rest on
-(initialisation, data order, sampled negatives), so non-private runs stay reproducible.
+(initialisation, and in non-private runs data order, negatives and client sampling), so
+non-private runs stay reproducible.
 """
 
 from __future__ import annotations
