@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flwr.cli.utils import SUPERLINK_UNAVAILABLE_MESSAGE
+
 from server.certificates import make_certificates
 from simulations.flower_runner import REPO, toml_value
 
@@ -73,24 +75,39 @@ class Deployment:
         return (self.root / f"{name}.log").read_text()
 
     def start_superlink(self) -> None:
-        """flower-superlink with TLS, SuperNode authentication and a persistent database."""
+        """flower-superlink with TLS, SuperNode authentication and a persistent database.
+
+        Returns at once: every `flwr` command after it waits for the SuperLink (see `cli`).
+        """
         wait_until_free(self.port)
         self._start("superlink", [
             "flower-superlink", "--ssl-ca-certfile", str(self.certs["ca-cert"]),
             "--ssl-certfile", str(self.certs["superlink-cert"]), "--ssl-keyfile", str(self.certs["superlink-key"]),
             "--enable-supernode-auth", "--database", str(self.root / "superlink.db"),
             "--host", "127.0.0.1", "--port", str(self.port)], self.home)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.cli("ls", CONNECTION, "--format", "json").returncode == 0:
-                return
-            time.sleep(1)
-        raise RuntimeError(f"the SuperLink did not come up:\n{self.log('superlink')[-3000:]}")
 
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """A `flwr` command against this deployment (args name the connection where needed)."""
-        return subprocess.run(["flwr", *args], cwd=REPO, env=self.env(self.home), capture_output=True, text=True,
-                              timeout=timeout)
+    def cli(self, *args: str, timeout: float = 300, ready_within: float = 90) -> subprocess.CompletedProcess:
+        """A `flwr` command against this deployment (args name the connection where needed).
+
+        Readiness is checked by the command itself: while the SuperLink is starting (or
+        one of its APIs is not serving yet) `flwr` answers "unavailable", and the command
+        is retried until `ready_within` seconds have passed. A SuperLink that exited is
+        reported with its log.
+        """
+        deadline = time.time() + ready_within
+        while True:
+            done = subprocess.run(["flwr", *args], cwd=REPO, env=self.env(self.home), capture_output=True,
+                                  text=True, timeout=timeout)
+            if SUPERLINK_UNAVAILABLE_MESSAGE[:40] not in done.stdout + done.stderr:
+                return done
+            superlink = self.processes.get("superlink")
+            if superlink is not None and superlink.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited ({superlink.returncode}):\n{self.log('superlink')[-3000:]}")
+            if time.time() > deadline:
+                log = self.log("superlink")[-3000:] if superlink is not None else "(not started here)"
+                raise RuntimeError(f"`flwr {' '.join(args)}`: the SuperLink was unavailable for {ready_within:.0f} s:\n"
+                                   f"{log}")
+            time.sleep(1)
 
     def register(self, node: int) -> int:
         """`flwr supernode register <public key>`: returns the node id."""

@@ -18,7 +18,7 @@ from server.run_folder import saved_round
 from shared_model.data import load_dataset
 from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences
-from simulations.deployment_runner import Deployment
+from simulations.deployment_runner import CONNECTION, Deployment
 
 USERS, DEVICES = 300, 4  # device 3 is the one that dies
 UNREGISTERED = DEVICES  # the key index of the refused SuperNode
@@ -99,3 +99,15 @@ def test_a_restarted_serverapp_continues_from_its_checkpoint(deployment):
     _, _, log = deployment["second"]
     assert "resuming edge after round 1" in log
     assert "[round 1/2]" not in log and "[round 2/2]" in log  # round 1 is not redone
+
+
+def test_commands_right_after_the_superlink_starts_wait_for_it(tmp_path):
+    """`flwr` commands retry while the SuperLink is unavailable, up to a deadline: a
+    `flwr supernode register` issued while the SuperLink is still starting succeeds (it used
+    to fail at random with "Connection to the SuperLink is unavailable")."""
+    with Deployment(tmp_path, port=19293, nodes=1) as d:
+        with pytest.raises(RuntimeError, match="unavailable for 3 s"):
+            d.cli("ls", CONNECTION, ready_within=3)  # nothing listens yet
+        d.start_superlink()
+        assert d.register(0) > 0
+        assert d.processes["superlink"].poll() is None
