@@ -2,7 +2,7 @@
 TLS and SuperNode authentication, SuperNodes as separate processes each reading its own
 device directory, and `flwr run . <connection>`. Every process it starts, it stops.
 
-The commands are the ones README.md gives for a deployment across machines.
+The commands are the ones docs/deployment.md gives for a deployment across machines.
 """
 
 from __future__ import annotations
