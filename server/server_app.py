@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from server.plots import plot_rounds
 from server.run_folder import Checkpoint, RunFolder
@@ -267,7 +268,7 @@ def evaluation(grid: Grid, optimizer: SeededFedAdam, settings: RunSettings, mode
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     session_started = time.time()
-    simulation = type(grid).__name__ == "InMemoryGrid"
+    simulation = isinstance(grid, InMemoryGrid)
     if simulation:  # the link state is in this process
         speed_up_in_memory_link_state()
     settings = RunSettings.from_run_config(context.run_config)
