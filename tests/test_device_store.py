@@ -46,3 +46,11 @@ def test_bad_device_files_name_file_and_line(world, tmp_path):
         read_device(tmp_path)
     with pytest.raises(DataError, match="not a prepared device directory"):
         read_device(tmp_path / "missing")
+
+
+def test_a_torn_catalog_line_names_file_and_line(world, tmp_path):
+    write_device(tmp_path, world, np.array([1]))
+    lines = (tmp_path / "catalog.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "catalog.jsonl").write_text("".join(lines[:-1]) + lines[-1][:10])
+    with pytest.raises(DataError, match=rf"catalog\.jsonl:{len(lines)}: not JSON"):
+        read_device(tmp_path)
