@@ -25,7 +25,13 @@ FORMAT = 1
 
 def write_device(out: Path, dataset: Dataset, users: np.ndarray) -> Path:
     """Write one device's directory: the catalog and the interactions of `users` only."""
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory: name a new or a device directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a parent that is a file
+        raise DataError(f"{out}: cannot create the device directory: {error.strerror}") from None
     catalog = dataset.catalog
     with open(out / "catalog.jsonl", "w") as f:
         for i, text in enumerate(catalog.texts):
