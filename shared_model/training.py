@@ -136,8 +136,7 @@ def train_sequences(
 
 
 def make_optimizer(model: Recommender, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.trainable_parameters().values(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_local(
@@ -152,7 +151,7 @@ def train_local(
     """A client's local work: plain SGD over its own sequences for `epochs` passes
     (at most `max_steps` steps in all, when that is positive)."""
     chunks = sequence_chunks(sequences, model.config.history)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.SGD(model.trainable_parameters().values(), lr=lr)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     losses, steps = [], 0
