@@ -50,20 +50,17 @@ def _process_runs(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except PermissionError:  # it runs, as another user
         return True
     return True
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
+def remove_stale_temps(folder: Path) -> None:
     """Remove the temporary files in `folder` whose writer no longer runs (killed mid-write)."""
-    removed = []
     for path in Path(folder).glob(".*.tmp-*"):
         match = TEMP_NAME.match(path.name)
         if match and int(match.group(1)) != os.getpid() and not _process_runs(int(match.group(1))):
             path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes, private: bool = False, exclusive: bool = False) -> bool:
