@@ -119,12 +119,12 @@ def _check_timestamps(times: np.ndarray, lines_of: list[int], path: Path) -> Non
     history, changing the split."""
     if not len(times):
         return
-    floor = np.median(times) / 10
-    bad = np.flatnonzero((times < 0) | (times < floor))
+    median = float(np.median(times))
+    bad = np.flatnonzero(times < max(median / 10, 0))
     if len(bad):
         row = int(bad[0])
         raise DataError(f"{path}:{lines_of[row]}: field 'timestamp' is {int(times[row])}, implausible beside the "
-                        f"file's median {int(np.median(times))} (a cut or edited line?)")
+                        f"file's median {int(median)} (a cut or edited line?)")
 
 
 def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
