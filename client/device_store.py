@@ -11,32 +11,27 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import secrets
 from pathlib import Path
 
 import numpy as np
 
 from shared_model.data import Catalog, DataError, Dataset
+from shared_model.files import JsonLinesError, read_jsonl, write_atomic
 from shared_model.splits import protocol_order, split_sequences, user_sequences
 
 FORMAT = 1
 
 
-def write_json_atomic(path: Path, value) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(partial, "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-
-
 def write_device(out: Path, dataset: Dataset, users: np.ndarray) -> Path:
     """Write one device's directory: the catalog and the interactions of `users` only."""
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory: name a new or a device directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a parent that is a file
+        raise DataError(f"{out}: cannot create the device directory: {error.strerror}") from None
     catalog = dataset.catalog
     with open(out / "catalog.jsonl", "w") as f:
         for i, text in enumerate(catalog.texts):
@@ -50,25 +45,26 @@ def write_device(out: Path, dataset: Dataset, users: np.ndarray) -> Path:
         for local, user in enumerate(np.sort(users)):
             for item, t in zip(sequences[user], stamps[user]):
                 writer.writerow([local, int(catalog.raw_ids[item]), int(t)])
-    write_json_atomic(out / "device.json", {"format": FORMAT, "dataset": dataset.name, "users": len(users),
-                                            "genre_names": catalog.genre_names})
+    write_atomic(out / "device.json", json.dumps({"format": FORMAT, "dataset": dataset.name, "users": len(users),
+                                                 "genre_names": catalog.genre_names}, indent=2))
     return out
 
 
 def _read_catalog(path: Path, genre_names: list[str]) -> Catalog:
     ids, texts, flags = [], [], []
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (prepare the device with `fedrec deploy prepare-device`)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found (prepare the device with `fedrec deploy prepare-device`)") from None
-    for line_no, line in enumerate(lines, start=1):
+        lines = read_jsonl(path)
+    except JsonLinesError as error:
+        raise DataError(str(error)) from None
+    for where, row in lines:
         try:
-            row = json.loads(line)
             ids.append(int(row["id"]))
             texts.append(str(row["text"]))
             flags.append([g in row.get("genres", []) for g in genre_names])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise DataError(f"{path}:{line_no}: expected {{\"id\": int, \"text\": str}}: {error}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DataError(f"{where}: expected {{\"id\": int, \"text\": str}}: {error!r}") from None
     return Catalog(texts, np.array(flags, dtype=bool).reshape(len(texts), len(genre_names)), genre_names,
                    np.array(ids, dtype=np.int64))
 
@@ -125,12 +121,5 @@ def device_identity(folder: Path) -> int:
     device agree on it (the second finds the first's file)."""
     path = Path(folder) / "state" / "identity.json"
     if not path.exists():
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        write_json_atomic(partial, {"sampling-key": secrets.randbits(62)})
-        try:
-            os.link(partial, path)  # fails if another process created it first
-        except FileExistsError:
-            pass
-        finally:
-            partial.unlink()
+        write_atomic(path, json.dumps({"sampling-key": secrets.randbits(62)}), exclusive=True)
     return int(json.loads(path.read_text())["sampling-key"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
-from client.device_store import write_json_atomic
+from shared_model.files import JsonLinesError, parse_json_lines, write_atomic
 from shared_model.ledger import LedgerEntry, LedgerError, append_entries, read_ledger
 
 
@@ -65,8 +65,11 @@ class SimulatedStore:
 
     def ledger(self) -> list[LedgerEntry]:
         record = self.state.config_records.get("privacy-ledger")
-        lines = list(record["lines"]) if record else []
-        return [LedgerEntry.from_json(json.loads(line), f"{self.where} line {i}") for i, line in enumerate(lines, 1)]
+        try:
+            lines = parse_json_lines(list(record["lines"]) if record else [], f"{self.where} ledger")
+        except JsonLinesError as error:
+            raise PrivacyAccountError(f"{error}; refusing to train on an unreadable ledger") from None
+        return [LedgerEntry.from_json(line.value, line.where) for line in lines]
 
     def append(self, entry: LedgerEntry) -> None:
         record = self.state.config_records.get("privacy-ledger")
@@ -106,7 +109,7 @@ class DeviceStore:
             self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
             self.ledger_path.touch()  # first: a calibration never exists without its ledger
             self.write_head()
-            write_json_atomic(self.calibration_path, planned)
+            write_atomic(self.calibration_path, json.dumps(planned, indent=2))
             return planned
         if not self.ledger_path.exists():
             raise PrivacyAccountError(
@@ -136,7 +139,8 @@ class DeviceStore:
 
     def write_head(self) -> None:
         lines = self.ledger_lines()
-        write_json_atomic(self.head_path, {"entries": len(lines), "sha256": hashlib.sha256(b"".join(lines)).hexdigest()})
+        write_atomic(self.head_path, json.dumps({"entries": len(lines),
+                                                 "sha256": hashlib.sha256(b"".join(lines)).hexdigest()}, indent=2))
 
     def check_head(self) -> None:
         """The ledger holds at least the entries the head counts, unchanged: a truncated,

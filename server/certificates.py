@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -14,16 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_model.files import write_atomic
+
 VALID_DAYS = 365
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_bytes(data)
-    if private:
-        os.chmod(partial, 0o600)
-    os.replace(partial, path)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -65,10 +57,10 @@ def make_certificates(out: Path, nodes: int, hosts: list[str]) -> dict[str, Path
     )
     paths = {"ca-cert": out / "ca.crt", "ca-key": out / "ca.key", "superlink-cert": out / "superlink.crt",
              "superlink-key": out / "superlink.key"}
-    _write(paths["ca-key"], _pem_key(ca_key), private=True)
-    _write(paths["ca-cert"], ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(paths["superlink-key"], _pem_key(server_key), private=True)
-    _write(paths["superlink-cert"], server_cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(paths["ca-key"], _pem_key(ca_key), private=True)
+    write_atomic(paths["ca-cert"], ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(paths["superlink-key"], _pem_key(server_key), private=True)
+    write_atomic(paths["superlink-cert"], server_cert.public_bytes(serialization.Encoding.PEM))
     for i in range(nodes):
         key = ec.generate_private_key(ec.SECP384R1())
         private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
@@ -76,6 +68,6 @@ def make_certificates(out: Path, nodes: int, hosts: list[str]) -> dict[str, Path
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         paths[f"node-{i}-key"] = out / "nodes" / f"node-{i}"
         paths[f"node-{i}-pub"] = out / "nodes" / f"node-{i}.pub"
-        _write(paths[f"node-{i}-key"], private, private=True)
-        _write(paths[f"node-{i}-pub"], public + b"\n")
+        write_atomic(paths[f"node-{i}-key"], private, private=True)
+        write_atomic(paths[f"node-{i}-pub"], public + b"\n")
     return paths

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from shared_model.files import write_atomic  # noqa: E402
 
 
 def plot_rounds(metrics: list[dict], path: Path, title: str) -> Path:
@@ -28,8 +31,8 @@ def plot_rounds(metrics: list[dict], path: Path, title: str) -> Path:
     loss.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    partial = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(partial, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    partial.replace(path)
+    write_atomic(path, png.getvalue())  # a viewer polling the run never reads half a PNG
     return path

@@ -1,14 +1,14 @@
 """One federated run's folder: its config, per-round metrics, checkpoint, adapters, summary.
 
-Everything is written atomically (a temporary file, then a rename), so a crash at any
-moment leaves the last complete checkpoint and never half a file. A run started with the
-name of an existing run resumes it from its checkpoint.
+Everything is written atomically and durably (`shared_model.files`), so a crash at any
+moment leaves the last complete checkpoint and never half a file; a crash mid-append can
+tear only the last metrics line, which resuming drops (with a warning) and rewrites. A run
+started with the name of an existing run resumes it from its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from shared_model.files import JsonLinesError, append_lines, read_jsonl, write_atomic
 from shared_model.ledger import LedgerEntry, append_entries
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.state import load_state, save_state
@@ -32,12 +33,6 @@ class Checkpoint:
     best_arrays: dict[str, np.ndarray]
     optimizer: dict[str, np.ndarray]
     best: dict  # round and metrics of the best evaluated round so far
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _to_torch(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
@@ -74,7 +69,7 @@ class RunFolder:
         if config_path.exists():
             folder._check_same_run(json.loads(config_path.read_text()), settings.to_dict())
         else:
-            write_text_atomic(config_path, json.dumps(settings.to_dict(), indent=2))
+            write_atomic(config_path, json.dumps(settings.to_dict(), indent=2))
         return folder
 
     def _check_same_run(self, saved: dict, current: dict) -> None:
@@ -111,20 +106,21 @@ class RunFolder:
         return self.path / "metrics.jsonl"
 
     def metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        """The metrics lines; a torn last line (a crash mid-append) is dropped: its round is redone."""
+        lines = read_jsonl(self.metrics_path, drop_torn_tail=True)
+        for where, value in lines:
+            if not (isinstance(value, dict) and isinstance(value.get("round"), int)):
+                raise JsonLinesError(f"{where}: expected an object with an integer 'round', found {value!r:.80}")
+        return [line.value for line in lines]
 
     def keep_metrics_up_to(self, server_round: int) -> None:
-        """Drop lines of rounds after the checkpoint (written before a crash, to be redone)."""
+        """Drop lines of rounds after the checkpoint (written before a crash, to be redone),
+        and a torn last line."""
         kept = [m for m in self.metrics() if m["round"] <= server_round]
-        write_text_atomic(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        write_atomic(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def append_metrics(self, line: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_lines(self.metrics_path, [json.dumps(line)])
 
     @property
     def ledger_path(self) -> Path:
@@ -135,4 +131,4 @@ class RunFolder:
         append_entries(self.ledger_path, entries)
 
     def write_summary(self, summary: dict) -> None:
-        write_text_atomic(self.path / "summary.json", json.dumps(summary, indent=2))
+        write_atomic(self.path / "summary.json", json.dumps(summary, indent=2))

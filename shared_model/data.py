@@ -58,11 +58,18 @@ def ml100k_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _read_lines(path: Path, encoding: str) -> list[str]:
+    """The file's lines. Every GroupLens file ends with a newline, so one that does not was
+    cut short (a copy or download stopped), even where its last line still parses."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the original GroupLens ml-100k layout; "
                         f"name the folder with data-dir / --data-dir or ${ML100K_ENV})")
     with open(path, encoding=encoding, newline="") as f:
-        return f.read().splitlines()
+        text = f.read()
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        raise DataError(f"{path}:{len(lines)}: the file does not end with a newline: it was cut short "
+                        f"(last line {lines[-1]!r}); copy it again")
+    return lines
 
 
 def _int_field(value: str, path: Path, line_no: int, field: str) -> int:
@@ -106,13 +113,27 @@ def _read_ml100k_catalog(folder: Path) -> Catalog:
     return Catalog(texts, np.array(flags, dtype=bool), genre_names, np.array(ids, dtype=np.int64))
 
 
+def _check_timestamps(times: np.ndarray, lines_of: list[int], path: Path) -> None:
+    """Unix seconds, none an order of magnitude below the file's median: such a timestamp
+    lost digits (a cut or edited line) and would move its rating to the start of its user's
+    history, changing the split."""
+    if not len(times):
+        return
+    median = float(np.median(times))
+    bad = np.flatnonzero(times < max(median / 10, 0))
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(f"{path}:{lines_of[row]}: field 'timestamp' is {int(times[row])}, implausible beside the "
+                        f"file's median {int(median)} (a cut or edited line?)")
+
+
 def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
     """Load MovieLens-100K from the original GroupLens files; every rating is a positive."""
     folder = ml100k_dir(data_dir)
     catalog = _read_ml100k_catalog(folder)
     item_index = {int(raw): i for i, raw in enumerate(catalog.raw_ids)}
     path = folder / "u.data"
-    users, items, times = [], [], []
+    users, items, times, lines_of = [], [], [], []
     for line_no, line in enumerate(_read_lines(path, "latin-1"), start=1):
         if not line.strip():
             continue
@@ -123,13 +144,17 @@ def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
             )
         user = _int_field(parts[0], path, line_no, "user id")
         item = _int_field(parts[1], path, line_no, "item id")
-        _int_field(parts[2], path, line_no, "rating")
+        rating = _int_field(parts[2], path, line_no, "rating")
         stamp = _int_field(parts[3], path, line_no, "timestamp")
         if item not in item_index:
             raise DataError(f"{path}:{line_no}: item id {item} is not in {folder / 'u.item'}")
+        if not 1 <= rating <= 5:
+            raise DataError(f"{path}:{line_no}: field 'rating' is {rating}, expected 1 to 5")
         users.append(user)
         items.append(item_index[item])
         times.append(stamp)
+        lines_of.append(line_no)
+    _check_timestamps(np.array(times, dtype=np.int64), lines_of, path)
     raw_users, user_index = np.unique(np.array(users, dtype=np.int64), return_inverse=True)
     return Dataset(
         name="ml-100k",

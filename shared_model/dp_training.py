@@ -159,7 +159,7 @@ def train_private(
     randomness = private_randomness or fresh_numpy_generator()
     model.train()  # Opacus refuses a module in eval mode (a reused model may have been evaluated)
     wrapped = GradSampleModule(model, loss_reduction="mean")
-    optimizer = private_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr),
+    optimizer = private_optimizer(torch.optim.SGD(model.trainable_parameters().values(), lr=lr),
                                   noise_multiplier, max_grad_norm, expected_batch, randomness, secure_noise)
     switch_off_dropout(model)
     losses = []
@@ -185,7 +185,7 @@ def train_plain(model: Recommender, data: PrivateData, batch_size: int, lr: floa
     controls and for measuring what privacy costs)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.SGD(model.trainable_parameters().values(), lr=lr)
     model.train()
     switch_off_dropout(model)
     losses = []

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+
+from shared_model.files import write_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -203,10 +205,7 @@ def load_or_build_cache(
     if path.exists():
         return CatalogCache(lora_layers, **load_file(path))
     cache = build_cache(texts, lora_layers, encoder_path=encoder_path, max_tokens=max_tokens, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(cache.to_tensors(), partial)
-    os.replace(partial, path)  # atomic: concurrent builders never see half a file
+    write_atomic(path, save(cache.to_tensors()))  # concurrent builders never see half a file
     return cache
 
 

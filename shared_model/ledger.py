@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from shared_model.files import JsonLinesError, append_lines, read_jsonl
 from shared_model.privacy import ACCOUNTANTS, RELATION, History
 
 UNITS = ("example", "user")
@@ -110,39 +110,18 @@ class LedgerEntry:
 
 
 def read_ledger(path: Path) -> list[LedgerEntry]:
-    """Every entry of a ledger file, in order (an absent file is an empty ledger)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    entries = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LedgerError(f"{path}:{line_no}: not JSON (a torn or edited line?): {error}") from None
-        entries.append(LedgerEntry.from_json(value, f"{path}:{line_no}"))
-    return entries
+    """Every entry of a ledger file, in order (an absent file is an empty ledger). A torn
+    line fails closed, even the last: an entry half written may be a spend."""
+    try:
+        lines = read_jsonl(path)
+    except JsonLinesError as error:
+        raise LedgerError(str(error)) from None
+    return [LedgerEntry.from_json(line.value, line.where) for line in lines]
 
 
 def append_entries(path: Path, entries: list[LedgerEntry]) -> None:
     """Append and fsync (the file and, for a new file, its folder) before anything is sent."""
-    if not entries:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(e.to_json()) + "\n" for e in entries))
-        f.flush()
-        os.fsync(f.fileno())
-    if new:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    append_lines(path, [json.dumps(e.to_json()) for e in entries])
 
 
 def history_of(entries: list[LedgerEntry]) -> History:

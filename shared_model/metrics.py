@@ -7,15 +7,10 @@ last: a NaN or infinite target score is never a hit, and a NaN elsewhere never o
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
 from shared_model.splits import EvalCases
-
-Scorer = Callable[[EvalCases], torch.Tensor]  # cases -> [n_cases, n_items] scores
-
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among the items not excluded. scores: [n, n_items]."""
@@ -81,11 +76,3 @@ def evaluate_scores(
         out[f"NDCG@{k}{suffix}"] = float(ndcg.double().mean()) if len(ndcg) else 0.0
     return out
 
-
-def evaluate(scorer: Scorer, cases: EvalCases, with_sampled: bool = False) -> dict[str, float]:
-    """Full-ranking metrics (and, if asked, the 100-sampled-negatives variant, so labelled)."""
-    scores = scorer(cases)
-    metrics = evaluate_scores(scores, cases)
-    if with_sampled:
-        metrics.update(evaluate_scores(scores, cases, sampled=True))
-    return metrics

@@ -169,12 +169,17 @@ class Recommender(nn.Module):
         """Vectors [n, dim] of new items from their text alone (no id embedding: cold items)."""
         return self.item_vectors(self.text.add_texts(texts)[None])[0]
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters that train and are federated (adapters, user tower, projection),
+        by name; the frozen encoder is not among them."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The federated part: every trainable tensor, by name (detached copies)."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        params = self.trainable_parameters()
         missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
         if missing or unexpected:
             raise KeyError(f"trainable state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
@@ -185,7 +190,7 @@ class Recommender(nn.Module):
                 param.copy_(state[name])
 
     def trainable_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+        return sum(p.numel() * p.element_size() for p in self.trainable_parameters().values())
 
 
 def left_pad(sequences: list, length: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

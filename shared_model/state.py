@@ -1,4 +1,4 @@
-"""Saving and loading the trainable (federated) state with safetensors, atomically."""
+"""Saving and loading the trainable (federated) state with safetensors, atomically and durably."""
 
 from __future__ import annotations
 
@@ -8,21 +8,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+from shared_model.files import write_atomic
 
 
 def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Write the tensors (and JSON-able metadata, e.g. the model config) to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write the tensors (and JSON-able metadata, e.g. the model config) to `path`: a crash
+    leaves the previous checkpoint, never half of one."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, partial, metadata=meta)
-    os.replace(partial, path)
+    write_atomic(path, save({k: v.contiguous() for k, v in state.items()}, metadata=meta))
 
 
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

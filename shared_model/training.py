@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from shared_model.recommender import Recommender, example_loss, left_pad, sequence_loss
+from shared_model.recommender import Recommender, left_pad, sequence_loss
 
 
 @dataclass
@@ -23,7 +23,6 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 0.0
-    negatives: int = 0  # 0: softmax over the whole public catalog; N: N uniform negatives
 
 
 START = -1  # the empty history before a user's first item
@@ -113,18 +112,6 @@ def make_examples(sequences: list[np.ndarray], window: int) -> Examples:
     return Examples(history, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
 
 
-def sample_negatives(batch: int, count: int, n_items: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform negatives from the public catalog, drawn per example (never from the batch)."""
-    return torch.randint(n_items, (batch, count), generator=generator)
-
-
-def examples_loss(model: Recommender, examples: Examples, idx: torch.Tensor, negatives: int,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Mean per-example loss of examples[idx] (sampled or full-catalog softmax)."""
-    sampled = sample_negatives(len(idx), negatives, model.n_items, generator) if negatives else None
-    return example_loss(model, examples.history[idx], examples.mask[idx], examples.targets[idx], sampled)
-
-
 def train_sequences(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
@@ -149,8 +136,7 @@ def train_sequences(
 
 
 def make_optimizer(model: Recommender, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.trainable_parameters().values(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_local(
@@ -165,7 +151,7 @@ def train_local(
     """A client's local work: plain SGD over its own sequences for `epochs` passes
     (at most `max_steps` steps in all, when that is positive)."""
     chunks = sequence_chunks(sequences, model.config.history)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.SGD(model.trainable_parameters().values(), lr=lr)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     losses, steps = [], 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from client.device_store import write_device
 from shared_model.data import load_dataset, ml100k_dir
+from shared_model.files import read_jsonl
 from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences
 from simulations.bench_federated import parse_overrides
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_id = d.run(config)
         first_round = None
         while first_round is None and time.time() - started < 1200:
-            rounds = [json.loads(x)["round"] for x in (folder / "metrics.jsonl").read_text().splitlines()] \
-                if (folder / "metrics.jsonl").exists() else []
+            rounds = [line.value["round"] for line in read_jsonl(folder / "metrics.jsonl", drop_torn_tail=True)]
             if 1 in rounds:
                 first_round = time.time() - started
             time.sleep(0.5)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         watch.join()
     if status != "finished:completed":
         raise SystemExit(f"the run ended {status}; logs in {root / 'deploy'}")
-    metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    metrics = [line.value for line in read_jsonl(folder / "metrics.jsonl")]
     trained = [m for m in metrics if m["round"] > 0]
     adapters = json.loads((folder / "summary.json").read_text())["trainable_bytes"]
     result = {

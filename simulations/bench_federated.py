@@ -35,13 +35,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.data import ml100k_dir  # noqa: E402
+from shared_model.files import read_jsonl  # noqa: E402
 from simulations.flower_runner import run_flower  # noqa: E402
 
 ML100K_USERS = 943
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [line.value for line in read_jsonl(folder / "metrics.jsonl")]
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -16,6 +16,7 @@ from shared_model.data import Dataset
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Ranker, Recommender, RecommenderConfig, build_recommender, score_catalog
 from shared_model.splits import LeaveOneOut, leave_one_out
+from shared_model.files import write_atomic
 from shared_model.state import save_state
 from shared_model.training import TrainConfig, add_profiles, make_optimizer, sequence_chunks, train_sequences
 from simulations.baselines import ease_test_scores, popularity_scores, tune_ease
@@ -90,7 +91,7 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
         "test_users": len(test),
         "top10_latency_ms": top10_latency_ms(model, test.histories[:500]),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,5 +1,6 @@
 """Loaders, splits and partitions on small hand-made files and the synthetic catalog."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,28 @@ def test_loader_errors_name_file_and_line(tmp_path, data, items, message):
     folder = write_ml100k(tmp_path, data, items)
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_ml100k(folder)
+
+
+ROWS = "196\t1\t3\t881250949\n186\t2\t3\t891717742\n22\t3\t1\t878887116\n"  # GroupLens' own times
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (ROWS + "244\t4\t2\t88", r"u.data:4: the file does not end with a newline: it was cut short "
+                                 r"(last line '244\t4\t2\t88')"),
+        (ROWS + "244\t4\t2\t880606923", "u.data:4: the file does not end with a newline"),  # cut at the newline
+        (ROWS.replace("891717742", "89"), "u.data:2: field 'timestamp' is 89, implausible beside the file's median"),
+        (ROWS.replace("\t1\t878887116", "\t0\t878887116"), "u.data:3: field 'rating' is 0, expected 1 to 5"),
+    ],
+)
+def test_a_cut_or_implausible_u_data_is_refused_naming_the_line(tmp_path, data, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_ml100k(write_ml100k(tmp_path, data))
+
+
+def test_genuine_u_data_rows_load(tmp_path):
+    assert load_ml100k(write_ml100k(tmp_path, ROWS)).timestamps.tolist() == [881250949, 891717742, 878887116]
 
 
 def test_missing_file_is_named(tmp_path):

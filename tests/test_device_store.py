@@ -46,3 +46,31 @@ def test_bad_device_files_name_file_and_line(world, tmp_path):
         read_device(tmp_path)
     with pytest.raises(DataError, match="not a prepared device directory"):
         read_device(tmp_path / "missing")
+
+
+def test_preparing_a_device_over_a_file_names_the_path(world, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    with pytest.raises(DataError, match=rf"{taken}: exists and is not a directory"):
+        write_device(taken, world, np.array([1]))
+    with pytest.raises(DataError, match=rf"{taken / 'device'}: cannot create the device directory"):
+        write_device(taken / "device", world, np.array([1]))
+    assert taken.read_text() == "mine"
+
+
+def test_prepare_device_cli_over_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
+    from simulations.cli import main
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    code = main(["deploy", "prepare-device", "--synthetic-users", "20", "--partition", "0", "--out", str(taken)])
+    assert code == 2
+    assert f"error: {taken}: exists and is not a directory" in capsys.readouterr().err
+
+
+def test_a_torn_catalog_line_names_file_and_line(world, tmp_path):
+    write_device(tmp_path, world, np.array([1]))
+    lines = (tmp_path / "catalog.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "catalog.jsonl").write_text("".join(lines[:-1]) + lines[-1][:10])
+    with pytest.raises(DataError, match=rf"catalog\.jsonl:{len(lines)}: not JSON"):
+        read_device(tmp_path)

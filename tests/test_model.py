@@ -125,6 +125,16 @@ def test_trainable_state_round_trips_through_safetensors(small, tmp_path):
     assert model.trainable_bytes() == sum(t.numel() * 4 for t in state.values())
 
 
+def test_the_optimizer_trains_exactly_the_federated_parameters(small):
+    model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
+    trainable = model.trainable_parameters()
+    optimized = [p for group in make_optimizer(model, TrainConfig()).param_groups for p in group["params"]]
+    assert {id(p) for p in optimized} == {id(p) for p in trainable.values()}
+    assert trainable.keys() == model.trainable_state().keys()
+    frozen = [n for n, p in model.named_parameters() if n not in trainable]
+    assert frozen and not any(model.get_parameter(n).requires_grad for n in frozen)  # the encoder stays frozen
+
+
 def test_default_federated_state_is_small_on_ml100k_scale():
     texts = [f"Movie {i}. Genres: Drama" for i in range(1682)]
     model = build_recommender(texts, RecommenderConfig(), progress=False)
