@@ -29,7 +29,7 @@ def planned_calibration(settings: RunSettings, client: str) -> dict:
     return {"client": client, "unit": settings.dp, "budget": settings.dp_epsilon, "delta": settings.dp_delta,
             "accountant": settings.dp_accountant, "noise-multiplier": z, "sample-rate": settings.dp_sample_rate,
             "steps-per-round": steps, "max-grad-norm": settings.dp_max_grad_norm,
-            "expected-batch": settings.dp_expected_batch, "window": settings.history}
+            "expected-batch": settings.dp_expected_batch, "window": settings.model.history}
 
 
 def private_round(model: Recommender, sequences: list, settings: RunSettings, store: Store, server_round: int,
@@ -51,7 +51,7 @@ def private_round(model: Recommender, sequences: list, settings: RunSettings, st
                                 **with_interaction(common, history, calibration))
             store.append(entry)
             return None, entry
-        data = private_data(sequences, model.config.history, calibration["unit"])
+        data = private_data(model, sequences, calibration["unit"])
         result = train_private(model, data, step[0], calibration["max-grad-norm"], step[1], step[2],
                                calibration["expected-batch"], settings.learning_rate, settings.dp_negatives)
         spent = history + [step]

@@ -275,7 +275,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedrec: run folder %s", folder.path)
     torch.manual_seed(settings.seed)
     catalog = settings.load_catalog()
-    model = build_recommender(catalog.texts, settings.model_config(), progress=False)
+    model = build_recommender(catalog.texts, settings.model, progress=False)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     checkpoint = folder.load_checkpoint()
     if checkpoint is not None and simulation and settings.dp != "none":

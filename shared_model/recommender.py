@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -24,25 +24,80 @@ from torch import nn
 from shared_model.encoder import CatalogCache, TextTower
 
 
-@dataclass
-class RecommenderConfig:
-    """The model's knobs (the federated state grows with dim, layers, history and ids)."""
+class ConfigError(ValueError):
+    """A model knob out of its bounds; `name` is the field, so each front end (run config,
+    command line) can name the key or flag the user typed."""
 
-    dim: int = 24  # width of item and user vectors
-    layers: int = 2  # transformer blocks in the user tower
-    heads: int = 2
-    history: int = 50  # W: how many recent items the user tower reads
-    dropout: float = 0.2
-    lora_layers: int = 1  # adapted encoder layers (0: only the light head trains)
-    lora_rank: int = 2
-    lora_alpha: float = 4.0
-    id_embeddings: bool = True  # a dense item-id table next to the text vectors
-    encoder_path: str | None = None  # a local Hugging Face encoder; default all-MiniLM-L6-v2
+    def __init__(self, name: str, message: str, value: object):
+        super().__init__(f"{name} {message}, not {value!r}")
+        self.name, self.message, self.value = name, message, value
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric knob may take (open ends exclude the limit itself)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def knob(default, help: str, bounds: Bounds | None = None):
+    """A model field with the help text and bounds that every front end shows and checks."""
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """The model's knobs, the one schema of them: the run config (shared_model.settings) and
+    the command-line options (shared_model.cli_options) derive their keys, help and checks
+    from these fields. The federated state grows with dim, layers, history and ids."""
+
+    dim: int = knob(24, "width of item and user vectors (a multiple of heads)", Bounds(1))
+    layers: int = knob(2, "transformer blocks in the user tower", Bounds(1))
+    heads: int = knob(2, "attention heads per block (must divide dim)", Bounds(1))
+    history: int = knob(50, "W, the history window: how many recent items the user tower reads", Bounds(1))
+    dropout: float = knob(0.2, "dropout probability in the user tower", Bounds(0, 1, high_open=True))
+    lora_layers: int = knob(1, "top encoder layers with LoRA adapters (0: only the light head trains)",
+                            Bounds(0, 6))
+    lora_rank: int = knob(2, "rank of each LoRA adapter", Bounds(1))
+    lora_alpha: float = knob(4.0, "LoRA scale numerator (adapter scale = alpha / rank)", Bounds(0, low_open=True))
+    id_embeddings: bool = knob(True, "a dense item-id table next to the text vectors (warm items; its update "
+                               "reveals a user's items unless DP-noised)")
+    encoder_path: str = knob("", "a local Hugging Face encoder folder ('' = the packaged all-MiniLM-L6-v2)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Each field within its bounds, and dim divisible by heads; ConfigError names the field."""
+        for f in fields(self):
+            value, bounds = getattr(self, f.name), f.metadata["bounds"]
+            if bounds is not None and value not in bounds:
+                raise ConfigError(f.name, f"must be {bounds}", value)
+        if self.dim % self.heads:
+            raise ConfigError("dim", f"must be divisible by heads ({self.heads})", self.dim)
 
     @classmethod
     def from_dict(cls, values: dict) -> RecommenderConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        values = {k: v for k, v in values.items() if k in names}
+        if values.get("encoder_path") is None:  # files written before "" meant the packaged encoder
+            values.pop("encoder_path", None)
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,8 +118,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -114,6 +167,16 @@ class Recommender(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.dropout = nn.Dropout(config.dropout)
 
+    @property
+    def window(self) -> int:
+        """W: how many of a user's most recent items the user tower reads."""
+        return self.config.history
+
+    def windows(self, histories: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user tower's input for whole histories: each one's last W items, left-padded
+        (ids [B, W], mask [B, W]); callers pass full histories and never trim them."""
+        return left_pad(histories, self.window)
+
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, M] (text rows; ids past the id table have no id embedding) -> [B, M, dim]."""
         vectors = self.project(self.text(ids))
@@ -133,7 +196,7 @@ class Recommender(nn.Module):
         The state at position t summarises items up to t; the last one is the user vector.
         """
         batch, length, _ = history.shape
-        positions = torch.arange(self.config.history + 1 - length, self.config.history + 1).expand(batch, -1)
+        positions = torch.arange(self.window + 1 - length, self.window + 1).expand(batch, -1)
         x = self.dropout(history * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
         for block in self.blocks:
             x = block(x, mask)
@@ -210,7 +273,7 @@ def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
         catalog = model.catalog_vectors() if catalog is None else catalog
         out = []
         for start in range(0, len(histories), batch_size):
-            ids, mask = left_pad(histories[start : start + batch_size], model.config.history)
+            ids, mask = model.windows(histories[start : start + batch_size])
             out.append(model.user_vectors(ids, mask, catalog) @ catalog.T)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.n_items)
@@ -299,7 +362,7 @@ class Ranker:
     @torch.inference_mode()
     def top_k(self, history, k: int = 10, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(item ids, scores) of the k best items not in `exclude` (default: the history)."""
-        recent = torch.as_tensor(np.asarray(history[-self.model.config.history :], dtype=np.int64))
+        recent = torch.as_tensor(np.asarray(history[-self.model.window :], dtype=np.int64))
         mask = torch.ones(1, len(recent), dtype=torch.bool)
         if not len(recent):  # no history: one masked slot, the tower's prior
             recent, mask = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.bool)

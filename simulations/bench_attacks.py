@@ -45,7 +45,7 @@ def global_state(run_config: dict) -> ArrayRecord:
     settings = RunSettings.from_run_config(run_config)
     texts = simulated_client_data(settings, 0, 1).texts
     torch.manual_seed(0)
-    model = build_recommender(texts, settings.model_config(), progress=False)
+    model = build_recommender(texts, settings.model, progress=False)
     return ArrayRecord({k: Array(v.numpy()) for k, v in model.trainable_state().items()})
 
 
@@ -77,7 +77,7 @@ def one_step(world, users: list[int], noise: float, randomness: np.random.Genera
     """The adapters after one full-batch DP-SGD step (rate 1) on these users' data."""
     _, split = world
     model = fresh_model(world)
-    samples = private_data([split.train[u] for u in users], model.config.history, "user")
+    samples = private_data(model, [split.train[u] for u in users], "user")
     train_private(model, samples, noise, 1.0, sample_rate=1.0, steps=1, expected_batch=len(users), lr=0.5,
                   negatives=16, private_randomness=randomness)
     return flat(model)
@@ -118,8 +118,8 @@ def membership_audit(world, claimed: float | None, canaries: int = 200, per_side
     training without DP (claimed None) or with example-level DP-SGD at `claimed`."""
     data, split = world
     model = fresh_model(world)
-    real = private_data(split.train, model.config.history, "example")
-    ids, targets, included = make_canaries(canaries, model.config.history, data.n_items, seed=1)
+    real = private_data(model, split.train, "example")
+    ids, targets, included = make_canaries(model, canaries, seed=1)
     train_audited(model, with_canaries(real, ids, targets, included), claimed, 1e-5, 64, 0.5, epochs, 16, seed=0)
     made, correct = guesses(canary_scores(model, ids, targets), included, per_side)
     return correct, audit_lower_bound(canaries, made, correct, 1e-5, confidence=0.999)

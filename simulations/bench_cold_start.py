@@ -21,11 +21,11 @@ import torch
 
 from shared_model.data import load_dataset
 from shared_model.metrics import evaluate_scores
-from shared_model.recommender import Recommender, left_pad, score_catalog
+from shared_model.recommender import Recommender, score_catalog
 from shared_model.splits import EvalCases, cold_item_split, cold_user_split
 from simulations.baselines import genre_popularity_scores, popularity_scores
 from simulations.centralized import CentralizedConfig, train_reference
-from simulations.cli import add_dataset_options, positive_int
+from shared_model.cli_options import add_dataset_options, positive_int
 
 
 def among(scores: torch.Tensor, items: np.ndarray, cases: EvalCases) -> tuple[torch.Tensor, EvalCases]:
@@ -41,7 +41,7 @@ def profile_scores(model: Recommender, cases: EvalCases) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         catalog = model.catalog_vectors()
-        ids, mask = left_pad(cases.histories, model.config.history)
+        ids, mask = model.windows(cases.histories)
         profiles = model.encode_texts(cases.profiles)
         users = model.user_vectors(ids, mask, catalog, profiles, torch.ones(len(cases), dtype=torch.bool))
         return users @ catalog.T

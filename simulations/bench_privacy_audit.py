@@ -28,16 +28,18 @@ from shared_model.data import load_dataset
 from shared_model.dp_training import PrivateData, private_data, train_plain, train_private
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.privacy import audit_lower_bound, noise_multiplier
-from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
+from shared_model.recommender import Recommender, RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out
-from simulations.cli import add_dataset_options
+from shared_model.cli_options import add_dataset_options
 
 
-def make_canaries(count: int, window: int, n_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def make_canaries(model: Recommender, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """`count` canaries (a full window of random items -> a random target), each included
+    with probability 1/2 (fresh randomness: whoever audits must not know which)."""
     rng = np.random.default_rng(seed)  # the canaries themselves are public
-    histories = [rng.choice(n_items, size=window, replace=False) for _ in range(count)]
-    targets = rng.integers(n_items, size=count)
-    ids, _ = left_pad(histories, window)
+    histories = [rng.choice(model.n_items, size=model.window, replace=False) for _ in range(count)]
+    targets = rng.integers(model.n_items, size=count)
+    ids, _ = model.windows(histories)
     included = fresh_numpy_generator().random(count) < 0.5
     return ids, torch.as_tensor(targets), included
 
@@ -98,8 +100,9 @@ def main() -> None:
     dataset = load_dataset(args.dataset, args.data_dir)
     split = leave_one_out(dataset)
     config = RecommenderConfig(lora_layers=0, dropout=0.0)
-    data = private_data(split.train[: args.users], config.history, "example")
-    ids, targets, included = make_canaries(args.canaries, config.history, dataset.n_items, args.seed)
+    shape = build_recommender(dataset.catalog.texts, config, progress=False)  # W and the catalog size
+    data = private_data(shape, split.train[: args.users], "example")
+    ids, targets, included = make_canaries(shape, args.canaries, args.seed)
     train = with_canaries(data, ids, targets, included)
     results = {"dataset": dataset.name, "training examples": len(train), "canaries": args.canaries,
                "included": int(included.sum()), "guesses": 2 * args.guesses_per_side, "delta": args.delta}

@@ -31,7 +31,7 @@ from server.serving import recommender_pb2 as pb  # noqa: E402
 from server.serving import recommender_pb2_grpc as pb_grpc  # noqa: E402
 from shared_model.data import load_dataset  # noqa: E402
 from shared_model.splits import leave_one_out  # noqa: E402
-from simulations.cli import add_dataset_options  # noqa: E402
+from shared_model.cli_options import add_dataset_options  # noqa: E402
 
 
 class CannedRecommender(pb_grpc.RecommenderServicer):

@@ -39,7 +39,7 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     model = build_recommender(texts, config.model, progress=progress)
     optimizer = make_optimizer(model, config.train)
     profile_rows = add_profiles(model, split.profiles) if split.profiles else None  # users' own words
-    chunks = sequence_chunks(split.train, config.model.history, profile_rows)
+    chunks = sequence_chunks(model, split.train, profile_rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_ndcg, best_epoch, best_state = -1.0, 0, model.trainable_state()
     train_started = time.time()

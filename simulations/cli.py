@@ -4,67 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
+from shared_model.cli_options import (add_data_options, add_model_options, model_config, positive_float,
+                                      positive_int)
 from shared_model.data import DataError
-from shared_model.recommender import RecommenderConfig
 from shared_model.training import TrainConfig
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, not {text}")
-    return value
-
-
-def add_dataset_options(parser: argparse.ArgumentParser, default: str = "synthetic") -> None:
-    """--dataset and --data-dir, as every command and benchmark reads them."""
-    parser.add_argument("--dataset", choices=["synthetic", "ml-100k"], default=default,
-                        help=f"built-in synthetic catalog or MovieLens-100K (default {default})")
-    parser.add_argument("--data-dir", help="folder with the GroupLens ml-100k files "
-                        "(default: $FEDREC_ML100K, else ../shared/datasets/ml-100k)")
-
-
-def add_data_options(parser: argparse.ArgumentParser) -> None:
-    add_dataset_options(parser)
-    parser.add_argument("--synthetic-users", type=positive_int, default=2000,
-                        help="users of the built-in synthetic dataset (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data generation and training (default 0)")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    d = RecommenderConfig()
-    group = parser.add_argument_group("model")
-    group.add_argument("--dim", type=positive_int, default=d.dim, help=f"item/user vector width (default {d.dim})")
-    group.add_argument("--layers", type=positive_int, default=d.layers, help=f"user-tower blocks (default {d.layers})")
-    group.add_argument("--heads", type=positive_int, default=d.heads, help=f"attention heads (default {d.heads})")
-    group.add_argument("--history", type=positive_int, default=d.history,
-                       help=f"recent items the user tower reads (default {d.history})")
-    group.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout (default {d.dropout})")
-    group.add_argument("--lora-layers", type=int, default=d.lora_layers,
-                       help=f"top encoder layers with LoRA; 0 = only the light head trains (default {d.lora_layers})")
-    group.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
-    group.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha,
-                       help=f"LoRA alpha (default {d.lora_alpha})")
-    group.add_argument("--no-id-embeddings", dest="id_embeddings", action="store_false",
-                       help="item vectors from text only (no item-id table)")
-    group.add_argument("--encoder-path", help="a local Hugging Face encoder folder (default: packaged all-MiniLM-L6-v2)")
-
-
-def model_config(args: argparse.Namespace) -> RecommenderConfig:
-    return RecommenderConfig(**{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)})
 
 
 def cmd_centralized(args: argparse.Namespace) -> int:
@@ -72,7 +19,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     from simulations.centralized import CentralizedConfig, format_table, run_centralized
 
     config = CentralizedConfig(
-        model=model_config(args),
+        model=model_config(args.parser, args),
         train=TrainConfig(batch_size=args.batch_size, lr=args.lr),
         epochs=args.epochs,
         patience=args.patience,
@@ -233,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--lr", type=positive_float, default=t.lr, help=f"Adam learning rate (default {t.lr})")
     central.add_argument("--out", default="runs", help="results go to a new folder under this one (default runs/)")
     central.add_argument("--quiet", action="store_true", help="no progress bars")
-    central.set_defaults(func=cmd_centralized)
+    central.set_defaults(func=cmd_centralized, parser=central)
 
     serve = sub.add_parser(
         "serve", help="serve a trained model over gRPC (Recommend, Score, AddItems, health, reflection)",
