@@ -60,7 +60,7 @@ def _read_catalog(path: Path, genre_names: list[str]) -> Catalog:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found (prepare the device with `fedrec deploy prepare-device`)") from None
+        raise DataError(f"{path}: file not found (prepare the device with `fedrec-device prepare`)") from None
     for line_no, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared_model.cli_options import add_dataset_options, positive_int
 from shared_model.data import load_dataset
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Recommender, score_catalog
 from shared_model.splits import EvalCases, cold_item_split, cold_user_split
 from simulations.baselines import genre_popularity_scores, popularity_scores
 from simulations.centralized import CentralizedConfig, train_reference
-from shared_model.cli_options import add_dataset_options, positive_int
 
 
 def among(scores: torch.Tensor, items: np.ndarray, cases: EvalCases) -> tuple[torch.Tensor, EvalCases]:

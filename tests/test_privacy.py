@@ -57,7 +57,7 @@ def test_one_run_audit_bound():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True)
 
 
 def test_calculator_prints_the_numbers():

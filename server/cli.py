@@ -1,37 +1,17 @@
-"""The `fedrec` command: what is not a Flower run (the federated job is `flwr run .`)."""
+"""The `fedrec` command: the server side's tools that are not a Flower run (the federated
+job is `flwr run .`): serve the global model and query it, audit runs' privacy ledgers,
+compute privacy parameters, make deployment certificates. A device's own command is
+`fedrec-device` (client/cli.py): server and client never import each other."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from shared_model.cli_options import (add_data_options, add_model_options, model_config, positive_float,
-                                      positive_int)
+from shared_model.cli_options import add_data_options, positive_float, positive_int
 from shared_model.data import DataError
-from shared_model.training import TrainConfig
-
-
-def cmd_centralized(args: argparse.Namespace) -> int:
-    from shared_model.data import load_dataset
-    from simulations.centralized import CentralizedConfig, format_table, run_centralized
-
-    config = CentralizedConfig(
-        model=model_config(args.parser, args),
-        train=TrainConfig(batch_size=args.batch_size, lr=args.lr),
-        epochs=args.epochs,
-        patience=args.patience,
-        seed=args.seed,
-    )
-    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
-    out = Path(args.out) / f"centralized-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_centralized(dataset, config, out, progress=not args.quiet)
-    print(format_table(summary))
-    print(json.dumps({k: summary[k] for k in ("best_epoch", "trainable_bytes", "train_seconds", "ease_lambda")}))
-    print(f"results: {out}/summary.json")
-    return 0
 
 
 def item_ids(text: str) -> list[int]:
@@ -67,23 +47,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         for rank, item in enumerate(items, start=1):
             because = f"  (because of {', '.join(map(str, item.because))})" if item.because else ""
             print(f"{rank:3}. [{item.item_id}] {item.text}  score {item.score:.3f}{because}")
-    return 0
-
-
-def cmd_prepare_device(args: argparse.Namespace) -> int:
-    from client.device_store import write_device
-    from shared_model.data import load_dataset
-    from shared_model.partitions import partition_users
-    from shared_model.splits import user_sequences
-
-    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
-    parts = partition_users(user_sequences(dataset), dataset.catalog, args.partitioning, args.num_partitions,
-                            seed=args.seed)
-    if not 0 <= args.partition < len(parts):
-        raise ValueError(f"--partition must be between 0 and {len(parts) - 1}, not {args.partition}")
-    folder = write_device(Path(args.out), dataset, parts[args.partition])
-    print(f"{folder}: {len(parts[args.partition])} user(s) of {dataset.name}, partition {args.partition} "
-          f"of {len(parts)} ({args.partitioning})")
     return 0
 
 
@@ -158,30 +121,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrec",
-        description="Federated, privacy-preserving text-encoder recommender. "
-        "The federated simulation itself is a Flower app: run it with `flwr run .`.",
+        description="Federated, privacy-preserving text-encoder recommender: the server side's tools. "
+        "The federated run itself is a Flower app: `flwr run .`; a device's data directory: `fedrec-device "
+        "prepare`; the centralized reference: `python -m simulations.centralized`.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    central = sub.add_parser(
-        "centralized",
-        help="train the reference model on all data (no federation, no DP) next to popularity and EASE",
-        description="Train the recommender centrally, keep the best epoch by validation NDCG@10, and "
-        "report test HR@10/NDCG@10 (full ranking and 100 sampled negatives) for it, popularity and "
-        "EASE (lambda tuned on validation). Writes metrics.jsonl, summary.json and the best adapters.",
-    )
-    add_data_options(central)
-    add_model_options(central)
-    t = TrainConfig()
-    central.add_argument("--epochs", type=positive_int, default=60, help="at most this many epochs (default 60)")
-    central.add_argument("--patience", type=positive_int, default=10,
-                         help="stop after this many epochs without a better validation NDCG@10 (default 10)")
-    central.add_argument("--batch-size", type=positive_int, default=t.batch_size,
-                         help=f"sequence chunks per step (default {t.batch_size})")
-    central.add_argument("--lr", type=positive_float, default=t.lr, help=f"Adam learning rate (default {t.lr})")
-    central.add_argument("--out", default="runs", help="results go to a new folder under this one (default runs/)")
-    central.add_argument("--quiet", action="store_true", help="no progress bars")
-    central.set_defaults(func=cmd_centralized, parser=central)
-
     serve = sub.add_parser(
         "serve", help="serve a trained model over gRPC (Recommend, Score, AddItems, health, reflection)",
         description="Serve the global model: loads the adapters file (a run's best_adapters.safetensors, "
@@ -202,22 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true", help="print JSON")
     recommend.set_defaults(func=cmd_recommend)
 
-    deploy = sub.add_parser("deploy", help="edge deployment helpers: device data directories, certificates")
+    deploy = sub.add_parser("deploy", help="deployment helpers (a device's data directory: `fedrec-device prepare`)")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
-    device = deploy_sub.add_parser(
-        "prepare-device", help="write one device's data directory from a dataset partition",
-        description="Write the public catalog and one partition's interactions into a folder that a "
-        "SuperNode's ClientApp reads (node config data-dir). For demos and tests: on a real device the "
-        "interactions are the user's own.",
-    )
-    add_data_options(device)
-    device.add_argument("--partitioning", choices=["per-user", "iid", "dirichlet"], default="per-user",
-                        help="one user per device (default) or silos")
-    device.add_argument("--num-partitions", type=positive_int, default=1,
-                        help="number of silos (ignored for per-user)")
-    device.add_argument("--partition", type=int, required=True, help="which partition (0-based)")
-    device.add_argument("--out", required=True, help="the device's data directory")
-    device.set_defaults(func=cmd_prepare_device)
     certs = deploy_sub.add_parser(
         "certs", help="create a CA, the SuperLink's TLS certificate and SuperNode key pairs",
         description="Writes ca.crt/ca.key, superlink.crt/superlink.key (signed by the CA) and nodes/node-<i> "
