@@ -50,7 +50,7 @@ def private_data(model: Recommender, sequences: list[np.ndarray], unit: str) -> 
     """One Opacus sample per example, or per user (their last W + 1 items; W is the model's)."""
     if unit == "example":
         examples = make_examples(model, sequences)
-        return PrivateData(unit, TensorDataset(examples.history, examples.mask, examples.targets))
+        return PrivateData(unit, TensorDataset(examples.history_ids, examples.mask, examples.targets))
     if unit == "user":
         tails = [s[-(model.window + 1):] for s in sequences if len(s) >= 2]
         inputs, mask = model.windows([t[:-1] for t in tails])

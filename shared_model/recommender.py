@@ -190,14 +190,14 @@ class Recommender(nn.Module):
         vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
         return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items))
 
-    def user_states(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """history [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
+    def user_states(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """history_vectors [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
 
         The state at position t summarises items up to t; the last one is the user vector.
         """
-        batch, length, _ = history.shape
+        batch, length, _ = history_vectors.shape
         positions = torch.arange(self.window + 1 - length, self.window + 1).expand(batch, -1)
-        x = self.dropout(history * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
+        x = self.dropout(history_vectors * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
@@ -218,11 +218,11 @@ class Recommender(nn.Module):
         `has_profile` [B] is True.
         """
         safe = torch.where(mask, history_ids, 0)
-        history = catalog[safe] if catalog is not None else self.item_vectors(safe)
+        vectors = catalog[safe] if catalog is not None else self.item_vectors(safe)
         if profiles is not None:
-            history = torch.cat([profiles[:, None], history], dim=1)
+            vectors = torch.cat([profiles[:, None], vectors], dim=1)
             mask = torch.cat([has_profile[:, None], mask], dim=1)
-        return self.user_states(history, mask)[:, -1]
+        return self.user_states(vectors, mask)[:, -1]
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Vectors [n, dim] of free texts (user profiles), read like item texts."""
@@ -289,21 +289,21 @@ def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tenso
     the items as `user_vectors` reads it."""
     catalog = model.catalog_vectors()
     items = mask & (inputs >= 0)
-    history = catalog[torch.where(items, inputs, 0)]
+    vectors = catalog[torch.where(items, inputs, 0)]
     if profiles is not None:
         given = profiles >= 0
-        shown = torch.zeros(len(profiles), 1, history.shape[-1])  # hidden slots are masked out
+        shown = torch.zeros(len(profiles), 1, vectors.shape[-1])  # hidden slots are masked out
         shown[given] = model.item_vectors(profiles[given][:, None])  # only the profiles shown
-        history = torch.cat([shown, history], dim=1)
+        vectors = torch.cat([shown, vectors], dim=1)
         items = torch.cat([given[:, None], items], dim=1)
-    states = model.user_states(history, items)[:, -inputs.shape[1]:]
+    states = model.user_states(vectors, items)[:, -inputs.shape[1]:]
     logits = states[mask] @ catalog.T
     return F.cross_entropy(logits, targets[mask])
 
 
 def example_loss(
     model: Recommender,
-    history: torch.Tensor,
+    history_ids: torch.Tensor,
     mask: torch.Tensor,
     targets: torch.Tensor,
     negatives: torch.Tensor | None,
@@ -315,11 +315,11 @@ def example_loss(
     """
     if negatives is None:
         catalog = model.catalog_vectors()
-        users = model.user_vectors(history, mask, catalog)
+        users = model.user_vectors(history_ids, mask, catalog)
         return F.cross_entropy(users @ catalog.T, targets)
     candidates = torch.cat([targets[:, None], negatives], dim=1)  # [B, 1 + N]
-    width = history.shape[1]
-    vectors = model.item_vectors(torch.cat([torch.where(mask, history, 0), candidates], dim=1))
+    width = history_ids.shape[1]
+    vectors = model.item_vectors(torch.cat([torch.where(mask, history_ids, 0), candidates], dim=1))
     users = model.user_states(vectors[:, :width], mask)[:, -1]
     logits = torch.einsum("bd,bmd->bm", users, vectors[:, width:])
     collide = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), negatives == targets[:, None]], 1)

@@ -96,7 +96,7 @@ def sequence_batches(
 class Examples:
     """Independent (history window, target) examples, one per predicted interaction."""
 
-    history: torch.Tensor  # [n, W] left-padded
+    history_ids: torch.Tensor  # [n, W] left-padded
     mask: torch.Tensor  # [n, W]
     targets: torch.Tensor  # [n]
 
@@ -111,8 +111,8 @@ def make_examples(model: Recommender, sequences: list[np.ndarray]) -> Examples:
         for t in range(len(seq)):  # t = 0: the empty history predicts the first item
             prefixes.append(seq[:t])
             targets.append(seq[t])
-    history, mask = model.windows(prefixes)
-    return Examples(history, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
+    history_ids, mask = model.windows(prefixes)
+    return Examples(history_ids, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
 
 
 def sample_negatives(batch: int, count: int, n_items: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +124,7 @@ def examples_loss(model: Recommender, examples: Examples, idx: torch.Tensor, neg
                   generator: torch.Generator) -> torch.Tensor:
     """Mean per-example loss of examples[idx] (sampled or full-catalog softmax)."""
     sampled = sample_negatives(len(idx), negatives, model.n_items, generator) if negatives else None
-    return example_loss(model, examples.history[idx], examples.mask[idx], examples.targets[idx], sampled)
+    return example_loss(model, examples.history_ids[idx], examples.mask[idx], examples.targets[idx], sampled)
 
 
 def train_sequences(

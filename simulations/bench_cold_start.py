@@ -61,11 +61,11 @@ def main() -> None:
 
     items = cold_item_split(dataset, fraction=0.1, seed=0)
     model, _ = train_reference(items.warm, dataset.catalog.texts, config, out / "cold-items")
-    warm_history = [items.warm.history(u, "test") for u in range(items.warm.n_users)]
+    warm_prefixes = [items.warm.prefix(u, "test") for u in range(items.warm.n_users)]
     candidates = {
         "model": score_catalog(model, items.cases.histories),
-        "popularity": popularity_scores(warm_history, dataset.n_items, items.cases),
-        "genre-popularity": genre_popularity_scores(warm_history, dataset.catalog.genres, items.cases),
+        "popularity": popularity_scores(warm_prefixes, dataset.n_items, items.cases),
+        "genre-popularity": genre_popularity_scores(warm_prefixes, dataset.catalog.genres, items.cases),
     }
     results["cold items"] = {"cases": len(items.cases), "candidates": len(items.cold_items), **{
         name: evaluate_scores(*among(s, items.cold_items, items.cases)) for name, s in candidates.items()}}
@@ -73,14 +73,14 @@ def main() -> None:
 
     users = cold_user_split(dataset, fraction=0.1, seed=0)
     model, _ = train_reference(users.warm, dataset.catalog.texts, config, out / "cold-users")
-    warm_history = [users.warm.history(u, "test") for u in range(users.warm.n_users)]
+    warm_prefixes = [users.warm.prefix(u, "test") for u in range(users.warm.n_users)]
     results["cold users"] = {}
     for known in range(4):
         cases = users.cases(known)
         scores = {
             "model": score_catalog(model, cases.histories),
-            "popularity": popularity_scores(warm_history, dataset.n_items, cases),
-            "genre-popularity": genre_popularity_scores(warm_history, dataset.catalog.genres, cases),
+            "popularity": popularity_scores(warm_prefixes, dataset.n_items, cases),
+            "genre-popularity": genre_popularity_scores(warm_prefixes, dataset.catalog.genres, cases),
         }
         if cases.profiles:
             scores["model + profile"] = profile_scores(model, cases)

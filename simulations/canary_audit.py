@@ -47,8 +47,8 @@ def guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> tuple[in
 def with_canaries(data: PrivateData, ids: torch.Tensor, targets: torch.Tensor, included: np.ndarray) -> PrivateData:
     """The training examples plus the included canaries (a full window -> its target)."""
     mask = torch.ones_like(ids, dtype=torch.bool)
-    history, seen, wanted = data.tensors.tensors
-    return PrivateData("example", TensorDataset(torch.cat([history, ids[included]]), torch.cat([seen, mask[included]]),
+    history_ids, seen, wanted = data.tensors.tensors
+    return PrivateData("example", TensorDataset(torch.cat([history_ids, ids[included]]), torch.cat([seen, mask[included]]),
                                                 torch.cat([wanted, targets[included]])))
 
 

@@ -74,10 +74,10 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
     test = split.cases("test")
     model, training = train_reference(split, dataset.catalog.texts, config, out_dir, progress)
     lam, _ = tune_ease(split)
-    history_at_test = [split.history(u, "test") for u in range(split.n_users)]
+    prefixes = [split.prefix(u, "test") for u in range(split.n_users)]
     scores = {
         "model": score_catalog(model, test.histories),
-        "popularity": popularity_scores(history_at_test, split.n_items, test),
+        "popularity": popularity_scores(prefixes, split.n_items, test),
         "ease": ease_test_scores(split, lam, test),
     }
     results = {}

@@ -143,7 +143,7 @@ def test_an_examples_gradient_ignores_the_rest_of_the_batch(small, negatives):
     def summed_grad(idx):
         model.zero_grad()
         neg = all_negatives[idx] if negatives else None
-        loss = example_loss(model, examples.history[idx], examples.mask[idx], examples.targets[idx], neg)
+        loss = example_loss(model, examples.history_ids[idx], examples.mask[idx], examples.targets[idx], neg)
         (loss * len(idx)).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -163,7 +163,7 @@ def test_learns_and_beats_popularity_on_synthetic(small):
     assert losses[-1] < losses[0] - 0.3
     test = split.cases("test")
     ours = evaluate_scores(score_catalog(model, test.histories), test)["NDCG@10"]
-    histories = [split.history(u, "test") for u in range(split.n_users)]
+    histories = [split.prefix(u, "test") for u in range(split.n_users)]
     popular = evaluate_scores(popularity_scores(histories, small.n_items, test), test)["NDCG@10"]
     assert ours > 1.3 * popular, (ours, popular)
 
@@ -208,7 +208,7 @@ def test_ranker_agrees_with_batch_scoring(small):
     model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
     randomise_lora(model)
     ranker = Ranker(model)
-    histories = [split.history(u, "test") for u in range(5)] + [np.array([], dtype=np.int64)]
+    histories = [split.prefix(u, "test") for u in range(5)] + [np.array([], dtype=np.int64)]
     scores = score_catalog(model, histories)
     for row, history in enumerate(histories):
         ids, values = ranker.top_k(history, k=10)
@@ -225,8 +225,8 @@ def test_the_model_trims_whole_histories_to_its_own_window(small):
     ids, mask = model.windows([np.arange(1, 11), np.array([4])])
     assert ids.tolist() == [[8, 9, 10], [0, 0, 4]]
     assert mask.tolist() == [[True, True, True], [False, False, True]]
-    assert make_examples(model, [np.arange(1, 7)]).history.shape == (6, 3)
-    assert make_examples(model, [np.arange(1, 7)]).history[-1].tolist() == [3, 4, 5]
+    assert make_examples(model, [np.arange(1, 7)]).history_ids.shape == (6, 3)
+    assert make_examples(model, [np.arange(1, 7)]).history_ids[-1].tolist() == [3, 4, 5]
     inputs, _, targets = private_data(model, [np.arange(1, 11)], "user").tensors.tensors
     assert (inputs.tolist(), targets.tolist()) == ([[7, 8, 9]], [[8, 9, 10]])
     assert max(len(c) for c in sequence_chunks(model, [np.arange(1, 11)]).items) == 4  # W + 1

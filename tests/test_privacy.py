@@ -20,8 +20,8 @@ def test_rdp_matches_opacus_published_vector():
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 def test_independent_accountants_agree_within_one_percent(accountant):
-    history = [(1.1, 0.02, 500), (0.9, 0.05, 120)]
-    ours, twin = epsilon(history, 1e-5, accountant), independent_epsilon(history, 1e-5, accountant)
+    events = [(1.1, 0.02, 500), (0.9, 0.05, 120)]
+    ours, twin = epsilon(events, 1e-5, accountant), independent_epsilon(events, 1e-5, accountant)
     assert ours == pytest.approx(twin, rel=0.01)
 
 
