@@ -7,8 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared_model.cli_options import add_data_options, positive_int
-from shared_model.data import DataError
+from shared_model.cli_options import add_data_options, positive_int, run_command
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -53,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
-        print(f"fedrec-device {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(build_parser().parse_args(argv), "fedrec-device")
 
 
 if __name__ == "__main__":

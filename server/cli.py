@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from shared_model.cli_options import add_data_options, positive_float, positive_int
-from shared_model.data import DataError
+from shared_model.cli_options import add_data_options, positive_float, positive_int, run_command
 
 
 def item_ids(text: str) -> list[int]:
@@ -200,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "deploy_command", None) == "certs" and not args.host:
         args.host = ["localhost", "127.0.0.1"]
-    try:
-        return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
-        print(f"fedrec {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args, "fedrec")
 
 
 if __name__ == "__main__":

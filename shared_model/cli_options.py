@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import Field, fields
 from typing import Callable
 
+from shared_model.data import DataError
 from shared_model.recommender import Bounds, ConfigError, RecommenderConfig
 
 TYPES = {"int": int, "float": float, "str": str}
@@ -88,3 +90,13 @@ def model_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> R
         return RecommenderConfig(**{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)})
     except ConfigError as error:
         parser.error(f"argument {flag(error.name)}: {error.message}, not {error.value!r}")
+
+
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Run the parsed command (args.func); bad input (data, files, values) is one line that
+    names the command, exit status 2, never a traceback."""
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2
