@@ -78,7 +78,8 @@ class RunSettings:
         try:
             values["model"] = RecommenderConfig(**model)
         except ConfigError as error:
-            raise SettingsError(f"run config '{run_config_key(error.name)}' {error.message}, not {error.value!r}") from None
+            key = run_config_key(error.name)
+            raise SettingsError(f"run config '{key}' {error.message}, not {error.value!r}") from None
         settings = cls(**values)
         settings.validate()
         return settings

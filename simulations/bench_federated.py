@@ -218,7 +218,8 @@ def main() -> None:
     d = sub.add_parser("default", help="the default private run beside the same run without DP and popularity")
     d.add_argument("--repeats", type=int, default=3, help="private runs (each with fresh noise; default 3)")
     q = sub.add_parser("quality", help="ml-100k, 943 per-user clients, against the centralized reference")
-    q.add_argument("--centralized", required=True, help="summary.json of `python -m simulations.centralized --dataset ml-100k`")
+    q.add_argument("--centralized", required=True,
+                   help="summary.json of `python -m simulations.centralized --dataset ml-100k`")
     q.add_argument("--rounds", type=int, default=200)
     q.add_argument("--clients-per-round", type=int, default=94)
     q.add_argument("--eval-every", type=int, default=10)

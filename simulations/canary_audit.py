@@ -48,7 +48,8 @@ def with_canaries(data: PrivateData, ids: torch.Tensor, targets: torch.Tensor, i
     """The training examples plus the included canaries (a full window -> its target)."""
     mask = torch.ones_like(ids, dtype=torch.bool)
     history_ids, seen, wanted = data.tensors.tensors
-    return PrivateData("example", TensorDataset(torch.cat([history_ids, ids[included]]), torch.cat([seen, mask[included]]),
+    return PrivateData("example", TensorDataset(torch.cat([history_ids, ids[included]]),
+                                                torch.cat([seen, mask[included]]),
                                                 torch.cat([wanted, targets[included]])))
 
 
