@@ -40,7 +40,7 @@ def data_of(settings: RunSettings, context: Context) -> ClientData:
 
 def model_with(settings: RunSettings, texts: list[str], arrays: ArrayRecord) -> Recommender:
     """The process's model for this catalog and config, holding the given global state."""
-    config = settings.model_config()
+    config = settings.model
     key = (tuple(sorted(config.to_dict().items())), len(texts), hash(tuple(texts)))
     if key not in _MODELS:
         _MODELS[key] = build_recommender(texts, config, progress=False)

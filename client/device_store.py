@@ -53,7 +53,7 @@ def write_device(out: Path, dataset: Dataset, users: np.ndarray) -> Path:
 def _read_catalog(path: Path, genre_names: list[str]) -> Catalog:
     ids, texts, flags = [], [], []
     if not path.is_file():
-        raise DataError(f"{path}: file not found (prepare the device with `fedrec deploy prepare-device`)")
+        raise DataError(f"{path}: file not found (prepare the device with `fedrec-device prepare`)")
     try:
         lines = read_jsonl(path)
     except JsonLinesError as error:

@@ -3,7 +3,7 @@ append-only ledger, kept across rounds and restarts (in the simulation's node st
 in files in a device's directory), checked against each other and against the device's
 identity.
 
-The ledger is the single source of truth: the accountant history is read back from it,
+The ledger is the single source of truth: the accountant events are read back from it,
 and an entry is written (and fsynced) before the round's update leaves the client, so a
 crash can only over-count a spend, never lose one. Everything fails closed: a calibration
 without its ledger, a ledger without its calibration, another device's calibration, a

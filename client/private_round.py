@@ -8,7 +8,7 @@ import math
 
 from client.privacy_account import Store
 from shared_model.dp_training import private_data, train_private
-from shared_model.ledger import LedgerEntry, history_of
+from shared_model.ledger import LedgerEntry, events_of
 from shared_model.privacy import epsilon, interaction_epsilon, noise_multiplier
 from shared_model.recommender import Recommender
 from shared_model.settings import RunSettings
@@ -29,7 +29,7 @@ def planned_calibration(settings: RunSettings, client: str) -> dict:
     return {"client": client, "unit": settings.dp, "budget": settings.dp_epsilon, "delta": settings.dp_delta,
             "accountant": settings.dp_accountant, "noise-multiplier": z, "sample-rate": settings.dp_sample_rate,
             "steps-per-round": steps, "max-grad-norm": settings.dp_max_grad_norm,
-            "expected-batch": settings.dp_expected_batch, "window": settings.history}
+            "expected-batch": settings.dp_expected_batch, "window": settings.model.history}
 
 
 def private_round(model: Recommender, sequences: list, settings: RunSettings, store: Store, server_round: int,
@@ -40,30 +40,30 @@ def private_round(model: Recommender, sequences: list, settings: RunSettings, st
         calibration = store.calibration(planned_calibration(settings, client))
         ledger = store.ledger()
         step = (calibration["noise-multiplier"], calibration["sample-rate"], calibration["steps-per-round"])
-        history = history_of(ledger)
+        events = events_of(ledger)
         delta, accountant = calibration["delta"], calibration["accountant"]
         common = dict(client=client, round=server_round, unit=calibration["unit"], noise_multiplier=step[0],
                       sample_rate=step[1], delta=delta, accountant=accountant, budget=calibration["budget"])
         if calibration["unit"] == "example":
             common["window"] = calibration["window"]
-        if epsilon(history + [step], delta, accountant) > calibration["budget"] * (1 + 1e-9):
-            entry = LedgerEntry(status="declined", steps=0, epsilon=epsilon(history, delta, accountant),
-                                **with_interaction(common, history, calibration))
+        if epsilon(events + [step], delta, accountant) > calibration["budget"] * (1 + 1e-9):
+            entry = LedgerEntry(status="declined", steps=0, epsilon=epsilon(events, delta, accountant),
+                                **with_interaction(common, events, calibration))
             store.append(entry)
             return None, entry
-        data = private_data(sequences, model.config.history, calibration["unit"])
+        data = private_data(model, sequences, calibration["unit"])
         result = train_private(model, data, step[0], calibration["max-grad-norm"], step[1], step[2],
                                calibration["expected-batch"], settings.learning_rate, settings.dp_negatives)
-        spent = history + [step]
+        spent = events + [step]
         entry = LedgerEntry(status="trained", steps=step[2], epsilon=epsilon(spent, delta, accountant),
                             **with_interaction(common, spent, calibration))
         store.append(entry)  # before the update leaves the client
         return result, entry
 
 
-def with_interaction(common: dict, history: list, calibration: dict) -> dict:
+def with_interaction(common: dict, events: list, calibration: dict) -> dict:
     """Example-level entries also carry the per-interaction epsilon at the same delta."""
     if calibration["unit"] != "example":
         return common
-    eps = interaction_epsilon(history, calibration["window"], calibration["delta"], calibration["accountant"])
+    eps = interaction_epsilon(events, calibration["window"], calibration["delta"], calibration["accountant"])
     return {**common, "interaction_epsilon": eps}

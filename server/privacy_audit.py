@@ -52,19 +52,19 @@ def read_run_ledger(folder: Path) -> list[LedgerEntry]:
 
 
 def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
-    """Replay each client's (and the server's) history in ledger order and recompute every
+    """Replay each client's (and the server's) accountant events in ledger order and recompute every
     epsilon (and per-interaction epsilon) with the twin accountant; check every budget."""
     audit = RunAudit(Path(folder), read_run_ledger(Path(folder)))
     by_client: dict[str, list[tuple[int, LedgerEntry]]] = defaultdict(list)
     for line_no, entry in enumerate(audit.entries, start=1):
         by_client[entry.client].append((line_no, entry))
     for entries in by_client.values():
-        history: list = []
+        events: list = []
         first = entries[0][1]
         for line_no, entry in entries:  # ledger order is the client's own order
             if entry.status != "declined":
-                history.append(entry.step())
-            check(audit, line_no, entry, history, tolerance)
+                events.append(entry.step())
+            check(audit, line_no, entry, events, tolerance)
             changed = [k for k in ("unit", "delta", "accountant", "budget") if getattr(entry, k) != getattr(first, k)]
             if changed:  # one client, one calibration: anything else restarts an account
                 audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
@@ -75,12 +75,12 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
     return audit
 
 
-def check(audit: RunAudit, line_no: int, entry: LedgerEntry, history: list, tolerance: float) -> None:
+def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, tolerance: float) -> None:
     twin = TWIN[entry.accountant]
-    claims = [("epsilon", entry.epsilon, epsilon(history, entry.delta, twin))]
+    claims = [("epsilon", entry.epsilon, epsilon(events, entry.delta, twin))]
     if entry.unit == "example" and entry.client != "server":  # a missing figure (NaN) never agrees
         claimed = float("nan") if entry.interaction_epsilon is None else entry.interaction_epsilon
-        claims.append(("interaction-epsilon", claimed, interaction_epsilon(history, entry.window, entry.delta, twin)))
+        claims.append(("interaction-epsilon", claimed, interaction_epsilon(events, entry.window, entry.delta, twin)))
     for name, claimed, recomputed in claims:
         audit.checked += 1
         if not abs(recomputed - claimed) <= tolerance * max(abs(claimed), 1e-12):
@@ -173,7 +173,7 @@ def write_report(audits: list[RunAudit], out: Path, tolerance: float = TOLERANCE
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_audits(audits, out)
     lines = ["# Privacy audit", "",
-             f"Every epsilon in each ledger was recomputed from the history before it with a second, "
+             f"Every epsilon in each ledger was recomputed from the accountant events before it with a second, "
              f"independent accountant (rdp: dp-accounting's RDP; prv: dp-accounting's PLD; pld: Opacus's PRV). "
              f"Tolerance {tolerance:.0%}.", "",
              "| run | entries checked | disagreements | unit | clients | largest epsilon | delta | accountant | "

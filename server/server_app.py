@@ -26,7 +26,7 @@ from server.run_folder import Checkpoint, RunFolder
 from server.simulation_speedup import speed_up_in_memory_link_state
 from server.dp_strategy import DPFedAvg
 from server.strategy import RoundStats, SeededFedAdam
-from shared_model.ledger import LedgerEntry, LedgerError, history_of, read_ledger
+from shared_model.ledger import LedgerEntry, LedgerError, events_of, read_ledger
 from shared_model.metrics import evaluate_scores
 from shared_model.privacy import RELATION, epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
@@ -140,9 +140,9 @@ def is_private(settings: RunSettings) -> bool:
 
 
 def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, received: list[LedgerEntry],
-                   server_history: list) -> dict:
+                   server_events: list) -> dict:
     """Write the clients' ledger entries and the round's DP-FedAvg event (its epsilon
-    computed here, over every aggregation so far: `server_history`, extended in place) to
+    computed here, over every aggregation so far: `server_events`, extended in place) to
     the server's ledger; return the round's privacy figures for the metrics line."""
     out: dict = {}
     entries = [dataclasses.replace(entry, run=folder.path.name) for entry in received]
@@ -150,8 +150,8 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
         out["client epsilon max"] = max(e.epsilon for e in entries)
     if settings.server_dp:
         step = (settings.server_dp_noise, settings.server_dp_sample_rate, 1)
-        server_history.append(step)
-        eps = epsilon(server_history, settings.dp_delta, settings.dp_accountant)
+        server_events.append(step)
+        eps = epsilon(server_events, settings.dp_delta, settings.dp_accountant)
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
                                    noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
                                    accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name))
@@ -276,7 +276,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedrec: run folder %s", folder.path)
     torch.manual_seed(settings.seed)
     catalog = settings.load_catalog()
-    model = build_recommender(catalog.texts, settings.model_config(), progress=False)
+    model = build_recommender(catalog.texts, settings.model, progress=False)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     checkpoint = folder.load_checkpoint()
     if checkpoint is not None and simulation and settings.dp != "none":
@@ -299,7 +299,7 @@ def main(grid: Grid, context: Context) -> None:
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
     evaluate = evaluation(grid, optimizer, settings, model, simulation)
     # DP-FedAvg's aggregations so far (a resumed run's included), read once, then kept here
-    server_history = history_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"])
+    server_events = events_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"])
     if checkpoint is None:  # where training starts from, for the plot and the record
         line = {"round": 0, **evaluate(0, arrays)}
         folder.append_metrics(line)
@@ -330,7 +330,7 @@ def main(grid: Grid, context: Context) -> None:
                 best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
                 best_arrays = arrays
-        line.update(record_privacy(folder, settings, server_round, list(received.values()), server_history))
+        line.update(record_privacy(folder, settings, server_round, list(received.values()), server_events))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         if is_private(settings):  # the final model is kept: no round is picked on the clients' data

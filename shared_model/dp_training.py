@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from shared_model.fresh_randomness import fresh_numpy_generator
-from shared_model.recommender import Recommender, example_loss, left_pad
+from shared_model.recommender import Recommender, example_loss
 from shared_model.training import make_examples
 
 UNITS = ("example", "user")
@@ -46,15 +46,15 @@ class PrivateData:
         return len(self.tensors)
 
 
-def private_data(sequences: list[np.ndarray], window: int, unit: str) -> PrivateData:
-    """One Opacus sample per example, or per user (their last W + 1 items)."""
+def private_data(model: Recommender, sequences: list[np.ndarray], unit: str) -> PrivateData:
+    """One Opacus sample per example, or per user (their last W + 1 items; W is the model's)."""
     if unit == "example":
-        examples = make_examples(sequences, window)
-        return PrivateData(unit, TensorDataset(examples.history, examples.mask, examples.targets))
+        examples = make_examples(model, sequences)
+        return PrivateData(unit, TensorDataset(examples.history_ids, examples.mask, examples.targets))
     if unit == "user":
-        tails = [s[-(window + 1):] for s in sequences if len(s) >= 2]
-        inputs, mask = left_pad([t[:-1] for t in tails], window)
-        targets, _ = left_pad([t[1:] for t in tails], window)
+        tails = [s[-(model.window + 1):] for s in sequences if len(s) >= 2]
+        inputs, mask = model.windows([t[:-1] for t in tails])
+        targets, _ = model.windows([t[1:] for t in tails])
         return PrivateData(unit, TensorDataset(inputs, mask, targets))
     raise ValueError(f"unit must be one of {UNITS}, not {unit!r}")
 

@@ -216,7 +216,8 @@ class TextTower(nn.Module):
     projections carry PEFT LoRA adapters, the only trainable parameters here.
     """
 
-    def __init__(self, cache: CatalogCache, encoder_path: str | None = None, rank: int = 4, alpha: float = 8.0):
+    def __init__(self, cache: CatalogCache, encoder_path: str, rank: int, alpha: float):
+        """encoder_path '' = the packaged encoder; rank and alpha: the LoRA adapters' (see RecommenderConfig)."""
         super().__init__()
         self.lora_layers = cache.lora_layers
         self.encoder_path = encoder_path or default_encoder_path()

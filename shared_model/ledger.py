@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from shared_model.files import JsonLinesError, append_lines, read_jsonl
-from shared_model.privacy import ACCOUNTANTS, RELATION, History
+from shared_model.privacy import ACCOUNTANTS, RELATION, Events
 
 UNITS = ("example", "user")
 STATUSES = ("trained", "declined", "aggregated")
@@ -124,6 +124,6 @@ def append_entries(path: Path, entries: list[LedgerEntry]) -> None:
     append_lines(path, [json.dumps(e.to_json()) for e in entries])
 
 
-def history_of(entries: list[LedgerEntry]) -> History:
-    """The accountant history of the entries that spent (trained or aggregated)."""
+def events_of(entries: list[LedgerEntry]) -> Events:
+    """The accountant events of the entries that spent (trained or aggregated)."""
     return [e.step() for e in entries if e.status != "declined"]

@@ -1,4 +1,4 @@
-"""Privacy accounting: epsilon of a history of (noise multiplier, sample rate, steps),
+"""Privacy accounting: epsilon of accountant events (noise multiplier, sample rate, steps),
 the noise for a target epsilon, the per-interaction epsilon of example-level DP-SGD, and
 the one-run audit lower bound.
 
@@ -7,8 +7,8 @@ accountant below computes it (Opacus RDP and PRV, dp-accounting RDP and PLD by d
 Nothing a private client releases depends on how many units it holds (sample rate, steps
 and the normaliser of the noisy sum are public settings), so add/remove is the right one.
 
-Like Opacus's accountants, a history is a plain list of (noise_multiplier, sample_rate,
-steps) entries (easy to persist and audit). Accountants, by name:
+Like an Opacus accountant's `history`, the events are a plain list of (noise_multiplier,
+sample_rate, steps) entries (easy to persist and audit). Accountants, by name:
   rdp  Opacus's RDP accountant       (independent twin: dp-accounting's RDP)
   prv  Opacus's PRV accountant       (independent twin: dp-accounting's PLD)
   pld  dp-accounting's PLD           (independent twin: Opacus's PRV)
@@ -23,19 +23,19 @@ from typing import Iterable
 import numpy as np
 
 
-History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+Events = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 RELATION = "add/remove"
 ACCOUNTANTS = ("rdp", "prv", "pld")
 TWIN = {"rdp": "dp-accounting-rdp", "prv": "pld", "pld": "prv"}
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
 
 
-def _dp_event(history: Iterable[tuple[float, float, int]]):
+def _dp_event(events: Iterable[tuple[float, float, int]]):
     import dp_accounting  # imported on use: it brings absl, which logs every record twice
 
     events = [dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), int(steps))
-        for z, q, steps in history if steps > 0]
+        for z, q, steps in events if steps > 0]
     return dp_accounting.ComposedDpEvent(events)
 
 
@@ -50,7 +50,7 @@ def _rdp_per_step(sample_rate: float, noise: float) -> tuple[float, ...]:
 
 
 def check_step(noise: float, sample_rate: float, steps: int) -> None:
-    """A history entry the accountants can take: a finite positive noise multiplier, a rate
+    """An event the accountants can take: a finite positive noise multiplier, a rate
     in (0, 1] and a whole number of steps (zero noise or infinities are no mechanism)."""
     if not (math.isfinite(noise) and noise > 0):
         raise ValueError(f"noise multiplier must be a finite positive number, not {noise}")
@@ -60,51 +60,51 @@ def check_step(noise: float, sample_rate: float, steps: int) -> None:
         raise ValueError(f"steps must be 0 or more, not {steps}")
 
 
-def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon after the history (0 when nothing was spent)."""
-    history = tuple((float(z), float(q), int(t)) for z, q, t in history if int(t) > 0)
-    for z, q, t in history:
+def epsilon(events: Events, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon after the events (0 when nothing was spent)."""
+    events = tuple((float(z), float(q), int(t)) for z, q, t in events if int(t) > 0)
+    for z, q, t in events:
         check_step(z, q, t)
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), not {delta}")
-    return _epsilon(history, float(delta), accountant) if history else 0.0
+    return _epsilon(events, float(delta), accountant) if events else 0.0
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(events: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     """A client asks twice a round (may the next round run? what was spent?) with the same
-    history, and clients with as many examples share histories; PRV and PLD take a tenth of
+    events, and clients with as many examples share event lists; PRV and PLD take a tenth of
     a second or more per call, which made a DP round several times slower."""
     # Opacus is imported on use: seconds of start-up that a non-private ClientApp process skips
     if accountant == "rdp":  # what Opacus's RDPAccountant computes, with its per-step curves cached
         from opacus.accountants.analysis.rdp import get_privacy_spent
 
-        rdp = sum(np.asarray(_rdp_per_step(q, z)) * t for z, q, t in history)
+        rdp = sum(np.asarray(_rdp_per_step(q, z)) * t for z, q, t in events)
         return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
     if accountant == "prv":
         from opacus.accountants import PRVAccountant
 
         acc = PRVAccountant()
-        acc.history = list(history)
+        acc.history = list(events)  # Opacus's own name for its events
         return float(acc.get_epsilon(delta))
     if accountant == "pld":
         from dp_accounting import pld as dp_pld
 
         acc = dp_pld.PLDAccountant()
-        acc.compose(_dp_event(history))
+        acc.compose(_dp_event(events))
         return float(acc.get_epsilon(delta))
     if accountant == "dp-accounting-rdp":
         from dp_accounting import rdp as dp_rdp
 
         acc = dp_rdp.RdpAccountant(RDP_ORDERS)
-        acc.compose(_dp_event(history))
+        acc.compose(_dp_event(events))
         return float(acc.get_epsilon(delta))
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, not {accountant!r}")
 
 
-def independent_epsilon(history: History, delta: float, accountant: str) -> float:
+def independent_epsilon(events: Events, delta: float, accountant: str) -> float:
     """The same epsilon from a second implementation (for audits)."""
-    return epsilon(history, delta, TWIN[accountant])
+    return epsilon(events, delta, TWIN[accountant])
 
 
 @functools.lru_cache(maxsize=4096)  # pure, and clients with equal data sizes ask the same
@@ -127,7 +127,7 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
     return high
 
 
-def interaction_epsilon(history: History, window: int, delta: float, accountant: str = "rdp") -> float:
+def interaction_epsilon(events: Events, window: int, delta: float, accountant: str = "rdp") -> float:
     """Epsilon for one interaction under example-level DP-SGD, from the mechanism itself.
 
     One interaction is the target of one example and sits in the input windows of up to W
@@ -137,7 +137,7 @@ def interaction_epsilon(history: History, window: int, delta: float, accountant:
     claimed (the 2W + 1 examples are not one Poisson-sampled unit), so the rate is taken
     as 1. Same delta as the example-level figure (a group bound's delta grows to 1)."""
     group = 2 * window + 1
-    return epsilon([(z / group, 1.0, t) for z, _, t in history], delta, accountant)
+    return epsilon([(z / group, 1.0, t) for z, _, t in events], delta, accountant)
 
 
 def audit_p_value(canaries: int, guesses: int, correct: int, eps: float, delta: float) -> float:

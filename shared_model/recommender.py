@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -24,25 +24,80 @@ from torch import nn
 from shared_model.encoder import CatalogCache, TextTower
 
 
-@dataclass
-class RecommenderConfig:
-    """The model's knobs (the federated state grows with dim, layers, history and ids)."""
+class ConfigError(ValueError):
+    """A model knob out of its bounds; `name` is the field, so each front end (run config,
+    command line) can name the key or flag the user typed."""
 
-    dim: int = 24  # width of item and user vectors
-    layers: int = 2  # transformer blocks in the user tower
-    heads: int = 2
-    history: int = 50  # W: how many recent items the user tower reads
-    dropout: float = 0.2
-    lora_layers: int = 1  # adapted encoder layers (0: only the light head trains)
-    lora_rank: int = 2
-    lora_alpha: float = 4.0
-    id_embeddings: bool = True  # a dense item-id table next to the text vectors
-    encoder_path: str | None = None  # a local Hugging Face encoder; default all-MiniLM-L6-v2
+    def __init__(self, name: str, message: str, value: object):
+        super().__init__(f"{name} {message}, not {value!r}")
+        self.name, self.message, self.value = name, message, value
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric knob may take (open ends exclude the limit itself)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def knob(default, help: str, bounds: Bounds | None = None):
+    """A model field with the help text and bounds that every front end shows and checks."""
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """The model's knobs, the one schema of them: the run config (shared_model.settings) and
+    the command-line options (shared_model.cli_options) derive their keys, help and checks
+    from these fields. The federated state grows with dim, layers, history and ids."""
+
+    dim: int = knob(24, "width of item and user vectors (a multiple of heads)", Bounds(1))
+    layers: int = knob(2, "transformer blocks in the user tower", Bounds(1))
+    heads: int = knob(2, "attention heads per block (must divide dim)", Bounds(1))
+    history: int = knob(50, "W, the history window: how many recent items the user tower reads", Bounds(1))
+    dropout: float = knob(0.2, "dropout probability in the user tower", Bounds(0, 1, high_open=True))
+    lora_layers: int = knob(1, "top encoder layers with LoRA adapters (0: only the light head trains)",
+                            Bounds(0, 6))
+    lora_rank: int = knob(2, "rank of each LoRA adapter", Bounds(1))
+    lora_alpha: float = knob(4.0, "LoRA scale numerator (adapter scale = alpha / rank)", Bounds(0, low_open=True))
+    id_embeddings: bool = knob(True, "a dense item-id table next to the text vectors (warm items; its update "
+                               "reveals a user's items unless DP-noised)")
+    encoder_path: str = knob("", "a local Hugging Face encoder folder ('' = the packaged all-MiniLM-L6-v2)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Each field within its bounds, and dim divisible by heads; ConfigError names the field."""
+        for f in fields(self):
+            value, bounds = getattr(self, f.name), f.metadata["bounds"]
+            if bounds is not None and value not in bounds:
+                raise ConfigError(f.name, f"must be {bounds}", value)
+        if self.dim % self.heads:
+            raise ConfigError("dim", f"must be divisible by heads ({self.heads})", self.dim)
 
     @classmethod
     def from_dict(cls, values: dict) -> RecommenderConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        values = {k: v for k, v in values.items() if k in names}
+        if values.get("encoder_path") is None:  # files written before "" meant the packaged encoder
+            values.pop("encoder_path", None)
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,8 +118,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -114,6 +167,16 @@ class Recommender(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.dropout = nn.Dropout(config.dropout)
 
+    @property
+    def window(self) -> int:
+        """W: how many of a user's most recent items the user tower reads."""
+        return self.config.history
+
+    def windows(self, histories: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user tower's input for whole histories: each one's last W items, left-padded
+        (ids [B, W], mask [B, W]); callers pass full histories and never trim them."""
+        return left_pad(histories, self.window)
+
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, M] (text rows; ids past the id table have no id embedding) -> [B, M, dim]."""
         vectors = self.project(self.text(ids))
@@ -127,14 +190,14 @@ class Recommender(nn.Module):
         vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
         return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items))
 
-    def user_states(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """history [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
+    def user_states(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """history_vectors [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
 
         The state at position t summarises items up to t; the last one is the user vector.
         """
-        batch, length, _ = history.shape
-        positions = torch.arange(self.config.history + 1 - length, self.config.history + 1).expand(batch, -1)
-        x = self.dropout(history * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
+        batch, length, _ = history_vectors.shape
+        positions = torch.arange(self.window + 1 - length, self.window + 1).expand(batch, -1)
+        x = self.dropout(history_vectors * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
@@ -155,11 +218,11 @@ class Recommender(nn.Module):
         `has_profile` [B] is True.
         """
         safe = torch.where(mask, history_ids, 0)
-        history = catalog[safe] if catalog is not None else self.item_vectors(safe)
+        vectors = catalog[safe] if catalog is not None else self.item_vectors(safe)
         if profiles is not None:
-            history = torch.cat([profiles[:, None], history], dim=1)
+            vectors = torch.cat([profiles[:, None], vectors], dim=1)
             mask = torch.cat([has_profile[:, None], mask], dim=1)
-        return self.user_states(history, mask)[:, -1]
+        return self.user_states(vectors, mask)[:, -1]
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Vectors [n, dim] of free texts (user profiles), read like item texts."""
@@ -215,7 +278,7 @@ def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
         catalog = model.catalog_vectors() if catalog is None else catalog
         out = []
         for start in range(0, len(histories), batch_size):
-            ids, mask = left_pad(histories[start : start + batch_size], model.config.history)
+            ids, mask = model.windows(histories[start : start + batch_size])
             out.append(model.user_vectors(ids, mask, catalog) @ catalog.T)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.n_items)
@@ -231,21 +294,21 @@ def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tenso
     the items as `user_vectors` reads it."""
     catalog = model.catalog_vectors()
     items = mask & (inputs >= 0)
-    history = catalog[torch.where(items, inputs, 0)]
+    vectors = catalog[torch.where(items, inputs, 0)]
     if profiles is not None:
         given = profiles >= 0
-        shown = torch.zeros(len(profiles), 1, history.shape[-1])  # hidden slots are masked out
+        shown = torch.zeros(len(profiles), 1, vectors.shape[-1])  # hidden slots are masked out
         shown[given] = model.item_vectors(profiles[given][:, None])  # only the profiles shown
-        history = torch.cat([shown, history], dim=1)
+        vectors = torch.cat([shown, vectors], dim=1)
         items = torch.cat([given[:, None], items], dim=1)
-    states = model.user_states(history, items)[:, -inputs.shape[1]:]
+    states = model.user_states(vectors, items)[:, -inputs.shape[1]:]
     logits = states[mask] @ catalog.T
     return F.cross_entropy(logits, targets[mask])
 
 
 def example_loss(
     model: Recommender,
-    history: torch.Tensor,
+    history_ids: torch.Tensor,
     mask: torch.Tensor,
     targets: torch.Tensor,
     negatives: torch.Tensor | None,
@@ -257,11 +320,11 @@ def example_loss(
     """
     if negatives is None:
         catalog = model.catalog_vectors()
-        users = model.user_vectors(history, mask, catalog)
+        users = model.user_vectors(history_ids, mask, catalog)
         return F.cross_entropy(users @ catalog.T, targets)
     candidates = torch.cat([targets[:, None], negatives], dim=1)  # [B, 1 + N]
-    width = history.shape[1]
-    vectors = model.item_vectors(torch.cat([torch.where(mask, history, 0), candidates], dim=1))
+    width = history_ids.shape[1]
+    vectors = model.item_vectors(torch.cat([torch.where(mask, history_ids, 0), candidates], dim=1))
     users = model.user_states(vectors[:, :width], mask)[:, -1]
     logits = torch.einsum("bd,bmd->bm", users, vectors[:, width:])
     collide = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), negatives == targets[:, None]], 1)
@@ -304,7 +367,7 @@ class Ranker:
     @torch.inference_mode()
     def top_k(self, history, k: int = 10, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(item ids, scores) of the k best items not in `exclude` (default: the history)."""
-        recent = torch.as_tensor(np.asarray(history[-self.model.config.history :], dtype=np.int64))
+        recent = torch.as_tensor(np.asarray(history[-self.model.window :], dtype=np.int64))
         mask = torch.ones(1, len(recent), dtype=torch.bool)
         if not len(recent):  # no history: one masked slot, the tower's prior
             recent, mask = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.bool)

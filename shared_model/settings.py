@@ -8,13 +8,13 @@ error that names the key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import Any, Mapping
 
 from shared_model.data import Catalog, Dataset, load_catalog, load_dataset
 from shared_model.partitions import PARTITIONINGS
 from shared_model.privacy import ACCOUNTANTS
-from shared_model.recommender import RecommenderConfig
+from shared_model.recommender import ConfigError, RecommenderConfig
 
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -66,35 +66,20 @@ class RunSettings:
     server_dp_noise: float  # noise multiplier z (std z * clip on the sum)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
-    # model
-    dim: int
-    layers: int
-    heads: int
-    history: int
-    dropout: float
-    lora_layers: int
-    lora_rank: int
-    lora_alpha: float
-    id_embeddings: bool
-    encoder_path: str
+    # model: its keys are RecommenderConfig's fields, kebab-cased (dim, lora-rank, ...)
+    model: RecommenderConfig
     low_memory: bool  # a ClientApp trades step time for memory (see TextTower.save_memory)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
         """Typed settings from the run config; the defaults live in pyproject.toml only."""
-        values = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in run_config:
-                raise SettingsError(f"run config '{key}' is missing (see [tool.flwr.app.config] in pyproject.toml)")
-            value, expected = run_config[key], TYPES[f.type]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not expected:
-                raise SettingsError(
-                    f"run config '{key}': expected {expected.__name__}, got {type(value).__name__} {value!r}"
-                )
-            values[f.name] = value
+        values = {f.name: read_key(run_config, f) for f in fields(cls) if f.name != "model"}
+        model = {f.name: read_key(run_config, f) for f in fields(RecommenderConfig)}
+        try:
+            values["model"] = RecommenderConfig(**model)
+        except ConfigError as error:
+            key = run_config_key(error.name)
+            raise SettingsError(f"run config '{key}' {error.message}, not {error.value!r}") from None
         settings = cls(**values)
         settings.validate()
         return settings
@@ -103,7 +88,7 @@ class RunSettings:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise SettingsError(f"run config '{f.name.replace('_', '-')}' must be a finite number, not {value!r}")
+                raise SettingsError(f"run config '{run_config_key(f.name)}' must be a finite number, not {value!r}")
         checks = [
             (self.dataset in ("synthetic", "ml-100k"), "dataset", "must be 'synthetic' or 'ml-100k'"),
             (self.synthetic_users >= 10, "synthetic-users", "must be at least 10"),
@@ -120,14 +105,13 @@ class RunSettings:
             (0 < self.fraction_evaluate <= 1, "fraction-evaluate", "must be in (0, 1]"),
             (0 <= self.simulated_failure_rate < 1, "simulated-failure-rate", "must be in [0, 1)"),
             (self.round_timeout > 0, "round-timeout", "must be positive"),
-            (0 <= self.lora_layers <= 6, "lora-layers", "must be between 0 and 6"),
             (self.dp in ("none", "example", "user"), "dp", "must be 'none', 'example' or 'user'"),
             (self.dp_epsilon > 0, "dp-epsilon", "must be positive"),
             (0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)"),
             (self.dp_expected_rounds >= 1, "dp-expected-rounds", "must be at least 1"),
             (0 < self.dp_sample_rate <= 1, "dp-sample-rate", "must be in (0, 1]"),
             (self.dp_expected_batch > 0, "dp-expected-batch", "must be positive"),
-            (self.dp == "none" or self.lora_layers <= 1, "lora-layers",
+            (self.dp == "none" or self.model.lora_layers <= 1, "lora-layers",
              "must be 0 or 1 under dp (Opacus's per-sample gradients are wrong for a second LoRA layer)"),
             (self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be positive"),
             (self.dp_negatives >= 1, "dp-negatives", "must be at least 1"),
@@ -136,18 +120,17 @@ class RunSettings:
             (not self.server_dp or self.partitioning == "per-user", "server-dp",
              "needs partitioning 'per-user' (one user a client): in a silo one user changes the silo's clipped update "
              "by up to twice the clip, so DP-FedAvg's epsilon would not be user-level"),
-            (not (self.server_dp and self.dp == "none" and self.id_embeddings), "id-embeddings",
+            (not (self.server_dp and self.dp == "none" and self.model.id_embeddings), "id-embeddings",
              "must be false with server-dp and dp = 'none': each client's exact update reaches the server, and an "
              "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",
              "'user' is for silos; with one client per user use dp='example' and server-dp"),
-            (self.dim % self.heads == 0, "dim", f"must be divisible by heads ({self.heads})"),
         ]
         for ok, key, message in checks:
             if not ok:
-                raise SettingsError(f"run config '{key}' {message}, not {getattr(self, key.replace('-', '_'))!r}")
+                raise SettingsError(f"run config '{key}' {message}, not {self.to_dict()[key]!r}")
 
     def load_dataset(self) -> Dataset:
         return load_dataset(self.dataset, self.data_dir or None, self.seed, self.synthetic_users)
@@ -156,19 +139,25 @@ class RunSettings:
         """The public catalog only (for the server)."""
         return load_catalog(self.dataset, self.data_dir or None, self.seed, self.synthetic_users)
 
-    def model_config(self) -> RecommenderConfig:
-        return RecommenderConfig(
-            dim=self.dim,
-            layers=self.layers,
-            heads=self.heads,
-            history=self.history,
-            dropout=self.dropout,
-            lora_layers=self.lora_layers,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            id_embeddings=self.id_embeddings,
-            encoder_path=self.encoder_path or None,
-        )
-
     def to_dict(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        """The run config these settings were read from, by key (flat, as in pyproject.toml)."""
+        values = {run_config_key(f.name): getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return values | {run_config_key(k): v for k, v in self.model.to_dict().items()}
+
+
+def run_config_key(name: str) -> str:
+    """A field's run-config key: its name, kebab-cased."""
+    return name.replace("_", "-")
+
+
+def read_key(run_config: Mapping[str, Any], f: Field) -> Any:
+    """The value of field `f`'s key, of the field's type (an int is taken for a float)."""
+    key = run_config_key(f.name)
+    if key not in run_config:
+        raise SettingsError(f"run config '{key}' is missing (see [tool.flwr.app.config] in pyproject.toml)")
+    value, expected = run_config[key], TYPES[f.type]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise SettingsError(f"run config '{key}': expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -51,12 +51,12 @@ class LeaveOneOut:
         targets_all = self.valid if stage == "valid" else self.test
         chosen = np.arange(self.n_users) if users is None else np.asarray(users)
         chosen = chosen[targets_all[chosen] >= 0]
-        histories = [self.history(u, stage) for u in chosen]
+        histories = [self.prefix(u, stage) for u in chosen]
         profiles = [self.profiles[u] for u in chosen] if self.profiles else None
         return EvalCases(chosen, histories, targets_all[chosen], histories, profiles)
 
-    def history(self, user: int, stage: str) -> np.ndarray:
-        """What the model may read for `user` at `stage`."""
+    def prefix(self, user: int, stage: str) -> np.ndarray:
+        """The items of `user` before `stage`'s target: what the model may read then."""
         if stage == "test" and self.valid[user] >= 0:
             return np.append(self.train[user], self.valid[user])
         return self.train[user]

@@ -42,12 +42,13 @@ class Chunks:
         return len(self.items)
 
 
-def sequence_chunks(sequences: list[np.ndarray], window: int, profile_rows: np.ndarray | None = None) -> Chunks:
+def sequence_chunks(model: Recommender, sequences: list[np.ndarray], profile_rows: np.ndarray | None = None
+                    ) -> Chunks:
     """Cut each sequence, after a START marker, into chunks of up to W+1 entries from its
     end, so that every item is a target exactly once; the first is predicted from the
     empty history, which teaches the model a prior for users with no history yet.
     profile_rows [n users]: each user's profile text row (see `add_profiles`)."""
-    chunks, owners = [], []
+    window, chunks, owners = model.window, [], []
     for user, seq in enumerate(sequences):
         seq = np.concatenate([[START], seq]) if len(seq) else seq
         end = len(seq)
@@ -94,7 +95,7 @@ def sequence_batches(
 class Examples:
     """Independent (history window, target) examples, one per predicted interaction."""
 
-    history: torch.Tensor  # [n, W] left-padded
+    history_ids: torch.Tensor  # [n, W] left-padded
     mask: torch.Tensor  # [n, W]
     targets: torch.Tensor  # [n]
 
@@ -102,14 +103,15 @@ class Examples:
         return len(self.targets)
 
 
-def make_examples(sequences: list[np.ndarray], window: int) -> Examples:
-    windows, targets = [], []
+def make_examples(model: Recommender, sequences: list[np.ndarray]) -> Examples:
+    """One example per interaction: the items before it (the model keeps the last W) -> it."""
+    prefixes, targets = [], []
     for seq in sequences:
         for t in range(len(seq)):  # t = 0: the empty history predicts the first item
-            windows.append(seq[max(0, t - window) : t])
+            prefixes.append(seq[:t])
             targets.append(seq[t])
-    history, mask = left_pad(windows, window)
-    return Examples(history, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
+    history_ids, mask = model.windows(prefixes)
+    return Examples(history_ids, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
 
 
 def train_sequences(
@@ -150,7 +152,7 @@ def train_local(
 ) -> dict[str, float]:
     """A client's local work: plain SGD over its own sequences for `epochs` passes
     (at most `max_steps` steps in all, when that is positive)."""
-    chunks = sequence_chunks(sequences, model.config.history)
+    chunks = sequence_chunks(model, sequences)
     optimizer = torch.optim.SGD(model.trainable_parameters().values(), lr=lr)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

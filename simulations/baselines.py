@@ -48,7 +48,7 @@ def tune_ease(split: LeaveOneOut, lambdas: tuple[float, ...] = EASE_LAMBDAS) -> 
 
 def ease_test_scores(split: LeaveOneOut, lam: float, cases: EvalCases) -> torch.Tensor:
     """EASE refitted on everything before the test items (train + validation)."""
-    histories = [split.history(u, "test") for u in range(split.n_users)]
+    histories = [split.prefix(u, "test") for u in range(split.n_users)]
     return ease_scores(ease_weights(interaction_matrix(histories, split.n_items), lam), cases)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from shared_model.dp_training import private_data, train_private
 from shared_model.privacy import audit_lower_bound
@@ -30,33 +30,8 @@ from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.settings import RunSettings
 from shared_model.splits import leave_one_out
 from shared_model.synthetic import SyntheticConfig, generate
-from simulations.bench_privacy_audit import canary_scores, guesses, make_canaries, train_audited, with_canaries
-from simulations.flower_runner import app_run_config
-
-def client_context(partition: int, partitions: int, **overrides) -> Context:
-    return Context(run_id=1, node_id=100 + partition, node_config={"partition-id": partition,
-                   "num-partitions": partitions}, state=RecordDict(), run_config=app_run_config(**overrides))
-
-
-def global_state(run_config: dict) -> ArrayRecord:
-    """The server's initial adapters for this run config."""
-    from client.local_data import simulated_client_data
-
-    settings = RunSettings.from_run_config(run_config)
-    texts = simulated_client_data(settings, 0, 1).texts
-    torch.manual_seed(0)
-    model = build_recommender(texts, settings.model_config(), progress=False)
-    return ArrayRecord({k: Array(v.numpy()) for k, v in model.trainable_state().items()})
-
-
-def deliver(message_type: str, context: Context, content: RecordDict) -> Message:
-    """Hand a message to the real ClientApp, as a SuperNode's runtime does."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from client.client_app import app
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = context.run_id, context.node_id, 1
-    return app(Message(content, dst_node_id=context.node_id, message_type=message_type), context)
+from simulations.canary_audit import canary_scores, guesses, make_canaries, train_audited, with_canaries
+from simulations.client_harness import client_context, deliver, global_state
 
 
 def small_world(users: int = 30, items: int = 120):
@@ -77,7 +52,7 @@ def one_step(world, users: list[int], noise: float, randomness: np.random.Genera
     """The adapters after one full-batch DP-SGD step (rate 1) on these users' data."""
     _, split = world
     model = fresh_model(world)
-    samples = private_data([split.train[u] for u in users], model.config.history, "user")
+    samples = private_data(model, [split.train[u] for u in users], "user")
     train_private(model, samples, noise, 1.0, sample_rate=1.0, steps=1, expected_batch=len(users), lr=0.5,
                   negatives=16, private_randomness=randomness)
     return flat(model)
@@ -118,8 +93,8 @@ def membership_audit(world, claimed: float | None, canaries: int = 200, per_side
     training without DP (claimed None) or with example-level DP-SGD at `claimed`."""
     data, split = world
     model = fresh_model(world)
-    real = private_data(split.train, model.config.history, "example")
-    ids, targets, included = make_canaries(canaries, model.config.history, data.n_items, seed=1)
+    real = private_data(model, split.train, "example")
+    ids, targets, included = make_canaries(model, canaries, seed=1)
     train_audited(model, with_canaries(real, ids, targets, included), claimed, 1e-5, 64, 0.5, epochs, 16, seed=0)
     made, correct = guesses(canary_scores(model, ids, targets), included, per_side)
     return correct, audit_lower_bound(canaries, made, correct, 1e-5, confidence=0.999)

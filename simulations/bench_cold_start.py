@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared_model.cli_options import add_dataset_options, positive_int
 from shared_model.data import load_dataset
 from shared_model.metrics import evaluate_scores
-from shared_model.recommender import Recommender, left_pad, score_catalog
+from shared_model.recommender import Recommender, score_catalog
 from shared_model.splits import EvalCases, cold_item_split, cold_user_split
 from simulations.baselines import genre_popularity_scores, popularity_scores
 from simulations.centralized import CentralizedConfig, train_reference
-from simulations.cli import add_dataset_options, positive_int
 
 
 def among(scores: torch.Tensor, items: np.ndarray, cases: EvalCases) -> tuple[torch.Tensor, EvalCases]:
@@ -41,7 +41,7 @@ def profile_scores(model: Recommender, cases: EvalCases) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         catalog = model.catalog_vectors()
-        ids, mask = left_pad(cases.histories, model.config.history)
+        ids, mask = model.windows(cases.histories)
         profiles = model.encode_texts(cases.profiles)
         users = model.user_vectors(ids, mask, catalog, profiles, torch.ones(len(cases), dtype=torch.bool))
         return users @ catalog.T
@@ -61,11 +61,11 @@ def main() -> None:
 
     items = cold_item_split(dataset, fraction=0.1, seed=0)
     model, _ = train_reference(items.warm, dataset.catalog.texts, config, out / "cold-items")
-    warm_history = [items.warm.history(u, "test") for u in range(items.warm.n_users)]
+    warm_prefixes = [items.warm.prefix(u, "test") for u in range(items.warm.n_users)]
     candidates = {
         "model": score_catalog(model, items.cases.histories),
-        "popularity": popularity_scores(warm_history, dataset.n_items, items.cases),
-        "genre-popularity": genre_popularity_scores(warm_history, dataset.catalog.genres, items.cases),
+        "popularity": popularity_scores(warm_prefixes, dataset.n_items, items.cases),
+        "genre-popularity": genre_popularity_scores(warm_prefixes, dataset.catalog.genres, items.cases),
     }
     results["cold items"] = {"cases": len(items.cases), "candidates": len(items.cold_items), **{
         name: evaluate_scores(*among(s, items.cold_items, items.cases)) for name, s in candidates.items()}}
@@ -73,14 +73,14 @@ def main() -> None:
 
     users = cold_user_split(dataset, fraction=0.1, seed=0)
     model, _ = train_reference(users.warm, dataset.catalog.texts, config, out / "cold-users")
-    warm_history = [users.warm.history(u, "test") for u in range(users.warm.n_users)]
+    warm_prefixes = [users.warm.prefix(u, "test") for u in range(users.warm.n_users)]
     results["cold users"] = {}
     for known in range(4):
         cases = users.cases(known)
         scores = {
             "model": score_catalog(model, cases.histories),
-            "popularity": popularity_scores(warm_history, dataset.n_items, cases),
-            "genre-popularity": genre_popularity_scores(warm_history, dataset.catalog.genres, cases),
+            "popularity": popularity_scores(warm_prefixes, dataset.n_items, cases),
+            "genre-popularity": genre_popularity_scores(warm_prefixes, dataset.catalog.genres, cases),
         }
         if cases.profiles:
             scores["model + profile"] = profile_scores(model, cases)

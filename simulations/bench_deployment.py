@@ -26,9 +26,8 @@ from shared_model.data import load_dataset, ml100k_dir
 from shared_model.files import read_jsonl
 from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences
-from simulations.bench_federated import parse_overrides
 from simulations.deployment_runner import Deployment
-from simulations.flower_runner import processes_of, total_rss
+from simulations.flower_runner import parse_overrides, processes_of, total_rss
 
 
 class MemoryWatch(threading.Thread):

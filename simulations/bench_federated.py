@@ -36,25 +36,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.data import ml100k_dir  # noqa: E402
 from shared_model.files import read_jsonl  # noqa: E402
-from simulations.flower_runner import run_flower  # noqa: E402
+from simulations.flower_runner import parse_overrides, run_flower  # noqa: E402
 
 ML100K_USERS = 943
 
 
 def read_metrics(folder: Path) -> list[dict]:
     return [line.value for line in read_jsonl(folder / "metrics.jsonl")]
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """'key=value' pairs, values parsed as TOML would (numbers, booleans, strings)."""
-    out = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def quality(args: argparse.Namespace) -> dict:
@@ -231,7 +219,8 @@ def main() -> None:
     d = sub.add_parser("default", help="the default private run beside the same run without DP and popularity")
     d.add_argument("--repeats", type=int, default=3, help="private runs (each with fresh noise; default 3)")
     q = sub.add_parser("quality", help="ml-100k, 943 per-user clients, against the centralized reference")
-    q.add_argument("--centralized", required=True, help="summary.json of `fedrec centralized --dataset ml-100k`")
+    q.add_argument("--centralized", required=True,
+                   help="summary.json of `python -m simulations.centralized --dataset ml-100k`")
     q.add_argument("--rounds", type=int, default=200)
     q.add_argument("--clients-per-round", type=int, default=94)
     q.add_argument("--eval-every", type=int, default=10)

@@ -17,11 +17,11 @@ import time
 import numpy as np
 import torch
 
+from shared_model.cli_options import add_dataset_options
 from shared_model.data import load_dataset
 from shared_model.dp_training import private_data, train_plain, train_private
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out
-from simulations.cli import add_dataset_options
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     start_state = model.trainable_state()
     times = {"dp": [], "dp seeded": [], "plain": []}
     for user in range(args.clients):
-        data = private_data([split.train[user]], model.config.history, "example")
+        data = private_data(model, [split.train[user]], "example")
         rate = min(1.0, args.batch_size / len(data))
         for name in ("plain", "dp seeded", "dp"):
             model.load_trainable_state(start_state)

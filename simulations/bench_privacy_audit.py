@@ -16,67 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
+from shared_model.cli_options import add_dataset_options
 from shared_model.data import load_dataset
-from shared_model.dp_training import PrivateData, private_data, train_plain, train_private
-from shared_model.fresh_randomness import fresh_numpy_generator
-from shared_model.privacy import audit_lower_bound, noise_multiplier
-from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
+from shared_model.dp_training import private_data
+from shared_model.privacy import audit_lower_bound
+from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out
-from simulations.cli import add_dataset_options
-
-
-def make_canaries(count: int, window: int, n_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    rng = np.random.default_rng(seed)  # the canaries themselves are public
-    histories = [rng.choice(n_items, size=window, replace=False) for _ in range(count)]
-    targets = rng.integers(n_items, size=count)
-    ids, _ = left_pad(histories, window)
-    included = fresh_numpy_generator().random(count) < 0.5
-    return ids, torch.as_tensor(targets), included
-
-
-def canary_scores(model, ids: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        catalog = model.catalog_vectors()
-        users = model.user_vectors(ids, torch.ones_like(ids, dtype=torch.bool), catalog)
-        logits = users @ catalog.T
-        return (logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]).numpy()
-
-
-def guesses(scores: np.ndarray, included: np.ndarray, per_side: int) -> tuple[int, int]:
-    """Guess "in" for the per_side highest scores and "out" for the per_side lowest."""
-    order = np.argsort(-scores)
-    correct = included[order[:per_side]].sum() + (~included[order[-per_side:]]).sum()
-    return 2 * per_side, int(correct)
-
-
-def with_canaries(data: PrivateData, ids: torch.Tensor, targets: torch.Tensor, included: np.ndarray) -> PrivateData:
-    """The training examples plus the included canaries (a full window -> its target)."""
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    history, seen, wanted = data.tensors.tensors
-    return PrivateData("example", TensorDataset(torch.cat([history, ids[included]]), torch.cat([seen, mask[included]]),
-                                                torch.cat([wanted, targets[included]])))
-
-
-def train_audited(model, train: PrivateData, claimed: float | None, delta: float, batch_size: int, lr: float,
-                  epochs: int, negatives: int, seed: int) -> None:
-    """Without DP (claimed None: the control), or example-level DP-SGD calibrated for the
-    claimed epsilon over `epochs` expected passes at rate batch_size / examples."""
-    if claimed is None:
-        train_plain(model, train, batch_size, lr, epochs, negatives, seed)
-        return
-    rate = batch_size / len(train)
-    steps = epochs * math.ceil(1 / rate)
-    train_private(model, train, noise_multiplier(claimed, rate, steps, delta), 1.0, rate, steps, batch_size, lr,
-                  negatives)
+from simulations.canary_audit import canary_scores, guesses, make_canaries, train_audited, with_canaries
 
 
 def main() -> None:
@@ -98,8 +49,9 @@ def main() -> None:
     dataset = load_dataset(args.dataset, args.data_dir)
     split = leave_one_out(dataset)
     config = RecommenderConfig(lora_layers=0, dropout=0.0)
-    data = private_data(split.train[: args.users], config.history, "example")
-    ids, targets, included = make_canaries(args.canaries, config.history, dataset.n_items, args.seed)
+    shape = build_recommender(dataset.catalog.texts, config, progress=False)  # W and the catalog size
+    data = private_data(shape, split.train[: args.users], "example")
+    ids, targets, included = make_canaries(shape, args.canaries, args.seed)
     train = with_canaries(data, ids, targets, included)
     results = {"dataset": dataset.name, "training examples": len(train), "canaries": args.canaries,
                "included": int(included.sum()), "guesses": 2 * args.guesses_per_side, "delta": args.delta}

@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from server.serving import recommender_pb2 as pb  # noqa: E402
 from server.serving import recommender_pb2_grpc as pb_grpc  # noqa: E402
+from shared_model.cli_options import add_dataset_options  # noqa: E402
 from shared_model.data import load_dataset  # noqa: E402
 from shared_model.splits import leave_one_out  # noqa: E402
-from simulations.cli import add_dataset_options  # noqa: E402
 
 
 class CannedRecommender(pb_grpc.RecommenderServicer):
@@ -53,7 +53,7 @@ async def serve_canned() -> None:
 
 
 def start_server(args: argparse.Namespace, canned: bool = False) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "simulations.cli", "serve", "--checkpoint", args.checkpoint,
+    command = [sys.executable, "-m", "server.cli", "serve", "--checkpoint", args.checkpoint,
                "--dataset", args.dataset, "--port", "0"] + (["--data-dir", args.data_dir] if args.data_dir else [])
     if canned:
         command = [sys.executable, "-m", "simulations.bench_serving", "--canned-server"]

@@ -60,6 +60,18 @@ def toml_value(value) -> str:
     return repr(value)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """'key=value' pairs, values parsed as TOML would (numbers, booleans, strings)."""
+    out = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from simulations.bench_attacks import (app_run_config, client_context, deliver, global_state, item_readout,
-                                       membership_audit, replay_error, small_world)
+from simulations.bench_attacks import item_readout, membership_audit, replay_error, small_world
+from simulations.client_harness import client_context, deliver, global_state
+from simulations.flower_runner import app_run_config
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,26 @@
-"""The `fedrec` console script, end to end on the built-in synthetic catalog."""
+"""The commands: `fedrec` (server side), `fedrec-device` (a device), the centralized
+experiment, end to end on the built-in synthetic catalog; and the import rule they keep."""
 
+import ast
 import json
+import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def run_fedrec(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, capture_output=True, text=True)
+def run_module(module, *args, cwd):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's code
 
 
 def test_centralized_writes_summary_with_model_and_baselines(tmp_path):
-    done = run_fedrec("centralized", "--epochs", "2", "--quiet", "--out", str(tmp_path), cwd=tmp_path)
+    done = run_module("simulations.centralized", "--epochs", "2", "--quiet", "--out", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (run_dir,) = tmp_path.glob("centralized-synthetic-*")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -23,12 +33,58 @@ def test_centralized_writes_summary_with_model_and_baselines(tmp_path):
 
 
 def test_bad_data_dir_is_a_clear_error(tmp_path):
-    done = run_fedrec("centralized", "--dataset", "ml-100k", "--data-dir", str(tmp_path), cwd=tmp_path)
+    done = run_module("simulations.centralized", "--dataset", "ml-100k", "--data-dir", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2
     assert f"{tmp_path}/u.genre: file not found" in done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_bad_flag_value_names_the_flag(tmp_path):
-    done = run_fedrec("centralized", "--epochs", "0", cwd=tmp_path)
-    assert done.returncode == 2 and "--epochs" in done.stderr
+@pytest.mark.parametrize("args, flag", [(["--epochs", "0"], "--epochs"), (["--lora-rank", "0"], "--lora-rank"),
+                                        (["--dropout", "1.5"], "--dropout"), (["--heads", "5"], "--dim")])
+def test_bad_flag_value_names_the_flag(tmp_path, args, flag):
+    done = run_module("simulations.centralized", *args, cwd=tmp_path)
+    assert done.returncode == 2 and f"argument {flag}: " in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_product_commands_are_each_sides_own(tmp_path):
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"fedrec": "server.cli:main", "fedrec-device": "client.cli:main"}
+    server = run_module("server.cli", "--help", cwd=tmp_path)
+    assert server.returncode == 0
+    for command in ("serve", "recommend", "audit", "privacy", "deploy"):
+        assert command in server.stdout
+    assert "centralized" not in server.stdout.split("positional arguments")[1]  # an experiment, not the product
+    done = run_module("client.cli", "prepare", "--synthetic-users", "50", "--partition", "3", "--out",
+                      str(tmp_path / "device"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "1 user(s) of synthetic, partition 3 of 50 (per-user)" in done.stdout
+    bad = run_module("client.cli", "prepare", "--synthetic-users", "50", "--partition", "50", "--out",
+                     str(tmp_path / "d"), cwd=tmp_path)
+    assert bad.returncode == 2 and "--partition must be between 0 and 49" in bad.stderr
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports (at the top or inside a function)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_imports_follow_the_layout():
+    """shared_model <- client, server <- simulations; client and server never import each
+    other; no benchmark imports another (what they share lives in a library module)."""
+    forbidden = {"shared_model": ("client", "server", "simulations"), "client": ("server", "simulations"),
+                 "server": ("client", "simulations")}
+    broken = []
+    for package, others in forbidden.items():
+        for path in sorted((REPO / package).rglob("*.py")):
+            broken += [f"{path.relative_to(REPO)} imports {m}" for m in imports_of(path)
+                       if m.split(".")[0] in others]
+    for path in sorted((REPO / "simulations").glob("bench_*.py")):
+        broken += [f"{path.relative_to(REPO)} imports {m}" for m in imports_of(path)
+                   if m.startswith("simulations.bench_")]
+    assert broken == []

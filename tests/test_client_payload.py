@@ -9,7 +9,7 @@ from client.device_store import write_device
 from client.local_data import simulated_client_data
 from conftest import default_run_config
 from shared_model.settings import RunSettings
-from simulations.bench_attacks import client_context, deliver, global_state
+from simulations.client_harness import client_context, deliver, global_state
 
 
 def test_train_reply_carries_only_adapters_and_scalars():

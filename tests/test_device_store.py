@@ -59,11 +59,11 @@ def test_preparing_a_device_over_a_file_names_the_path(world, tmp_path):
 
 
 def test_prepare_device_cli_over_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
-    from simulations.cli import main
+    from client.cli import main
 
     taken = tmp_path / "notes.txt"
     taken.write_text("mine")
-    code = main(["deploy", "prepare-device", "--synthetic-users", "20", "--partition", "0", "--out", str(taken)])
+    code = main(["prepare", "--synthetic-users", "20", "--partition", "0", "--out", str(taken)])
     assert code == 2
     assert f"error: {taken}: exists and is not a directory" in capsys.readouterr().err
 

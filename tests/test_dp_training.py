@@ -38,7 +38,7 @@ def trainable(model):
 def test_per_sample_gradients_equal_per_example_autograd(world, unit):
     _, split = world
     model = fresh_model(world)
-    data = private_data(split.train[:12], model.config.history, unit)
+    data = private_data(model, split.train[:12], unit)
     batch = [t[:6] for t in data.tensors.tensors]
     gsm = GradSampleModule(model, loss_reduction="sum")
     negatives = torch.randint(model.n_items, (len(batch[0]), 8), generator=torch.Generator().manual_seed(1))
@@ -58,7 +58,7 @@ def test_per_sample_gradients_equal_per_example_autograd(world, unit):
 def test_dp_step_without_noise_or_clipping_is_a_plain_step(world):
     _, split = world
     plain, private = fresh_model(world), fresh_model(world)
-    data = private_data(split.train[:10], plain.config.history, "example")
+    data = private_data(plain, split.train[:10], "example")
     batch = list(data.tensors.tensors)
     lr = 0.5
 
@@ -82,7 +82,7 @@ def test_private_training_steps_and_leaves_no_hooks(world):
     _, split = world
     model = fresh_model(world)
     before = {n: p.detach().clone() for n, p in trainable(model)}
-    data = private_data(split.train, model.config.history, "example")
+    data = private_data(model, split.train, "example")
     result = train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.2, steps=3,
                            expected_batch=32, lr=0.1, negatives=16)
     assert result["steps"] == 3 and result["sample-rate"] == 0.2  # the rate and steps that ran: public settings
@@ -98,7 +98,7 @@ def test_private_training_runs_without_dropout(world):
     model.blocks[0].dropout.p = 0.9
     seen = []
     model.blocks[0].dropout.register_forward_hook(lambda module, args, out: seen.append(module.training))
-    data = private_data(split.train[:10], model.config.history, "example")
+    data = private_data(model, split.train[:10], "example")
     train_private(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2, expected_batch=16,
                   lr=0.1, negatives=8)
     assert seen and not any(seen)
@@ -109,7 +109,7 @@ def test_private_training_runs_without_dropout(world):
 def test_a_second_lora_layer_is_refused_under_dp(world):
     _, split = world
     model = fresh_model(world, lora_layers=2)
-    data = private_data(split.train[:4], model.config.history, "example")
+    data = private_data(model, split.train[:4], "example")
     with pytest.raises(ValueError, match="lora-layers 0 or 1"):
         train_private(model, data, 1.0, 1.0, 0.5, 1, 8, 0.1, 8)
 
@@ -118,7 +118,7 @@ def test_an_empty_poisson_batch_still_adds_noise(world):
     _, split = world
     model = fresh_model(world)
     before = {n: p.detach().clone() for n, p in trainable(model)}
-    data = private_data(split.train[:2], model.config.history, "user")
+    data = private_data(model, split.train[:2], "user")
     result = train_private(model, data, 1.0, 1.0, sample_rate=1e-9, steps=1, expected_batch=1, lr=0.1, negatives=8)
     assert result["train-loss"] == 0.0  # nobody was sampled
     assert all(not torch.equal(before[n], p) for n, p in trainable(model))  # yet the step moved every weight
@@ -129,7 +129,7 @@ def test_no_data_at_all_still_steps_with_noise(world):
     release that it has none)."""
     model = fresh_model(world)
     before = {n: p.detach().clone() for n, p in trainable(model)}
-    result = train_private(model, private_data([], model.config.history, "user"), 1.0, 1.0, sample_rate=1.0,
+    result = train_private(model, private_data(model, [], "user"), 1.0, 1.0, sample_rate=1.0,
                            steps=2, expected_batch=10, lr=0.1, negatives=8)
     assert result["steps"] == 2 and all(not torch.equal(before[n], p) for n, p in trainable(model))
 
@@ -140,7 +140,7 @@ def test_the_noise_has_std_z_c_over_the_expected_batch_and_is_fresh(world):
     def moved():
         model = fresh_model(world)
         before = torch.cat([p.detach().flatten().clone() for _, p in trainable(model)])
-        train_private(model, private_data([], model.config.history, "user"), 2.0, 0.5, sample_rate=1.0, steps=1,
+        train_private(model, private_data(model, [], "user"), 2.0, 0.5, sample_rate=1.0, steps=1,
                       expected_batch=4, lr=0.1, negatives=8)
         return torch.cat([p.detach().flatten() for _, p in trainable(model)]) - before
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from shared_model.encoder import build_cache, load_encoder, mean_pool
+from shared_model.encoder import load_encoder, mean_pool
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Ranker, RecommenderConfig, build_recommender, example_loss, score_catalog
 from shared_model.splits import leave_one_out
@@ -146,14 +146,14 @@ def test_an_examples_gradient_ignores_the_rest_of_the_batch(small, negatives):
     split = leave_one_out(small)
     model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False).eval()
     randomise_lora(model)
-    examples = make_examples(split.train[:40], model.config.history)
+    examples = make_examples(model, split.train[:40])
     g = torch.Generator().manual_seed(0)
     all_negatives = torch.randint(small.n_items, (len(examples), max(negatives, 1)), generator=g)
 
     def summed_grad(idx):
         model.zero_grad()
         neg = all_negatives[idx] if negatives else None
-        loss = example_loss(model, examples.history[idx], examples.mask[idx], examples.targets[idx], neg)
+        loss = example_loss(model, examples.history_ids[idx], examples.mask[idx], examples.targets[idx], neg)
         (loss * len(idx)).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -168,12 +168,12 @@ def test_learns_and_beats_popularity_on_synthetic(small):
     split = leave_one_out(small)
     model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.1), progress=False)
     optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
-    chunks, rng = sequence_chunks(split.train, model.config.history), np.random.default_rng(0)
+    chunks, rng = sequence_chunks(model, split.train), np.random.default_rng(0)
     losses = [train_sequences(model, optimizer, chunks, 64, rng)[0] for _ in range(12)]
     assert losses[-1] < losses[0] - 0.3
     test = split.cases("test")
     ours = evaluate_scores(score_catalog(model, test.histories), test)["NDCG@10"]
-    histories = [split.history(u, "test") for u in range(split.n_users)]
+    histories = [split.prefix(u, "test") for u in range(split.n_users)]
     popular = evaluate_scores(popularity_scores(histories, small.n_items, test), test)["NDCG@10"]
     assert ours > 1.3 * popular, (ours, popular)
 
@@ -187,7 +187,7 @@ def test_an_empty_history_learns_what_users_start_with(small):
     model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.0), progress=False)
     optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
     for _ in range(4):
-        train_sequences(model, optimizer, sequence_chunks(sequences, model.config.history), 64, rng)
+        train_sequences(model, optimizer, sequence_chunks(model, sequences), 64, rng)
     ids, _ = Ranker(model).top_k(np.array([], dtype=np.int64), k=1)
     assert int(ids[0]) == 7
 
@@ -202,7 +202,7 @@ def test_a_profile_learns_what_its_users_start_with(small):
                  for u in range(200)]
     model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.0), progress=False)
     optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
-    chunks = sequence_chunks(sequences, model.config.history, add_profiles(model, profiles))
+    chunks = sequence_chunks(model, sequences, add_profiles(model, profiles))
     for _ in range(10):
         train_sequences(model, optimizer, chunks, 64, rng)
     model.eval()
@@ -218,7 +218,7 @@ def test_ranker_agrees_with_batch_scoring(small):
     model = build_recommender(small.catalog.texts, RecommenderConfig(), progress=False)
     randomise_lora(model)
     ranker = Ranker(model)
-    histories = [split.history(u, "test") for u in range(5)] + [np.array([], dtype=np.int64)]
+    histories = [split.prefix(u, "test") for u in range(5)] + [np.array([], dtype=np.int64)]
     scores = score_catalog(model, histories)
     for row, history in enumerate(histories):
         ids, values = ranker.top_k(history, k=10)
@@ -226,3 +226,19 @@ def test_ranker_agrees_with_batch_scoring(small):
         expected[torch.from_numpy(history)] = float("-inf")
         assert torch.allclose(values, torch.topk(expected, 10).values, atol=1e-5)
         assert not np.isin(ids.numpy(), history).any()
+
+
+def test_the_model_trims_whole_histories_to_its_own_window(small):
+    from shared_model.dp_training import private_data
+
+    model = build_recommender(small.catalog.texts, RecommenderConfig(history=3, lora_layers=0), progress=False)
+    ids, mask = model.windows([np.arange(1, 11), np.array([4])])
+    assert ids.tolist() == [[8, 9, 10], [0, 0, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+    assert make_examples(model, [np.arange(1, 7)]).history_ids.shape == (6, 3)
+    assert make_examples(model, [np.arange(1, 7)]).history_ids[-1].tolist() == [3, 4, 5]
+    inputs, _, targets = private_data(model, [np.arange(1, 11)], "user").tensors.tensors
+    assert (inputs.tolist(), targets.tolist()) == ([[7, 8, 9]], [[8, 9, 10]])
+    assert max(len(c) for c in sequence_chunks(model, [np.arange(1, 11)]).items) == 4  # W + 1
+    whole = [np.arange(1, 40), np.arange(5, 9)]
+    assert torch.equal(score_catalog(model, whole), score_catalog(model, [h[-3:] for h in whole]))

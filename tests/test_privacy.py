@@ -20,8 +20,8 @@ def test_rdp_matches_opacus_published_vector():
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 def test_independent_accountants_agree_within_one_percent(accountant):
-    history = [(1.1, 0.02, 500), (0.9, 0.05, 120)]
-    ours, twin = epsilon(history, 1e-5, accountant), independent_epsilon(history, 1e-5, accountant)
+    events = [(1.1, 0.02, 500), (0.9, 0.05, 120)]
+    ours, twin = epsilon(events, 1e-5, accountant), independent_epsilon(events, 1e-5, accountant)
     assert ours == pytest.approx(twin, rel=0.01)
 
 
@@ -57,7 +57,7 @@ def test_one_run_audit_bound():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True)
 
 
 def test_calculator_prints_the_numbers():

@@ -15,7 +15,7 @@ from client.device_store import write_device
 from client.privacy_account import PrivacyAccountError
 from conftest import default_run_config
 from shared_model.settings import RunSettings
-from simulations.bench_attacks import deliver, global_state
+from simulations.client_harness import deliver, global_state
 
 USERS = 20
 PRIVATE = {"synthetic-users": USERS, "dp": "user", "dp-expected-rounds": 2, "dp-expected-batch": 1.0}

@@ -36,7 +36,7 @@ def write_adapters(path, seed: int) -> None:
 def server(tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("serve") / "adapters.safetensors"
     write_adapters(checkpoint, seed=1)
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "serve", "--checkpoint", str(checkpoint),
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--checkpoint", str(checkpoint),
                              "--dataset", "synthetic", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     address, lines = None, []

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared_model.data import Catalog
-from shared_model.recommender import Recommender, left_pad, load_recommender
+from shared_model.recommender import Recommender, load_recommender
 from shared_model.state import load_state
 
 MAX_K = 1000
@@ -139,7 +139,7 @@ class ScoringModel:
     # -- queries -----------------------------------------------------------------------
     def _user_vectors(self, histories: list[list[int]], profiles: list[str],
                       padded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        ids, mask = padded or left_pad(histories, self.model.config.history)
+        ids, mask = padded or self.model.windows(histories)
         if not any(profiles):
             return self.model.user_vectors(ids, mask, self.catalog)
         return self.model.user_vectors(ids, mask, self.catalog, *self._profile_vectors(profiles))
@@ -158,7 +158,7 @@ class ScoringModel:
         exclude; each item with the history items whose vectors point most its way."""
         histories = [q.history for q in queries]
         with self.lock, torch.inference_mode():
-            padded = left_pad(histories, self.model.config.history)
+            padded = self.model.windows(histories)
             scores = self._user_vectors(histories, [q.profile for q in queries], padded) @ self.catalog.T
             rows = np.repeat(np.arange(len(queries)), [len(q.blocked) for q in queries])
             if len(rows):

@@ -1,90 +1,16 @@
-"""The `fedrec` command: what is not a Flower run (the federated job is `flwr run .`)."""
+"""The `fedrec` command: the server side's tools that are not a Flower run (the federated
+job is `flwr run .`): serve the global model and query it, audit runs' privacy ledgers,
+compute privacy parameters, make deployment certificates. A device's own command is
+`fedrec-device` (client/cli.py): server and client never import each other."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
-from dataclasses import fields
 from pathlib import Path
 
-from shared_model.data import DataError
-from shared_model.recommender import RecommenderConfig
-from shared_model.training import TrainConfig
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, not {text}")
-    return value
-
-
-def add_dataset_options(parser: argparse.ArgumentParser, default: str = "synthetic") -> None:
-    """--dataset and --data-dir, as every command and benchmark reads them."""
-    parser.add_argument("--dataset", choices=["synthetic", "ml-100k"], default=default,
-                        help=f"built-in synthetic catalog or MovieLens-100K (default {default})")
-    parser.add_argument("--data-dir", help="folder with the GroupLens ml-100k files "
-                        "(default: $FEDREC_ML100K, else ../shared/datasets/ml-100k)")
-
-
-def add_data_options(parser: argparse.ArgumentParser) -> None:
-    add_dataset_options(parser)
-    parser.add_argument("--synthetic-users", type=positive_int, default=2000,
-                        help="users of the built-in synthetic dataset (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data generation and training (default 0)")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    d = RecommenderConfig()
-    group = parser.add_argument_group("model")
-    group.add_argument("--dim", type=positive_int, default=d.dim, help=f"item/user vector width (default {d.dim})")
-    group.add_argument("--layers", type=positive_int, default=d.layers, help=f"user-tower blocks (default {d.layers})")
-    group.add_argument("--heads", type=positive_int, default=d.heads, help=f"attention heads (default {d.heads})")
-    group.add_argument("--history", type=positive_int, default=d.history,
-                       help=f"recent items the user tower reads (default {d.history})")
-    group.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout (default {d.dropout})")
-    group.add_argument("--lora-layers", type=int, default=d.lora_layers,
-                       help=f"top encoder layers with LoRA; 0 = only the light head trains (default {d.lora_layers})")
-    group.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
-    group.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha,
-                       help=f"LoRA alpha (default {d.lora_alpha})")
-    group.add_argument("--no-id-embeddings", dest="id_embeddings", action="store_false",
-                       help="item vectors from text only (no item-id table)")
-    group.add_argument("--encoder-path", help="a local Hugging Face encoder folder (default: packaged all-MiniLM-L6-v2)")
-
-
-def model_config(args: argparse.Namespace) -> RecommenderConfig:
-    return RecommenderConfig(**{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)})
-
-
-def cmd_centralized(args: argparse.Namespace) -> int:
-    from shared_model.data import load_dataset
-    from simulations.centralized import CentralizedConfig, format_table, run_centralized
-
-    config = CentralizedConfig(
-        model=model_config(args),
-        train=TrainConfig(batch_size=args.batch_size, lr=args.lr),
-        epochs=args.epochs,
-        patience=args.patience,
-        seed=args.seed,
-    )
-    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
-    out = Path(args.out) / f"centralized-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_centralized(dataset, config, out, progress=not args.quiet)
-    print(format_table(summary))
-    print(json.dumps({k: summary[k] for k in ("best_epoch", "trainable_bytes", "train_seconds", "ease_lambda")}))
-    print(f"results: {out}/summary.json")
-    return 0
+from shared_model.cli_options import add_data_options, positive_float, positive_int, run_command
 
 
 def item_ids(text: str) -> list[int]:
@@ -120,23 +46,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         for rank, item in enumerate(items, start=1):
             because = f"  (because of {', '.join(map(str, item.because))})" if item.because else ""
             print(f"{rank:3}. [{item.item_id}] {item.text}  score {item.score:.3f}{because}")
-    return 0
-
-
-def cmd_prepare_device(args: argparse.Namespace) -> int:
-    from client.device_store import write_device
-    from shared_model.data import load_dataset
-    from shared_model.partitions import partition_users
-    from shared_model.splits import user_sequences
-
-    dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
-    parts = partition_users(user_sequences(dataset), dataset.catalog, args.partitioning, args.num_partitions,
-                            seed=args.seed)
-    if not 0 <= args.partition < len(parts):
-        raise ValueError(f"--partition must be between 0 and {len(parts) - 1}, not {args.partition}")
-    folder = write_device(Path(args.out), dataset, parts[args.partition])
-    print(f"{folder}: {len(parts[args.partition])} user(s) of {dataset.name}, partition {args.partition} "
-          f"of {len(parts)} ({args.partitioning})")
     return 0
 
 
@@ -211,30 +120,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrec",
-        description="Federated, privacy-preserving text-encoder recommender. "
-        "The federated simulation itself is a Flower app: run it with `flwr run .`.",
+        description="Federated, privacy-preserving text-encoder recommender: the server side's tools. "
+        "The federated run itself is a Flower app: `flwr run .`; a device's data directory: `fedrec-device "
+        "prepare`; the centralized reference: `python -m simulations.centralized`.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    central = sub.add_parser(
-        "centralized",
-        help="train the reference model on all data (no federation, no DP) next to popularity and EASE",
-        description="Train the recommender centrally, keep the best epoch by validation NDCG@10, and "
-        "report test HR@10/NDCG@10 (full ranking and 100 sampled negatives) for it, popularity and "
-        "EASE (lambda tuned on validation). Writes metrics.jsonl, summary.json and the best adapters.",
-    )
-    add_data_options(central)
-    add_model_options(central)
-    t = TrainConfig()
-    central.add_argument("--epochs", type=positive_int, default=60, help="at most this many epochs (default 60)")
-    central.add_argument("--patience", type=positive_int, default=10,
-                         help="stop after this many epochs without a better validation NDCG@10 (default 10)")
-    central.add_argument("--batch-size", type=positive_int, default=t.batch_size,
-                         help=f"sequence chunks per step (default {t.batch_size})")
-    central.add_argument("--lr", type=positive_float, default=t.lr, help=f"Adam learning rate (default {t.lr})")
-    central.add_argument("--out", default="runs", help="results go to a new folder under this one (default runs/)")
-    central.add_argument("--quiet", action="store_true", help="no progress bars")
-    central.set_defaults(func=cmd_centralized)
-
     serve = sub.add_parser(
         "serve", help="serve a trained model over gRPC (Recommend, Score, AddItems, health, reflection)",
         description="Serve the global model: loads the adapters file (a run's best_adapters.safetensors, "
@@ -255,22 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true", help="print JSON")
     recommend.set_defaults(func=cmd_recommend)
 
-    deploy = sub.add_parser("deploy", help="edge deployment helpers: device data directories, certificates")
+    deploy = sub.add_parser("deploy", help="deployment helpers (a device's data directory: `fedrec-device prepare`)")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
-    device = deploy_sub.add_parser(
-        "prepare-device", help="write one device's data directory from a dataset partition",
-        description="Write the public catalog and one partition's interactions into a folder that a "
-        "SuperNode's ClientApp reads (node config data-dir). For demos and tests: on a real device the "
-        "interactions are the user's own.",
-    )
-    add_data_options(device)
-    device.add_argument("--partitioning", choices=["per-user", "iid", "dirichlet"], default="per-user",
-                        help="one user per device (default) or silos")
-    device.add_argument("--num-partitions", type=positive_int, default=1,
-                        help="number of silos (ignored for per-user)")
-    device.add_argument("--partition", type=int, required=True, help="which partition (0-based)")
-    device.add_argument("--out", required=True, help="the device's data directory")
-    device.set_defaults(func=cmd_prepare_device)
     certs = deploy_sub.add_parser(
         "certs", help="create a CA, the SuperLink's TLS certificate and SuperNode key pairs",
         description="Writes ca.crt/ca.key, superlink.crt/superlink.key (signed by the CA) and nodes/node-<i> "
@@ -323,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "deploy_command", None) == "certs" and not args.host:
         args.host = ["localhost", "127.0.0.1"]
-    try:
-        return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
-        print(f"fedrec {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args, "fedrec")
 
 
 if __name__ == "__main__":
