@@ -12,7 +12,7 @@ from shared_model.cli_options import add_data_options, positive_int, run_command
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from client.device_store import write_device
-    from shared_model.data import load_dataset
+    from shared_model.datasets import load_dataset
     from shared_model.partitions import partition_users
     from shared_model.splits import user_sequences
 

@@ -22,7 +22,7 @@ def item_ids(text: str) -> list[int]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.serving.service import run_server
-    from shared_model.data import load_catalog
+    from shared_model.datasets import load_catalog
 
     catalog = load_catalog(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
     run_server(Path(args.checkpoint), catalog, args.host, args.port)

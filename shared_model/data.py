@@ -91,7 +91,7 @@ def _read_genre_names(path: Path) -> list[str]:
     return names
 
 
-def _read_ml100k_catalog(folder: Path) -> Catalog:
+def read_ml100k_catalog(folder: Path) -> Catalog:
     genre_names = _read_genre_names(folder / "u.genre")
     path = folder / "u.item"
     n_fields = 5 + len(genre_names)
@@ -130,7 +130,7 @@ def _check_timestamps(times: np.ndarray, lines_of: list[int], path: Path) -> Non
 def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
     """Load MovieLens-100K from the original GroupLens files; every rating is a positive."""
     folder = ml100k_dir(data_dir)
-    catalog = _read_ml100k_catalog(folder)
+    catalog = read_ml100k_catalog(folder)
     item_index = {int(raw): i for i, raw in enumerate(catalog.raw_ids)}
     path = folder / "u.data"
     users, items, times, lines_of = [], [], [], []
@@ -164,23 +164,3 @@ def load_ml100k(data_dir: str | os.PathLike | None = None) -> Dataset:
         timestamps=np.array(times, dtype=np.int64),
         n_users=len(raw_users),
     )
-
-
-def load_catalog(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 synthetic_users: int = 2000) -> Catalog:
-    """Only the public catalog (what a server may hold): item texts and genres."""
-    if name == "ml-100k":
-        return _read_ml100k_catalog(ml100k_dir(data_dir))
-    return load_dataset(name, data_dir, seed, synthetic_users).catalog
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 synthetic_users: int = 2000) -> Dataset:
-    """Load a dataset by name: 'synthetic' (built in, the default) or 'ml-100k'."""
-    if name == "synthetic":
-        from shared_model.synthetic import SyntheticConfig, generate
-
-        return generate(SyntheticConfig(n_users=synthetic_users, seed=seed))
-    if name == "ml-100k":
-        return load_ml100k(data_dir)
-    raise DataError(f"unknown dataset {name!r}: choose 'synthetic' or 'ml-100k'")

@@ -11,7 +11,8 @@ import math
 from dataclasses import Field, dataclass, fields
 from typing import Any, Mapping
 
-from shared_model.data import Catalog, Dataset, load_catalog, load_dataset
+from shared_model.data import Catalog, Dataset
+from shared_model.datasets import load_catalog, load_dataset
 from shared_model.partitions import PARTITIONINGS
 from shared_model.privacy import ACCOUNTANTS
 from shared_model.recommender import ConfigError, RecommenderConfig

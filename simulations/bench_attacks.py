@@ -88,13 +88,15 @@ def item_readout(user: int = 0, users: int = 20, **mode) -> tuple[float, float]:
 
 
 def membership_audit(world, claimed: float | None, canaries: int = 200, per_side: int = 20,
-                     epochs: int = 15) -> tuple[int, float]:
+                     epochs: int = 15, inclusion_seed: int | None = None) -> tuple[int, float]:
     """(correct guesses of 2 x per_side, the epsilon lower bound at 99.9% confidence) for
-    training without DP (claimed None) or with example-level DP-SGD at `claimed`."""
+    training without DP (claimed None) or with example-level DP-SGD at `claimed`; canary
+    inclusion is fresh unless a test fixes `inclusion_seed`."""
     data, split = world
     model = fresh_model(world)
     real = private_data(model, split.train, "example")
-    ids, targets, included = make_canaries(model, canaries, seed=1)
+    inclusion = None if inclusion_seed is None else np.random.default_rng(inclusion_seed)
+    ids, targets, included = make_canaries(model, canaries, seed=1, inclusion=inclusion)
     train_audited(model, with_canaries(real, ids, targets, included), claimed, 1e-5, 64, 0.5, epochs, 16, seed=0)
     made, correct = guesses(canary_scores(model, ids, targets), included, per_side)
     return correct, audit_lower_bound(canaries, made, correct, 1e-5, confidence=0.999)

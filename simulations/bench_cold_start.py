@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from shared_model.cli_options import add_dataset_options, positive_int
-from shared_model.data import load_dataset
+from shared_model.datasets import load_dataset
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Recommender, score_catalog
 from shared_model.splits import EvalCases, cold_item_split, cold_user_split

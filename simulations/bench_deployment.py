@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from client.device_store import write_device
-from shared_model.data import load_dataset, ml100k_dir
+from shared_model.data import ml100k_dir
+from shared_model.datasets import load_dataset
 from shared_model.files import read_jsonl
 from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from shared_model.cli_options import add_dataset_options
-from shared_model.data import load_dataset
+from shared_model.datasets import load_dataset
 from shared_model.dp_training import private_data, train_plain, train_private
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shared_model.cli_options import add_dataset_options
-from shared_model.data import load_dataset
+from shared_model.datasets import load_dataset
 from shared_model.dp_training import private_data
 from shared_model.privacy import audit_lower_bound
 from shared_model.recommender import RecommenderConfig, build_recommender

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from server.serving import recommender_pb2 as pb  # noqa: E402
 from server.serving import recommender_pb2_grpc as pb_grpc  # noqa: E402
 from shared_model.cli_options import add_dataset_options  # noqa: E402
-from shared_model.data import load_dataset  # noqa: E402
+from shared_model.datasets import load_dataset  # noqa: E402
 from shared_model.splits import leave_one_out  # noqa: E402
 
 

@@ -17,14 +17,16 @@ from shared_model.privacy import noise_multiplier
 from shared_model.recommender import Recommender
 
 
-def make_canaries(model: Recommender, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def make_canaries(model: Recommender, count: int, seed: int, inclusion: np.random.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """`count` canaries (a full window of random items -> a random target), each included
-    with probability 1/2 (fresh randomness: whoever audits must not know which)."""
+    with probability 1/2, drawn from fresh randomness (whoever audits must not know which);
+    a test passes a seeded `inclusion` generator so that its outcome cannot vary by chance."""
     rng = np.random.default_rng(seed)  # the canaries themselves are public
     histories = [rng.choice(model.n_items, size=model.window, replace=False) for _ in range(count)]
     targets = rng.integers(model.n_items, size=count)
     ids, _ = model.windows(histories)
-    included = fresh_numpy_generator().random(count) < 0.5
+    included = (inclusion or fresh_numpy_generator()).random(count) < 0.5
     return ids, torch.as_tensor(targets), included
 
 

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from shared_model.cli_options import add_data_options, add_model_options, model_config, positive_float, positive_int
-from shared_model.data import DataError, Dataset, load_dataset
+from shared_model.data import DataError, Dataset
+from shared_model.datasets import load_dataset
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import Ranker, Recommender, RecommenderConfig, build_recommender, score_catalog
 from shared_model.splits import LeaveOneOut, leave_one_out

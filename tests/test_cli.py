@@ -1,7 +1,6 @@
 """The commands: `fedrec` (server side), `fedrec-device` (a device), the centralized
-experiment, end to end on the built-in synthetic catalog; and the import rule they keep."""
+experiment, end to end on the built-in synthetic catalog."""
 
-import ast
 import json
 import os
 import subprocess
@@ -61,30 +60,3 @@ def test_the_product_commands_are_each_sides_own(tmp_path):
     bad = run_module("client.cli", "prepare", "--synthetic-users", "50", "--partition", "50", "--out",
                      str(tmp_path / "d"), cwd=tmp_path)
     assert bad.returncode == 2 and "--partition must be between 0 and 49" in bad.stderr
-
-
-def imports_of(path: Path) -> set[str]:
-    """Every module a file imports (at the top or inside a function)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-    return names
-
-
-def test_imports_follow_the_layout():
-    """shared_model <- client, server <- simulations; client and server never import each
-    other; no benchmark imports another (what they share lives in a library module)."""
-    forbidden = {"shared_model": ("client", "server", "simulations"), "client": ("server", "simulations"),
-                 "server": ("client", "simulations")}
-    broken = []
-    for package, others in forbidden.items():
-        for path in sorted((REPO / package).rglob("*.py")):
-            broken += [f"{path.relative_to(REPO)} imports {m}" for m in imports_of(path)
-                       if m.split(".")[0] in others]
-    for path in sorted((REPO / "simulations").glob("bench_*.py")):
-        broken += [f"{path.relative_to(REPO)} imports {m}" for m in imports_of(path)
-                   if m.startswith("simulations.bench_")]
-    assert broken == []

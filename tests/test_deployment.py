@@ -15,7 +15,7 @@ import pytest
 
 from client.device_store import write_device
 from server.run_folder import saved_round
-from shared_model.data import load_dataset
+from shared_model.datasets import load_dataset
 from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences
 from simulations.deployment_runner import CONNECTION, Deployment

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from client.on_device import OnDeviceRanker
 from server.serving import recommender_pb2 as pb
 from server.serving.client import RecommenderClient
-from shared_model.data import load_catalog
+from shared_model.datasets import load_catalog
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.state import save_state
 
