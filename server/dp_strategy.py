@@ -17,9 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from server.strategy import SeededFedAdam
+from server.strategy import ResumableLoop, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 
 
@@ -35,12 +34,20 @@ def clipped_sum(current: dict[str, np.ndarray], replies: list[Message], clip: fl
     return total
 
 
-class DPFedAvg(Strategy):
+class DPFedAvg(ResumableLoop):
     def __init__(self, inner: SeededFedAdam, noise: float, clip: float, sample_rate: float):
         if not (noise > 0 and clip > 0 and 0 < sample_rate <= 1):
             raise ValueError(f"DP-FedAvg needs noise > 0, clip > 0 and a rate in (0, 1]: {noise}, {clip}, {sample_rate}")
         self.inner, self.noise, self.clip, self.sample_rate = inner, noise, clip, sample_rate
         self.current: dict[str, np.ndarray] = {}
+
+    @property
+    def keys(self) -> dict[int, int]:
+        return self.inner.keys
+
+    @property
+    def accounted_only(self) -> bool:
+        return self.inner.accounted_only
 
     @property
     def expected_count(self) -> float:

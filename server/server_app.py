@@ -1,5 +1,8 @@
-"""The Flower ServerApp: rounds of FedAdam over the adapters, evaluation, and a run folder
-with per-round metrics, plots, checkpoints, adapters and the privacy ledger (resumable).
+"""The Flower ServerApp: FedAdam over the adapters (wrapped by DP-FedAvg under server DP)
+runs the rounds with its `start`; after each round its `evaluate_fn` (`RoundRecord`)
+evaluates on the server where that is allowed and writes the run folder: per-round
+metrics, the privacy ledger and the checkpoint a resumed run starts from; at the end,
+adapters, plots and a summary.
 
 Under a private mode (client DP-SGD or server DP-FedAvg) clients never evaluate: their
 ranking sums would be releases no epsilon covers. A simulation then evaluates on the
@@ -10,13 +13,13 @@ federation), and the final model is the one kept: no round is picked on those nu
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
@@ -25,8 +28,8 @@ from server.plots import plot_rounds
 from server.run_folder import Checkpoint, RunFolder
 from server.simulation_speedup import speed_up_in_memory_link_state
 from server.dp_strategy import DPFedAvg
-from server.strategy import RoundStats, SeededFedAdam
-from shared_model.ledger import LedgerEntry, LedgerError, events_of, read_ledger
+from server.strategy import STAGES, RoundStats, SeededFedAdam
+from shared_model.ledger import LedgerEntry, events_of, read_ledger
 from shared_model.metrics import evaluate_scores
 from shared_model.privacy import RELATION, epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
@@ -34,7 +37,6 @@ from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import leave_one_out
 
 app = ServerApp()
-STAGES = ("valid", "test")
 
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -45,23 +47,10 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-SEND_BATCH = 256
-
-
-def send_in_batches(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Send to many nodes SEND_BATCH at a time: Flower's simulation engine re-checks every
-    message in flight for every node, so a whole federation's worth at once (10,000
-    start-up queries) stalls it; batches keep that cost small (and bound memory)."""
-    replies: list[Message] = []
-    for start in range(0, len(messages), SEND_BATCH):
-        replies += list(grid.send_and_receive(messages[start : start + SEND_BATCH], timeout=timeout))
-    return replies
-
-
 def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict[int, int]:
-    """Ask every connected node for its stable sampling key. A node that answers with an
-    error (still cleaning up after a stopped run, briefly offline) is asked again while the
-    SuperLink still lists it online, until `timeout`; every error is logged."""
+    """Ask every connected node, in one batch, for its stable sampling key. A node that
+    answers with an error (still cleaning up after a stopped run, briefly offline) is asked
+    again while the SuperLink still lists it online, until `timeout`; every error is logged."""
     deadline = time.time() + timeout
     node_ids = list(grid.get_node_ids())
     while not node_ids:
@@ -73,7 +62,7 @@ def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict
     while True:
         messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
                             message_type=MessageType.QUERY) for n in node_ids if n not in keys]
-        for reply in send_in_batches(grid, messages, max(1.0, deadline - time.time())):
+        for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.time())):
             if reply.has_error():
                 log(WARNING, "fedrec: start-up query: error %s (%s)", reply.error.code, reply.error.reason)
             else:
@@ -88,24 +77,6 @@ def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict
     if not keys:
         raise RuntimeError("no SuperNode answered the start-up query")
     return keys
-
-
-def federated_evaluation(grid: Grid, strategy: SeededFedAdam, server_round: int, arrays: dict[str, np.ndarray],
-                         settings: RunSettings) -> dict[str, float]:
-    """Clients rank the catalog for their own held-out items and report sums; means here."""
-    count = math.ceil(settings.fraction_evaluate * len(strategy.nodes))
-    record = RecordDict({"arrays": array_record(arrays),
-                         "config": ConfigRecord({"server-round": server_round})})
-    messages = [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE)
-                for n in strategy.sample(server_round, count, purpose=1)]
-    stats = RoundStats(len(messages), send_in_batches(grid, messages, settings.round_timeout))
-    out: dict[str, float] = {"eval clients": len(stats.ok), "eval left out": stats.left_out}
-    for stage in STAGES:
-        total = sum(r.content["metrics"][f"{stage}-count"] for r in stats.ok)
-        for metric in ("HR@10", "NDCG@10"):
-            summed = sum(r.content["metrics"][f"{stage}-{metric}-sum"] for r in stats.ok)
-            out[f"{stage} {metric}"] = summed / total if total else 0.0
-    return out
 
 
 class ServerSideEvaluation:
@@ -125,10 +96,19 @@ class ServerSideEvaluation:
         return out
 
 
+def evaluation_rounds(settings: RunSettings) -> set[int]:
+    """The rounds whose model is evaluated: the start, every eval-every rounds and the last."""
+    last = settings.num_server_rounds
+    return {0, last, *range(settings.eval_every, last + 1, settings.eval_every)}
+
+
 def make_strategy(settings: RunSettings, keys: dict[int, int]) -> tuple[SeededFedAdam, SeededFedAdam | DPFedAvg]:
-    """(the server optimiser, the strategy that runs the rounds: it, or DP-FedAvg around it)."""
+    """(the server optimiser, the strategy that runs the rounds: it, or DP-FedAvg around it).
+    Clients evaluate only in a non-private run."""
     optimizer = SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
-                              settings.server_lr_half_life)
+                              settings.server_lr_half_life,
+                              eval_rounds=() if is_private(settings) else evaluation_rounds(settings),
+                              fraction_evaluate=settings.fraction_evaluate, accounted_only=settings.dp != "none")
     if settings.server_dp:
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                    settings.server_dp_sample_rate)
@@ -158,38 +138,6 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
-
-
-def client_entries(replies: list[Message], keys: dict[int, int], server_round: int) -> dict[int, LedgerEntry]:
-    """The valid ledger entry of each reply that carries one, by sending node."""
-    out = {}
-    for reply in replies:
-        if "ledger" in reply.content and (entry := client_entry(reply, keys, server_round)) is not None:
-            out[reply.metadata.src_node_id] = entry
-    return out
-
-
-def client_entry(reply: Message, keys: dict[int, int], server_round: int) -> LedgerEntry | None:
-    """A reply's ledger entry, attributed to the node that sent it (not to whatever client
-    the entry names), or None (logged) if it is not a valid client entry."""
-    client = str(keys.get(reply.metadata.src_node_id))
-    try:
-        entry = LedgerEntry.from_json(dict(reply.content["ledger"]), f"client {client}'s entry, round {server_round}")
-    except LedgerError as error:
-        log(WARNING, "fedrec: %s", error)
-        return None
-    if entry.client != client or entry.round != server_round:
-        log(WARNING, "fedrec: client %s sent an entry for client %s, round %d", client, entry.client, entry.round)
-        return None
-    return entry
-
-
-def accounted(replies: list[Message], entries: dict[int, LedgerEntry], settings: RunSettings) -> list[Message]:
-    """Under client DP, only updates whose spend the ledger records are aggregated."""
-    if settings.dp == "none":
-        return replies
-    return [r for r in replies if (entry := entries.get(r.metadata.src_node_id)) is not None
-            and entry.status == "trained"]
 
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
@@ -245,24 +193,84 @@ def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
     return text
 
 
-def evaluation(grid: Grid, optimizer: SeededFedAdam, settings: RunSettings, model: Recommender,
-               simulation: bool):
-    """What evaluates the global model each evaluation round: the clients (non-private
-    runs; also on the server with server-eval), the server alone (a private simulation), or
-    nothing (a private deployment: the server holds no held-out data)."""
+def server_evaluation(settings: RunSettings, model: Recommender,
+                      simulation: bool) -> Callable[[dict[str, np.ndarray]], dict] | None:
+    """What the server itself evaluates on evaluation rounds: the held-out split in a
+    private simulation (clients do not evaluate) or with server-eval, else nothing (a
+    private deployment: the server holds no held-out data)."""
     if is_private(settings):
         if not simulation:
             log(INFO, "fedrec: private run: clients do not evaluate and the server has no held-out data")
-            return lambda server_round, arrays: {}
+            return None
         on_server = ServerSideEvaluation(settings, model, prefix="")
-        return lambda server_round, arrays: {"evaluated on": "server (held-out split)", **on_server(arrays)}
-    on_server = ServerSideEvaluation(settings, model, prefix="server ") if settings.server_eval else None
+        return lambda arrays: {"evaluated on": "server (held-out split)", **on_server(arrays)}
+    return ServerSideEvaluation(settings, model, prefix="server ") if settings.server_eval else None
 
-    def federated(server_round: int, arrays: dict) -> dict:
-        line = federated_evaluation(grid, optimizer, server_round, arrays, settings)
-        return {**line, **on_server(arrays)} if on_server else line
 
-    return federated
+class RoundRecord:
+    """The strategy's `evaluate_fn`: after each round (and for the starting model) the
+    server's evaluation, then the round's record: its metrics line, the privacy ledger,
+    the best model so far and the checkpoint that a resumed run starts from."""
+
+    def __init__(self, folder: RunFolder, settings: RunSettings, optimizer: SeededFedAdam,
+                 strategy: SeededFedAdam | DPFedAvg, on_server: Callable[[dict[str, np.ndarray]], dict] | None,
+                 checkpoint: Checkpoint | None, initial: dict[str, np.ndarray]):
+        self.folder, self.settings, self.optimizer, self.strategy = folder, settings, optimizer, strategy
+        self.on_server, self.eval_rounds = on_server, evaluation_rounds(settings)
+        self.best, self.best_arrays = {"round": 0, "valid NDCG@10": -1.0}, initial
+        if checkpoint is not None:
+            self.best, self.best_arrays = checkpoint.best, checkpoint.best_arrays
+        # DP-FedAvg's aggregations so far (a resumed run's included), read once, then kept here
+        self.server_events = events_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"])
+
+    def __call__(self, server_round: int, record: ArrayRecord) -> MetricRecord | None:
+        outcome, arrays = self.strategy.outcome, numpy_arrays(record)
+        line: dict = {"round": server_round}
+        if outcome.stats is not None:
+            line.update(training_line(outcome.stats, outcome.train_metrics, self.optimizer.eta))
+        line.update(dict(outcome.evaluate_metrics or {}))
+        on_server = self.on_server(arrays) if self.on_server and server_round in self.eval_rounds else {}
+        line.update(on_server)
+        if server_round == 0:  # where training starts from, for the plot and the record
+            self.folder.append_metrics(line)
+            if "valid NDCG@10" in line:
+                log(INFO, "[round 0] valid NDCG@10 %.4f, test NDCG@10 %.4f before training",
+                    line["valid NDCG@10"], line["test NDCG@10"])
+        else:
+            self.record_round(line, outcome.stats, arrays, outcome.started)
+        numbers = {k: float(v) for k, v in on_server.items() if not isinstance(v, str)}
+        return MetricRecord(numbers) if numbers else None  # the server's own evaluation, for Flower's Result
+
+    def record_round(self, line: dict, stats: RoundStats, arrays: dict[str, np.ndarray], started: float) -> None:
+        settings, server_round = self.settings, line["round"]
+        if not is_private(settings) and line.get("valid NDCG@10", -1.0) > self.best["valid NDCG@10"]:
+            self.best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
+                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
+            self.best_arrays = arrays
+        line.update(record_privacy(self.folder, settings, server_round, list(stats.entries.values()),
+                                   self.server_events))
+        line["seconds"] = time.time() - started
+        self.folder.append_metrics(line)
+        if is_private(settings):  # the final model is kept: no round is picked on the clients' data
+            self.best_arrays = arrays
+            self.best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", self.best["valid NDCG@10"]),
+                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
+        self.folder.save_checkpoint(Checkpoint(server_round, arrays, self.best_arrays,
+                                               self.optimizer.optimizer_state(), self.best))
+        log(INFO, "%s", progress_line(settings, line, self.best))
+
+
+def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: float) -> dict:
+    """The training part of a round's metrics line."""
+    return {
+        "clients": stats.sent, "left out": stats.left_out, "errors": stats.errors,
+        "timeouts": stats.timeouts, "declined": stats.declined,
+        "train loss": float(metrics["train-loss"]) if metrics and "train-loss" in metrics
+        else float("nan"),  # private clients send none
+        "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
+        "upload bytes max": int(max(stats.upload_bytes, default=0)),
+        "server lr": server_lr,
+    }
 
 
 @app.main()
@@ -290,57 +298,18 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedrec: %d clients, %s a round, %d rounds, adapters %.1f KB", len(keys),
         f"Poisson q={settings.server_dp_sample_rate}" if settings.server_dp else optimizer.clients_per_round,
         settings.num_server_rounds, model.trainable_bytes() / 1024)
-    best, best_arrays, first_round = {"round": 0, "valid NDCG@10": -1.0}, arrays, 1
+    record = RoundRecord(folder, settings, optimizer, strategy, server_evaluation(settings, model, simulation),
+                         checkpoint, arrays)
+    first_round = 1
     if checkpoint is not None:
-        arrays, best_arrays, best = checkpoint.arrays, checkpoint.best_arrays, checkpoint.best
+        arrays, first_round = checkpoint.arrays, checkpoint.server_round + 1
         optimizer.load_optimizer_state(checkpoint.optimizer)
-        first_round = checkpoint.server_round + 1
         log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
-    evaluate = evaluation(grid, optimizer, settings, model, simulation)
-    # DP-FedAvg's aggregations so far (a resumed run's included), read once, then kept here
-    server_events = events_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"])
-    if checkpoint is None:  # where training starts from, for the plot and the record
-        line = {"round": 0, **evaluate(0, arrays)}
-        folder.append_metrics(line)
-        if "valid NDCG@10" in line:
-            log(INFO, "[round 0] valid NDCG@10 %.4f, test NDCG@10 %.4f before training",
-                line["valid NDCG@10"], line["test NDCG@10"])
-
-    for server_round in range(first_round, settings.num_server_rounds + 1):
-        started = time.time()
-        messages = list(strategy.configure_train(server_round, array_record(arrays), ConfigRecord(), grid))
-        stats = RoundStats(len(messages), list(grid.send_and_receive(messages, timeout=settings.round_timeout)))
-        received = client_entries(stats.ok, keys, server_round)  # parsed once: for aggregation and the ledger
-        aggregated, train_metrics = strategy.aggregate_train(server_round, accounted(stats.trained, received, settings))
-        if aggregated is not None:
-            arrays = numpy_arrays(aggregated)
-        line = {
-            "round": server_round, "clients": stats.sent, "left out": stats.left_out, "errors": stats.errors,
-            "timeouts": stats.timeouts, "declined": stats.declined,
-            "train loss": float(train_metrics["train-loss"]) if train_metrics and "train-loss" in train_metrics
-            else float("nan"),  # private clients send none
-            "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
-            "upload bytes max": int(max(stats.upload_bytes, default=0)),
-            "server lr": optimizer.eta,
-        }
-        if server_round % settings.eval_every == 0 or server_round == settings.num_server_rounds:
-            line.update(evaluate(server_round, arrays))
-            if not is_private(settings) and line["valid NDCG@10"] > best["valid NDCG@10"]:
-                best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
-                        "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
-                best_arrays = arrays
-        line.update(record_privacy(folder, settings, server_round, list(received.values()), server_events))
-        line["seconds"] = time.time() - started
-        folder.append_metrics(line)
-        if is_private(settings):  # the final model is kept: no round is picked on the clients' data
-            best_arrays = arrays
-            best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
-                    "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
-        folder.save_checkpoint(Checkpoint(server_round, arrays, best_arrays, optimizer.optimizer_state(), best))
-        log(INFO, "%s", progress_line(settings, line, best))
-
-    finish(folder, settings, model, arrays, best_arrays, best, len(keys), session_started)
+    result = strategy.start(grid, array_record(arrays), settings.num_server_rounds, settings.round_timeout,
+                            evaluate_fn=record, first_round=first_round)
+    finish(folder, settings, model, numpy_arrays(result.arrays), record.best_arrays, record.best, len(keys),
+           session_started)
 
 
 def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays: dict, best_arrays: dict,

@@ -1,4 +1,5 @@
-"""FedAdam with reproducible client sampling, a decaying server rate, and round accounting.
+"""FedAdam with reproducible client sampling, a decaying server rate, round accounting and
+a resumable round loop.
 
 Flower's FedAdam (FedAvg weighted by example count, then an Adam step on the server) is
 extended, not copied: sampling is seeded per round over clients ordered by a stable key
@@ -9,18 +10,43 @@ restored for resuming.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam
+from flwr.serverapp.strategy import FedAdam, Result, Strategy
+
+from shared_model.ledger import LedgerEntry, LedgerError
+
+STAGES = ("valid", "test")
+
+
+def client_entry(reply: Message, keys: dict[int, int], server_round: int) -> LedgerEntry | None:
+    """A reply's ledger entry, attributed to the node that sent it (not to whatever client
+    the entry names), or None (logged) if it is not a valid client entry."""
+    client = str(keys.get(reply.metadata.src_node_id))
+    try:
+        entry = LedgerEntry.from_json(dict(reply.content["ledger"]), f"client {client}'s entry, round {server_round}")
+    except LedgerError as error:
+        log(WARNING, "fedrec: %s", error)
+        return None
+    if entry.client != client or entry.round != server_round:
+        log(WARNING, "fedrec: client %s sent an entry for client %s, round %d", client, entry.client, entry.round)
+        return None
+    return entry
 
 
 class RoundStats:
-    """What happened to the messages of one round."""
+    """What happened to the training messages of one round, and which replies may be
+    aggregated: under client DP only updates whose spend the ledger records."""
 
-    def __init__(self, sent: int, replies: list[Message]):
+    def __init__(self, sent: int, replies: list[Message], keys: dict[int, int], server_round: int,
+                 accounted_only: bool):
         self.sent = sent
         self.errors = sum(1 for r in replies if r.has_error())
         self.timeouts = sent - len(replies)
@@ -28,6 +54,13 @@ class RoundStats:
         self.trained = [r for r in self.ok if "arrays" in r.content]
         self.declined = len(self.ok) - len(self.trained)  # clients whose privacy budget is spent
         self.upload_bytes = [sum(a.numpy().nbytes for a in r.content["arrays"].values()) for r in self.trained]
+        self.entries: dict[int, LedgerEntry] = {}  # parsed once: for aggregation and the ledger
+        for reply in self.ok:
+            if "ledger" in reply.content and (entry := client_entry(reply, keys, server_round)) is not None:
+                self.entries[reply.metadata.src_node_id] = entry
+        self.aggregated = self.trained if not accounted_only else [
+            r for r in self.trained if (e := self.entries.get(r.metadata.src_node_id)) is not None
+            and e.status == "trained"]
 
     @property
     def left_out(self) -> int:
@@ -35,9 +68,77 @@ class RoundStats:
         return self.sent - len(self.ok)
 
 
-class SeededFedAdam(FedAdam):
-    def __init__(self, keys: dict[int, int], clients_per_round: int, seed: int,
-                 server_lr: float, half_life: float):
+@dataclass
+class RoundOutcome:
+    """What the loop saw in one round (round 0: the starting model, no training), for the
+    server's record of it."""
+
+    started: float
+    stats: RoundStats | None = None
+    train_metrics: MetricRecord | None = None
+    evaluate_metrics: MetricRecord | None = None
+
+
+class ResumableLoop(Strategy):
+    """Flower's `Strategy.start` in the same shape (configure_train -> send_and_receive ->
+    aggregate_train -> configure_evaluate -> send_and_receive -> aggregate_evaluate ->
+    evaluate_fn), overridden for what Flower's loop cannot give us:
+    - resuming: rounds `first_round`..`num_rounds` from a checkpoint's arrays (FedAdam's
+      bias correction, the server rate and the clients' seeds go by the round number);
+    - the clients also evaluate the starting model (round 0: the run's baseline);
+    - a round's errors, timeouts and declines are counted (`RoundStats`), and only the
+      replies it admits are aggregated (under client DP: the accounted updates).
+    The round's outcome is kept in `self.outcome` for `evaluate_fn`, the server's record of
+    each round (metrics, ledger, checkpoint)."""
+
+    keys: dict[int, int]
+    accounted_only: bool
+    outcome: RoundOutcome
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              first_round: int = 1) -> Result:
+        log(INFO, "fedrec: %s, rounds %d to %d", type(self).__name__, first_round, num_rounds)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(arrays=initial_arrays), initial_arrays
+        if first_round == 1:
+            self.outcome = RoundOutcome(time.time())
+            self.evaluate_round(grid, 0, arrays, evaluate_config, timeout, evaluate_fn, result)
+        for server_round in range(first_round, num_rounds + 1):
+            self.outcome = RoundOutcome(time.time())
+            messages = list(self.configure_train(server_round, arrays, train_config, grid))
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            stats = RoundStats(len(messages), replies, self.keys, server_round, self.accounted_only)
+            aggregated, train_metrics = self.aggregate_train(server_round, stats.aggregated)
+            if aggregated is not None:
+                result.arrays = arrays = aggregated
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            self.outcome.stats, self.outcome.train_metrics = stats, train_metrics
+            self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout, evaluate_fn, result)
+        return result
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
+                  evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None, result: Result) -> None:
+        """The clients' evaluation (if the strategy asks any), then the server's."""
+        replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid), timeout=timeout)
+        metrics = self.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            result.evaluate_metrics_clientapp[server_round] = metrics
+        self.outcome.evaluate_metrics = metrics
+        if evaluate_fn is not None and (on_server := evaluate_fn(server_round, arrays)) is not None:
+            result.evaluate_metrics_serverapp[server_round] = on_server
+
+
+class SeededFedAdam(ResumableLoop, FedAdam):
+    """eval_rounds: the rounds whose model the clients evaluate (none in a private run:
+    their ranking sums would be releases no epsilon covers); accounted_only: aggregate only
+    updates with a ledger entry saying "trained" (client DP)."""
+
+    def __init__(self, keys: dict[int, int], clients_per_round: int, seed: int, server_lr: float, half_life: float,
+                 eval_rounds: Collection[int] = (), fraction_evaluate: float = 1.0, accounted_only: bool = False):
         super().__init__(eta=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-8, weighted_by_key="weight",
                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
         self.nodes = sorted(keys, key=keys.get)  # node ids in the order of their stable keys
@@ -46,6 +147,10 @@ class SeededFedAdam(FedAdam):
         self.seed = seed
         self.base_lr = server_lr
         self.half_life = half_life
+        self.eval_rounds = eval_rounds
+        self.fraction_evaluate = fraction_evaluate
+        self.accounted_only = accounted_only
+        self.eval_sent = 0
 
     def sample(self, server_round: int, count: int, purpose: int = 0) -> list[int]:
         count = min(count, len(self.nodes))
@@ -72,6 +177,30 @@ class SeededFedAdam(FedAdam):
         ordered = sorted(replies, key=lambda r: self.keys.get(r.metadata.src_node_id, -1))
         self.eta = self.server_lr(server_round)
         return super().aggregate_train(server_round, ordered)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """A seeded share of the clients, on evaluation rounds only."""
+        nodes = []
+        if server_round in self.eval_rounds:
+            nodes = self.sample(server_round, int(np.ceil(self.fraction_evaluate * len(self.nodes))), purpose=1)
+        self.eval_sent = len(nodes)
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Means of HR@10 and NDCG@10 from the clients' sums and counts, and how many answered."""
+        ok = [r for r in replies if not r.has_error()]
+        if not self.eval_sent:
+            return None
+        out = MetricRecord({"eval clients": len(ok), "eval left out": self.eval_sent - len(ok)})
+        for stage in STAGES:
+            total = sum(r.content["metrics"][f"{stage}-count"] for r in ok)
+            for metric in ("HR@10", "NDCG@10"):
+                summed = sum(r.content["metrics"][f"{stage}-{metric}-sum"] for r in ok)
+                out[f"{stage} {metric}"] = summed / total if total else 0.0
+        return out
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         state = {}

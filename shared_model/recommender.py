@@ -104,6 +104,14 @@ class RecommenderConfig:
 
 
 @functools.lru_cache(maxsize=64)
+def rows_of(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table [N, D] rows at ids [...] -> [..., D]. Gathered with index_select, whose
+    gradient (index_add, one index after another) is the same on every run; indexing
+    (`table[ids]`) sums the gradients of repeated ids in parallel on CPU, in an order that
+    changes with thread timing, and non-private runs would not be bit-reproducible."""
+    return table.index_select(0, ids.reshape(-1)).reshape(*ids.shape, table.shape[-1])
+
+
 def causal_mask(length: int) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool).tril()
 
@@ -218,7 +226,7 @@ class Recommender(nn.Module):
         `has_profile` [B] is True.
         """
         safe = torch.where(mask, history_ids, 0)
-        vectors = catalog[safe] if catalog is not None else self.item_vectors(safe)
+        vectors = rows_of(catalog, safe) if catalog is not None else self.item_vectors(safe)
         if profiles is not None:
             vectors = torch.cat([profiles[:, None], vectors], dim=1)
             mask = torch.cat([has_profile[:, None], mask], dim=1)
@@ -294,7 +302,7 @@ def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tenso
     the items as `user_vectors` reads it."""
     catalog = model.catalog_vectors()
     items = mask & (inputs >= 0)
-    vectors = catalog[torch.where(items, inputs, 0)]
+    vectors = rows_of(catalog, torch.where(items, inputs, 0))
     if profiles is not None:
         given = profiles >= 0
         shown = torch.zeros(len(profiles), 1, vectors.shape[-1])  # hidden slots are masked out
