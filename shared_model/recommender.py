@@ -165,6 +165,11 @@ class Recommender(nn.Module):
         """Vectors [n, dim] of free texts (user profiles), read like item texts."""
         return self.project(self.text.encode(texts))
 
+    def cold_item_vectors(self, cache: CatalogCache) -> torch.Tensor:
+        """Vectors [n, dim] of texts from their frozen-prefix rows (`build_cache`), read like
+        item texts with no id embedding: items added after training, or profiles."""
+        return self.project(self.text.read(cache))
+
     def add_items(self, texts: list[str]) -> torch.Tensor:
         """Vectors [n, dim] of new items from their text alone (no id embedding: cold items)."""
         return self.item_vectors(self.text.add_texts(texts)[None])[0]
@@ -178,10 +183,11 @@ class Recommender(nn.Module):
         missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
         if missing or unexpected:
             raise KeyError(f"trainable state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, param in params.items():  # every check before any copy: a bad state changes nothing
+            if state[name].shape != param.shape:
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
         with torch.no_grad():
             for name, param in params.items():
-                if state[name].shape != param.shape:
-                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
                 param.copy_(state[name])
 
     def trainable_bytes(self) -> int:

@@ -16,8 +16,14 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Write the tensors (and JSON-able metadata, e.g. the model config) to `path` atomically."""
+    """Write the tensors (and JSON-able metadata, e.g. the model config) to `path` atomically.
+
+    An adapters file (one with a `model_config`) holds fp32, the model's own dtype, even when
+    the server's arithmetic left fp64 arrays: a served file of half the size, and one
+    version id per set of weights. Other files (a resumable checkpoint) keep their dtypes."""
     path = Path(path)
+    if "model_config" in (metadata or {}):
+        state = {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
