@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from client.on_device import OnDeviceRanker
 from server.serving import recommender_pb2 as pb
 from server.serving.client import RecommenderClient
-from server.serving.scoring import MAX_NEW_ITEMS, MAX_TEXT_CHARS, CatalogFull, ScoringModel
+from server.serving.scoring import MAX_NEW_ITEMS, MAX_TEXT_CHARS, CatalogFull, ScoringModel, pad_histories
 from shared_model.data import load_catalog
-from shared_model.recommender import RecommenderConfig, build_recommender
+from shared_model.recommender import RecommenderConfig, build_recommender, left_pad
 from shared_model.state import load_state, save_state
 
 CATALOG = load_catalog("synthetic")
@@ -398,3 +398,20 @@ def test_catalog_growth_is_capped(tmp_path):
     with pytest.raises(CatalogFull, match="items: 2 more would pass the cap of 3 items added"):
         model.add_items([(940002, "three"), (940003, "four")])
     assert len(model.served.texts) == len(CATALOG) + 2
+
+
+def test_served_user_vectors_equal_the_models(tmp_path):
+    """The service's own forward pass (last block at the last position only, numpy padding)
+    gives the model's user vectors, with and without profiles and short histories."""
+    checkpoint = tmp_path / "adapters.safetensors"
+    write_adapters(checkpoint, seed=1)
+    model = ScoringModel(checkpoint, CATALOG)
+    served = model.served
+    histories = [[], [4], [1, 2, 3], list(range(60)), list(range(50, 100))]
+    profiles = ["", "", "a space opera", "", "an old diary"]
+    ids, mask = left_pad(histories, served.model.config.history)
+    assert all(torch.equal(a, b) for a, b in zip((ids, mask), pad_histories(histories, served.model.config.history)))
+    with torch.inference_mode():
+        for given in ([""] * len(histories), profiles):
+            expected = served.model.user_vectors(ids, mask, served.catalog, *model._profile_vectors(served, given))
+            assert torch.allclose(model._user_vectors(served, (ids, mask), given), expected, atol=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -302,6 +303,8 @@ def run_server(checkpoint: Path, catalog: Catalog, host: str, port: int) -> None
         # One thread per op: the model's ops are small, and with two threads each op waits for
         # the other core, which under load is busy with gRPC (measured: 5 ms a call instead of 1).
         torch.set_num_threads(1)
+        # The tokenizer's own thread pool would take both cores during AddItems.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         model = load_model(checkpoint, catalog)
         # The imports and the model leave ~400k long-lived objects; a full collection walked
         # them all, stalling every request for ~200 ms every few seconds under load (p99 245 ms
