@@ -2,6 +2,7 @@
 v1alpha), bad inputs (down to bytes that do not parse), AddItems racing Recommend and
 itself, hot reload (good, bad, deleted and re-typed files) and start-up errors."""
 
+import json
 import re
 import subprocess
 import sys
@@ -299,17 +300,12 @@ def test_same_weights_keep_their_version_whatever_the_file_dtype(served, tmp_pat
     fp32 = served.version()
     state, meta = adapters(seed=1)
     fp64 = tmp_path / "fp64.safetensors"
-    save_file({k: v.double() for k, v in state.items()}, fp64, metadata={"model_config": json_of(meta)})
+    save_file({k: v.double() for k, v in state.items()}, fp64,
+              metadata={"model_config": json.dumps(meta["model_config"])})
     mark = len(served.lines)
     fp64.replace(served.checkpoint)
     served.wait_for(r"reloaded .*model version", after=mark)
     assert served.version() == fp32
-
-
-def json_of(meta: dict) -> str:
-    import json
-
-    return json.dumps(meta["model_config"])
 
 
 def test_hot_reload_swaps_the_model_without_dropping_requests(server):

@@ -219,8 +219,10 @@ class ScoringModel:
             return False
         self.loaded = signature
         state, meta = load_state(self.checkpoint)
-        config = RecommenderConfig.from_dict(meta.get("model_config", {}))
-        if "model_config" not in meta or config != self.config:
+        if "model_config" not in meta:
+            raise ValueError(f"{self.checkpoint}: not a fedrec adapters file (no model_config in its metadata)")
+        config = RecommenderConfig.from_dict(meta["model_config"])
+        if config != self.config:
             raise ValueError(f"{self.checkpoint}: its model_config differs from the served one "
                              f"({config.to_dict()} != {self.config.to_dict()}); restart the server to change it")
         model = self._model(state)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -162,6 +163,9 @@ class RecommenderService:
     def __init__(self, model: ScoringModel, batcher: Batcher):
         self.model = model
         self.batcher = batcher
+        # AddItems calls encode one at a time on a thread of their own: in the shared pool,
+        # a few long ones would hold every thread that Recommend batches run on.
+        self.encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="add-items")
 
     async def Recommend(self, request: pb.RecommendRequest | Unreadable, context: grpc.aio.ServicerContext):
         if isinstance(request, Unreadable):
@@ -187,7 +191,8 @@ class RecommenderService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail)
         items = [(item.item_id if item.HasField("item_id") else None, item.text) for item in request.items]
         try:
-            added: Added = await asyncio.get_running_loop().run_in_executor(None, self.model.add_items, items)
+            added: Added = await asyncio.get_running_loop().run_in_executor(self.encoding, self.model.add_items,
+                                                                            items)
         except InvalidInput as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except CatalogFull as error:
