@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,7 @@ SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 MAX_BATCH = 64
 RELOAD_EVERY_SECONDS = 1.0
+GIL_SWITCH_SECONDS = 0.0005
 
 
 class StartupError(Exception):
@@ -308,6 +310,11 @@ def run_server(checkpoint: Path, catalog: Catalog, host: str, port: int) -> None
         # One thread per op: the model's ops are small, and with two threads each op waits for
         # the other core, which under load is busy with gRPC (measured: 5 ms a call instead of 1).
         torch.set_num_threads(1)
+        # A Recommend batch runs in a worker thread, and each of its ~80 torch calls gives up
+        # the GIL and then waits for the busy event loop to hand it back, up to the switch
+        # interval each time (5 ms by default). At 0.5 ms: +15% calls/s at 64 callers (A/B,
+        # alternating slices, this shared 2-core machine).
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         # The tokenizer's own thread pool would take both cores during AddItems.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         model = load_model(checkpoint, catalog)
