@@ -386,14 +386,33 @@ def test_adapters_files_are_fp32_and_a_bad_state_loads_nothing(tmp_path):
         assert f.get_tensor(list(state)[0]).dtype == torch.float32
 
 
-def test_catalog_growth_is_capped(tmp_path):
+def test_catalog_growth_is_capped_and_racing_adds_of_one_id_accept_one(tmp_path):
+    """The service runs AddItems one at a time; the model itself also refuses a second
+    concurrent add of an id (its ids are reserved before the encoder runs)."""
     checkpoint = tmp_path / "adapters.safetensors"
     write_adapters(checkpoint, seed=1)
-    model = ScoringModel(checkpoint, CATALOG, max_added=3)
-    assert model.add_items([(940000, "one"), (940001, "two")]).catalog_size == len(CATALOG) + 2
-    with pytest.raises(CatalogFull, match="items: 2 more would pass the cap of 3 items added"):
-        model.add_items([(940002, "three"), (940003, "four")])
-    assert len(model.served.texts) == len(CATALOG) + 2
+    model = ScoringModel(checkpoint, CATALOG, max_added=50)
+    start, outcomes = threading.Barrier(2), []
+
+    def add(offset: int) -> None:
+        start.wait()
+        try:
+            outcomes.append(model.add_items([(950000, "contested")] + [(950001 + offset + i, LONG_TEXT)
+                                                                        for i in range(20)]))
+        except ValueError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=add, args=(offset,)) for offset in (0, 100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(type(o).__name__ for o in outcomes) == ["Added", "InvalidInput"]
+    assert list(model.served.ids).count(950000) == 1
+    assert len(model.served.texts) == len(CATALOG) + 21
+    with pytest.raises(CatalogFull, match="items: 30 more would pass the cap of 50 items added"):
+        model.add_items([(960000 + i, "one more") for i in range(30)])
+    assert len(model.served.texts) == len(CATALOG) + 21
 
 
 def test_served_user_vectors_equal_the_models(tmp_path):
