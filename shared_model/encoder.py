@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 CACHE_FORMAT = 1
 CACHE_DIR_ENV = "FEDREC_CACHE"
 LOW_MEMORY_SLICE_TOKENS = 4096  # tokens per recomputed slice of the catalog forward
+MAX_TOKENS = 48  # tokens read of each text (with [CLS] and [SEP]); the rest is cut
 
 
 def default_encoder_path() -> str:
@@ -125,7 +126,7 @@ def build_cache(
     lora_layers: int,
     encoder=None,
     encoder_path: str | None = None,
-    max_tokens: int = 48,
+    max_tokens: int = MAX_TOKENS,
     batch_size: int = 64,
     progress: bool = False,
 ) -> CatalogCache:
@@ -197,7 +198,8 @@ def cache_dir() -> Path:
 
 
 def load_or_build_cache(
-    texts: list[str], lora_layers: int, encoder_path: str | None = None, max_tokens: int = 48, progress: bool = True
+    texts: list[str], lora_layers: int, encoder_path: str | None = None, max_tokens: int = MAX_TOKENS,
+    progress: bool = True,
 ) -> CatalogCache:
     """The catalog cache from disk if an identical one was built before, else built and saved."""
     encoder_path = encoder_path or default_encoder_path()
@@ -272,7 +274,11 @@ class TextTower(nn.Module):
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Text vectors [n, H] of texts that are not kept (e.g. user profiles)."""
-        cache = build_cache(texts, self.lora_layers, encoder=self._full_encoder())
+        return self.read(build_cache(texts, self.lora_layers, encoder=self._full_encoder()))
+
+    def read(self, cache: CatalogCache) -> torch.Tensor:
+        """Text vectors [n, H] of texts held outside the tower, from their frozen-prefix rows
+        (`build_cache`): a holder of such rows can re-read them under new adapters."""
         if not self.lora_layers:
             return cache.pooled
         token_text, token_within = _token_places(cache)

@@ -15,7 +15,13 @@ from shared_model.files import write_atomic
 
 def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write the tensors (and JSON-able metadata, e.g. the model config) to `path`: a crash
-    leaves the previous checkpoint, never half of one."""
+    leaves the previous checkpoint, never half of one.
+
+    An adapters file (one with a `model_config`) holds fp32, the model's own dtype, even when
+    the server's arithmetic left fp64 arrays: a served file of half the size, and one
+    version id per set of weights. Other files (a resumable checkpoint) keep their dtypes."""
+    if "model_config" in (metadata or {}):
+        state = {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     write_atomic(path, save({k: v.contiguous() for k, v in state.items()}, metadata=meta))
 

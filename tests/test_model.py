@@ -242,3 +242,24 @@ def test_the_model_trims_whole_histories_to_its_own_window(small):
     assert max(len(c) for c in sequence_chunks(model, [np.arange(1, 11)]).items) == 4  # W + 1
     whole = [np.arange(1, 40), np.arange(5, 9)]
     assert torch.equal(score_catalog(model, whole), score_catalog(model, [h[-3:] for h in whole]))
+
+
+def test_the_last_state_is_the_last_of_all_states_and_padding_keeps_each_tail(small):
+    """`last_state` (the top block at the last position only: what user vectors and serving
+    use) equals the full pass's last state, in values and in gradients."""
+    model = build_recommender(small.catalog.texts, RecommenderConfig(dropout=0.0), progress=False)
+    randomise_lora(model)
+    histories = [[], [4], [1, 2, 3], list(range(60)), list(range(50, 100))]
+    ids, mask = model.windows(histories)
+    assert mask.sum(1).tolist() == [0, 1, 3, model.window, model.window]
+    assert ids[2, -3:].tolist() == [1, 2, 3] and ids[3, -1].item() == 59 and ids[0].tolist() == [0] * model.window
+    vectors = model.item_vectors(torch.where(mask, ids, 0))
+    full = model.user_states(vectors, mask)[:, -1]
+    last = model.last_state(vectors, mask)
+    assert torch.allclose(full, last, atol=1e-5)
+    grads = []
+    for out in (full, last):
+        model.zero_grad()
+        out.pow(2).sum().backward(retain_graph=True)
+        grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters().values() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)

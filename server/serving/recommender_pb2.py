@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11recommender.proto\x12\tfedrec.v1\"-\n\tUserInput\x12\x0f\n\x07history\x18\x01 \x03(\x03\x12\x0f\n\x07profile\x18\x02 \x01(\t\"R\n\x10RecommendRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.fedrec.v1.UserInput\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\x03\"O\n\x0eRecommendation\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x65\x63\x61use\x18\x04 \x03(\x03\"T\n\x11RecommendResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.fedrec.v1.Recommendation\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"D\n\x0cScoreRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.fedrec.v1.UserInput\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\"6\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"(\n\x07NewItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"4\n\x0f\x41\x64\x64ItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.fedrec.v1.NewItem\"7\n\x10\x41\x64\x64ItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x14\n\x0c\x63\x61talog_size\x18\x02 \x01(\x05\x32\xd6\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.fedrec.v1.RecommendRequest\x1a\x1c.fedrec.v1.RecommendResponse\x12:\n\x05Score\x12\x17.fedrec.v1.ScoreRequest\x1a\x18.fedrec.v1.ScoreResponse\x12\x43\n\x08\x41\x64\x64Items\x12\x1a.fedrec.v1.AddItemsRequest\x1a\x1b.fedrec.v1.AddItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11recommender.proto\x12\tfedrec.v1\"-\n\tUserInput\x12\x0f\n\x07history\x18\x01 \x03(\x03\x12\x0f\n\x07profile\x18\x02 \x01(\t\"R\n\x10RecommendRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.fedrec.v1.UserInput\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\x03\"O\n\x0eRecommendation\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x65\x63\x61use\x18\x04 \x03(\x03\"T\n\x11RecommendResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.fedrec.v1.Recommendation\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"D\n\x0cScoreRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.fedrec.v1.UserInput\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\"6\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"9\n\x07NewItem\x12\x14\n\x07item_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x02 \x01(\tB\n\n\x08_item_id\"4\n\x0f\x41\x64\x64ItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.fedrec.v1.NewItem\"J\n\x10\x41\x64\x64ItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x14\n\x0c\x63\x61talog_size\x18\x02 \x01(\x05\x12\x11\n\ttruncated\x18\x03 \x01(\x05\x32\xd6\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.fedrec.v1.RecommendRequest\x1a\x1c.fedrec.v1.RecommendResponse\x12:\n\x05Score\x12\x17.fedrec.v1.ScoreRequest\x1a\x18.fedrec.v1.ScoreResponse\x12\x43\n\x08\x41\x64\x64Items\x12\x1a.fedrec.v1.AddItemsRequest\x1a\x1b.fedrec.v1.AddItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_start=400
   _globals['_SCORERESPONSE']._serialized_end=454
   _globals['_NEWITEM']._serialized_start=456
-  _globals['_NEWITEM']._serialized_end=496
-  _globals['_ADDITEMSREQUEST']._serialized_start=498
-  _globals['_ADDITEMSREQUEST']._serialized_end=550
-  _globals['_ADDITEMSRESPONSE']._serialized_start=552
-  _globals['_ADDITEMSRESPONSE']._serialized_end=607
-  _globals['_RECOMMENDER']._serialized_start=610
-  _globals['_RECOMMENDER']._serialized_end=824
+  _globals['_NEWITEM']._serialized_end=513
+  _globals['_ADDITEMSREQUEST']._serialized_start=515
+  _globals['_ADDITEMSREQUEST']._serialized_end=567
+  _globals['_ADDITEMSRESPONSE']._serialized_start=569
+  _globals['_ADDITEMSRESPONSE']._serialized_end=643
+  _globals['_RECOMMENDER']._serialized_start=646
+  _globals['_RECOMMENDER']._serialized_end=860
 # @@protoc_insertion_point(module_scope)
