@@ -1,5 +1,5 @@
 """Certificates and keys for a deployment: a CA, the SuperLink's TLS certificate signed by
-it, and one authentication key pair per SuperNode (the format Flower 1.41 expects: EC
+it, and one authentication key pair per SuperNode (the format Flower 1.41 and 1.42 expect: EC
 P-384, the private key in OpenSSH format, the public key as one OpenSSH line)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run the Flower app with `flwr run` from Python (tests, benchmarks) and clean up after it.
 
-Flower 1.41's `flwr run .` starts a local SuperLink (and its SuperExec, simulation and Ray
+Flower's (1.41, 1.42) `flwr run .` starts a local SuperLink (and its SuperExec, simulation and Ray
 processes) in the background and leaves it running. This runner gives every run its own
 FLWR_HOME, turns off Flower's per-run `uv sync` of the app's dependencies (they are
 installed already), waits for the run, reads its real status with `flwr ls`, and stops
