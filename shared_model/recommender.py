@@ -104,7 +104,6 @@ class RecommenderConfig:
         return asdict(self)
 
 
-@functools.lru_cache(maxsize=64)
 def rows_of(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """table [N, D] rows at ids [...] -> [..., D]. Gathered with index_select, whose
     gradient (index_add, one index after another) is the same on every run; indexing
@@ -113,6 +112,7 @@ def rows_of(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, ids.reshape(-1)).reshape(*ids.shape, table.shape[-1])
 
 
+@functools.lru_cache(maxsize=64)
 def causal_mask(length: int) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool).tril()
 
