@@ -167,7 +167,7 @@ class SeededFedAdam(ResumableLoop, FedAdam):
     def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                        nodes: list[int]) -> list[Message]:
         """Training messages to these nodes (a wrapping strategy may choose them)."""
-        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}  # FedOpt's aggregate_train steps from these
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]

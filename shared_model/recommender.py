@@ -384,19 +384,30 @@ def build_recommender(texts: list[str], config: RecommenderConfig, progress: boo
     return Recommender(cache, len(texts), config)
 
 
-def load_recommender(path, texts: list[str]) -> Recommender:
-    """A model over `texts` holding the trainable state saved at `path` (its config is in
-    the file's metadata)."""
+def read_adapters(path) -> tuple[dict[str, torch.Tensor], RecommenderConfig]:
+    """(trainable state, model config) of an adapters file written by a run (its config is
+    in the file's metadata)."""
     from shared_model.state import load_state
 
     state, meta = load_state(path)
     if "model_config" not in meta:
         raise ValueError(f"{path}: not a fedrec adapters file (no model_config in its metadata)")
-    model = build_recommender(texts, RecommenderConfig.from_dict(meta["model_config"]), progress=False)
+    return state, RecommenderConfig.from_dict(meta["model_config"])
+
+
+def load_adapters_into(model: Recommender, state: dict[str, torch.Tensor], path) -> None:
+    """`model.load_trainable_state`, with an error that names the file it came from."""
     try:
         model.load_trainable_state(state)
     except (KeyError, ValueError) as error:
-        raise ValueError(f"{path} does not fit this catalog of {len(texts)} items: {error}") from None
+        raise ValueError(f"{path} does not fit this catalog of {model.n_items} items: {error}") from None
+
+
+def load_recommender(path, texts: list[str]) -> Recommender:
+    """A model over `texts` holding the trainable state saved at `path`."""
+    state, config = read_adapters(path)
+    model = build_recommender(texts, config, progress=False)
+    load_adapters_into(model, state, path)
     return model.eval()
 
 

@@ -23,8 +23,7 @@ from tokenizers import Tokenizer
 
 from shared_model.data import Catalog
 from shared_model.encoder import MAX_TOKENS, CatalogCache, build_cache, load_encoder, load_or_build_cache
-from shared_model.recommender import Recommender, RecommenderConfig
-from shared_model.state import load_state
+from shared_model.recommender import Recommender, load_adapters_into, read_adapters
 
 MAX_K = 1000
 MAX_HISTORY = 10_000
@@ -142,10 +141,7 @@ class ScoringModel:
         self.added: list[CatalogCache] = []  # frozen-prefix rows of added items, one chunk per batch
         self.added_count = 0
         self.loaded = file_signature(self.checkpoint)
-        state, meta = load_state(self.checkpoint)
-        if "model_config" not in meta:
-            raise ValueError(f"{self.checkpoint}: not a fedrec adapters file (no model_config in its metadata)")
-        self.config = RecommenderConfig.from_dict(meta["model_config"])
+        state, self.config = read_adapters(self.checkpoint)
         self.cache = load_or_build_cache(self.base_texts, self.config.lora_layers, self.config.encoder_path,
                                          progress=False)
         self.encoder = load_encoder(self.config.encoder_path)
@@ -162,11 +158,7 @@ class ScoringModel:
     def _model(self, state: dict[str, torch.Tensor]) -> Recommender:
         """A model holding `state` over the shared frozen catalog rows; nothing served changes."""
         model = Recommender(self.cache, len(self.base_texts), self.config)
-        try:
-            model.load_trainable_state(state)
-        except (KeyError, ValueError) as error:
-            raise ValueError(f"{self.checkpoint} does not fit this catalog of {len(self.base_texts)} items: "
-                             f"{error}") from None
+        load_adapters_into(model, state, self.checkpoint)
         model.text.save_memory()  # fp16 token rows, shared by every model: serving never trains
         return model.eval()
 
@@ -184,10 +176,7 @@ class ScoringModel:
         if signature == self.loaded:
             return False
         self.loaded = signature
-        state, meta = load_state(self.checkpoint)
-        if "model_config" not in meta:
-            raise ValueError(f"{self.checkpoint}: not a fedrec adapters file (no model_config in its metadata)")
-        config = RecommenderConfig.from_dict(meta["model_config"])
+        state, config = read_adapters(self.checkpoint)
         if config != self.config:
             raise ValueError(f"{self.checkpoint}: its model_config differs from the served one "
                              f"({config.to_dict()} != {self.config.to_dict()}); restart the server to change it")
