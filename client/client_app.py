@@ -68,6 +68,11 @@ def round_seed(settings: RunSettings, server_round: int, key: int, purpose: int)
     return int(np.random.SeedSequence([settings.seed, server_round, key, purpose]).generate_state(1)[0])
 
 
+def simulated_failure(settings: RunSettings, server_round: int, key: int) -> bool:
+    """Whether this client fails this round on purpose (simulated-failure-rate), seeded."""
+    return np.random.default_rng(round_seed(settings, server_round, key, 1)).random() < settings.simulated_failure_rate
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     key = sampling_key(dict(context.node_config))
@@ -79,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = settings_of(context)
     server_round = int(msg.content["config"]["server-round"])
     key = sampling_key(dict(context.node_config))
-    if np.random.default_rng(round_seed(settings, server_round, key, 1)).random() < settings.simulated_failure_rate:
+    if simulated_failure(settings, server_round, key):
         raise RuntimeError(f"simulated device failure (simulated-failure-rate={settings.simulated_failure_rate})")
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])

@@ -12,33 +12,29 @@ releases; the server itself sees every client's update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
 from server.strategy import ResumableLoop, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 
-
-def clipped_sum(current: dict[str, np.ndarray], replies: list[Message], clip: float) -> dict[str, np.ndarray]:
-    """The sum over replies of each update (reply minus current), scaled to L2 norm <= clip."""
-    total = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
-    for reply in replies:
-        delta = {k: reply.content["arrays"][k].numpy().astype(np.float64) - v for k, v in current.items()}
-        norm = np.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        for k in total:
-            total[k] += scale * delta[k]
-    return total
+CHUNK = 256  # replies stacked at a time: the clipped sum never holds every update at once
 
 
 class DPFedAvg(ResumableLoop):
-    def __init__(self, inner: SeededFedAdam, noise: float, clip: float, sample_rate: float):
+    """randomness: where the sampling and the noise come from, a fresh generator per use;
+    OS entropy (always, in a run: a test may pass a seeded one to replay a round)."""
+
+    def __init__(self, inner: SeededFedAdam, noise: float, clip: float, sample_rate: float,
+                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
         if not (noise > 0 and clip > 0 and 0 < sample_rate <= 1):
             raise ValueError(f"DP-FedAvg needs noise > 0, clip > 0 and a rate in (0, 1]: {noise}, {clip}, {sample_rate}")
         self.inner, self.noise, self.clip, self.sample_rate = inner, noise, clip, sample_rate
+        self.randomness = randomness
         self.current: dict[str, np.ndarray] = {}
 
     @property
@@ -55,29 +51,47 @@ class DPFedAvg(ResumableLoop):
 
     def train_sample(self) -> list[int]:
         """Poisson sampling: every client independently with probability q."""
-        draws = fresh_numpy_generator().random(len(self.inner.nodes))
+        draws = self.randomness().random(len(self.inner.nodes))
         return [n for n, draw in zip(self.inner.nodes, draws) if draw < self.sample_rate]
+
+    def begin_round(self, arrays: ArrayRecord) -> list[int]:
+        """The round's Poisson sample; updates are taken against `arrays`, and the inner
+        strategy steps from them."""
+        self.current = {k: a.numpy() for k, a in arrays.items()}
+        self.inner.set_current(arrays)
+        return self.train_sample()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.current = {k: a.numpy() for k, a in arrays.items()}
-        return self.inner.train_messages(server_round, arrays, config, self.train_sample())
+        return self.inner.train_messages(server_round, arrays, config, self.begin_round(arrays))
 
-    def noisy_average(self, replies: list[Message]) -> dict[str, np.ndarray]:
-        total = clipped_sum(self.current, replies, self.clip)
-        rng = fresh_numpy_generator()
-        return {k: (t + rng.normal(0.0, self.noise * self.clip, size=t.shape)) / self.expected_count
-                for k, t in total.items()}
+    def clipped_sum(self, replies: list[Message]) -> dict[str, np.ndarray]:
+        """The sum of the replies' updates, each clipped to the clip norm."""
+        total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self.current.items()}
+        for start in range(0, len(replies), CHUNK):
+            chunk = replies[start:start + CHUNK]
+            models = {k: np.stack([r.content["arrays"][k].numpy() for r in chunk]) for k in self.current}
+            add_into(total, clipped_sum(stacked_updates(self.current, models), self.clip))
+        return total
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates = [r for r in replies if not r.has_error() and "arrays" in r.content]
-        average = self.noisy_average(updates)
+    def noisy_average(self, total: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The clipped sum plus N(0, z^2 S^2) noise, over the expected count q N."""
+        return noisy_average(total, self.noise * self.clip, self.expected_count, self.randomness())
+
+    def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord | None:
+        """The inner strategy's step, from the current model, on the noisy average update:
+        the one reply it sees."""
         arrays = ArrayRecord({k: Array((self.current[k] + average[k]).astype(self.current[k].dtype))
                               for k in self.current})
         noisy = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"weight": 1.0})}), dst_node_id=0,
                         message_type=MessageType.TRAIN)
         stepped, _ = self.inner.aggregate_train(server_round, [noisy])
+        return stepped
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = [r for r in replies if not r.has_error() and "arrays" in r.content]
+        stepped = self.step(server_round, self.noisy_average(self.clipped_sum(updates)))
         return stepped, MetricRecord({"aggregated": len(updates)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

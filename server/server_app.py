@@ -29,6 +29,7 @@ from server.run_folder import Checkpoint, RunFolder
 from server.simulation_speedup import speed_up_in_memory_link_state
 from server.dp_strategy import DPFedAvg
 from server.strategy import STAGES, RoundStats, SeededFedAdam
+from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.ledger import LedgerEntry, events_of, read_ledger
 from shared_model.metrics import evaluate_scores
 from shared_model.privacy import RELATION, epsilon
@@ -102,16 +103,19 @@ def evaluation_rounds(settings: RunSettings) -> set[int]:
     return {0, last, *range(settings.eval_every, last + 1, settings.eval_every)}
 
 
-def make_strategy(settings: RunSettings, keys: dict[int, int]) -> tuple[SeededFedAdam, SeededFedAdam | DPFedAvg]:
+def make_strategy(settings: RunSettings, keys: dict[int, int],
+                  randomness: Callable[[], np.random.Generator] = fresh_numpy_generator
+                  ) -> tuple[SeededFedAdam, SeededFedAdam | DPFedAvg]:
     """(the server optimiser, the strategy that runs the rounds: it, or DP-FedAvg around it).
-    Clients evaluate only in a non-private run."""
+    Clients evaluate only in a non-private run. randomness: DP-FedAvg's sampling and noise
+    (OS entropy; a test may pass a seeded generator to replay a round)."""
     optimizer = SeededFedAdam(keys, settings.clients_per_round, settings.seed, settings.server_learning_rate,
                               settings.server_lr_half_life,
                               eval_rounds=() if is_private(settings) else evaluation_rounds(settings),
                               fraction_evaluate=settings.fraction_evaluate, accounted_only=settings.dp != "none")
     if settings.server_dp:
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
-                                   settings.server_dp_sample_rate)
+                                   settings.server_dp_sample_rate, randomness)
     return optimizer, optimizer
 
 
@@ -273,6 +277,12 @@ def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: fl
     }
 
 
+def starting_model(settings: RunSettings) -> Recommender:
+    """The server's model over the public catalog, initialised from the run seed."""
+    torch.manual_seed(settings.seed)
+    return build_recommender(settings.load_catalog().texts, settings.model, progress=False)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     session_started = time.time()
@@ -282,9 +292,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     folder = RunFolder.open(settings)
     log(INFO, "fedrec: run folder %s", folder.path)
-    torch.manual_seed(settings.seed)
-    catalog = settings.load_catalog()
-    model = build_recommender(catalog.texts, settings.model, progress=False)
+    model = starting_model(settings)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     checkpoint = folder.load_checkpoint()
     if checkpoint is not None and simulation and settings.dp != "none":
@@ -313,8 +321,9 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays: dict, best_arrays: dict,
-           best: dict, n_clients: int, session_started: float) -> None:
-    """Final and best adapters, the plot and summary.json."""
+           best: dict, n_clients: int, session_started: float, path: str = "flwr run") -> None:
+    """Final and best adapters, the plot and summary.json; path: what ran the federation
+    (`flwr run`, or simulations.population in-process)."""
     metrics = folder.metrics()
     config = model.config.to_dict()
     folder.save_adapters("final_adapters.safetensors", arrays, config)
@@ -326,6 +335,7 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
     uploads = [m["upload bytes per client"] for m in trained if m["upload bytes per client"]]
     summary = {
         "config": settings.to_dict(),
+        "path": path,
         "clients": n_clients,
         "rounds": trained[-1]["round"] if trained else 0,
         "start": {"valid NDCG@10": metrics[0].get("valid NDCG@10"), "test NDCG@10": metrics[0].get("test NDCG@10")}

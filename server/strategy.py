@@ -167,10 +167,14 @@ class SeededFedAdam(ResumableLoop, FedAdam):
     def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                        nodes: list[int]) -> list[Message]:
         """Training messages to these nodes (a wrapping strategy may choose them)."""
-        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}  # FedOpt's aggregate_train steps from these
+        self.set_current(arrays)
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+    def set_current(self, arrays: ArrayRecord) -> None:
+        """The model this round's updates start from: FedOpt's aggregate_train steps from it."""
+        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

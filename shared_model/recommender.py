@@ -328,15 +328,13 @@ def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
     return torch.cat(out) if out else torch.empty(0, model.n_items)
 
 
-def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                  profiles: torch.Tensor | None = None):
-    """Full-catalog softmax at every position of left-padded sequences [B, L] (fast path).
-
-    mask marks the positions with a target; an input below 0 (a START marker) is not an
-    item, so its state is exactly that of an empty history. profiles [B]: the text row of
-    each sequence's free-text profile in the model's text tower (-1: none), read before
-    the items as `user_vectors` reads it."""
-    catalog = model.catalog_vectors()
+def sequence_states(model: Recommender, catalog: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor,
+                    profiles: torch.Tensor | None = None) -> torch.Tensor:
+    """User states [B, L, dim] at every position of left-padded sequences [B, L] (mask marks
+    the positions with a target), reading item vectors from `catalog` [n_items, dim]. An
+    input below 0 (a START marker) is not an item, so its state is exactly that of an empty
+    history. profiles [B]: the text row of each sequence's free-text profile in the model's
+    text tower (-1: none), read before the items as `user_vectors` reads it."""
     items = mask & (inputs >= 0)
     vectors = rows_of(catalog, torch.where(items, inputs, 0))
     if profiles is not None:
@@ -345,9 +343,28 @@ def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tenso
         shown[given] = model.item_vectors(profiles[given][:, None])  # only the profiles shown
         vectors = torch.cat([shown, vectors], dim=1)
         items = torch.cat([given[:, None], items], dim=1)
-    states = model.user_states(vectors, items)[:, -inputs.shape[1]:]
-    logits = states[mask] @ catalog.T
-    return F.cross_entropy(logits, targets[mask])
+    return model.user_states(vectors, items)[:, -inputs.shape[1]:]
+
+
+def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  profiles: torch.Tensor | None = None):
+    """Full-catalog softmax at every position of left-padded sequences [B, L] with a target
+    (mask), averaged over those positions (fast path; see `sequence_states`)."""
+    catalog = model.catalog_vectors()
+    states = sequence_states(model, catalog, inputs, mask, profiles)
+    return F.cross_entropy(states[mask] @ catalog.T, targets[mask])
+
+
+def masked_sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """`sequence_loss` (no profiles) as a masked mean over all B x L positions, 0 with no
+    target: no shape depends on the data, so torch.func.vmap batches it over users whose
+    batches are padded to one shape."""
+    catalog = model.catalog_vectors()
+    logits = sequence_states(model, catalog, inputs, mask) @ catalog.T  # [B, L, n_items]
+    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+    weights = mask.flatten().to(losses.dtype)
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def example_loss(

@@ -114,6 +114,18 @@ def make_examples(model: Recommender, sequences: list[np.ndarray]) -> Examples:
     return Examples(history_ids, mask, torch.as_tensor(np.array(targets, dtype=np.int64)))
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def sgd_step(model: Recommender, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+    """One optimiser step on one batch of `sequence_batches`; its loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = sequence_loss(model, *batch)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_sequences(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
@@ -125,16 +137,25 @@ def train_sequences(
     """One pass over the chunks (or max_steps batches); returns (mean loss, steps)."""
     model.train()
     total, steps = 0.0, 0
-    for inputs, targets, mask, profiles in sequence_batches(chunks, batch_size, rng):
-        optimizer.zero_grad(set_to_none=True)
-        loss = sequence_loss(model, inputs, targets, mask, profiles)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
+    for batch in sequence_batches(chunks, batch_size, rng):
+        total += sgd_step(model, optimizer, batch)
         steps += 1
         if max_steps is not None and steps >= max_steps:
             break
     return total / max(steps, 1), steps
+
+
+def local_batches(chunks: Chunks, epochs: int, batch_size: int, rng: np.random.Generator,
+                  max_steps: int = 0) -> Iterator[tuple[int, Batch]]:
+    """(epoch, batch) in the order a client's local work steps on them: `epochs` shuffled
+    passes, at most `max_steps` batches in all when that is positive."""
+    steps = 0
+    for epoch in range(epochs):
+        for batch in sequence_batches(chunks, batch_size, rng):
+            yield epoch, batch
+            steps += 1
+            if max_steps and steps >= max_steps:
+                return
 
 
 def make_optimizer(model: Recommender, config: TrainConfig) -> torch.optim.Optimizer:
@@ -154,18 +175,14 @@ def train_local(
     (at most `max_steps` steps in all, when that is positive)."""
     chunks = sequence_chunks(model, sequences)
     optimizer = torch.optim.SGD(model.trainable_parameters().values(), lr=lr)
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    losses, steps = [], 0
-    for _ in range(epochs):
-        budget = max_steps - steps if max_steps else None
-        loss, done = train_sequences(model, optimizer, chunks, batch_size, rng, budget)
-        losses.append(loss)
-        steps += done
-        if max_steps and steps >= max_steps:
-            break
+    model.train()
+    losses: dict[int, list[float]] = {}
+    for epoch, batch in local_batches(chunks, epochs, batch_size, np.random.default_rng(seed), max_steps):
+        losses.setdefault(epoch, []).append(sgd_step(model, optimizer, batch))
+    steps = sum(len(v) for v in losses.values())
     return {
-        "train-loss": float(np.mean(losses)) if losses else 0.0,
+        "train-loss": float(np.mean([np.mean(v) for v in losses.values()])) if losses else 0.0,
         "num-examples": int(sum(max(len(s) - 1, 0) for s in sequences)),
         "steps": steps,
     }

@@ -1,0 +1,48 @@
+"""DP-FedAvg's mechanism as pure functions over stacked updates (dicts of [K, ...] arrays,
+one row per client): each update clipped to L2 norm S, the clipped sum, Gaussian noise of
+std z S on the sum, divided by the expected count q N.
+
+DPFedAvg (server/dp_strategy.py) feeds them the replies of a Flower round; the in-process
+population driver (simulations/population.py) feeds them the updates of its vectorised
+clients. Both add the sums of chunks of clients, so neither holds every update at once.
+The noise's generator is passed in: DPFedAvg's comes from OS entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def stacked_updates(current: Arrays, models: Arrays) -> dict[str, np.ndarray]:
+    """K clients' updates: their models ([K, ...] per name) minus `current`, in float64."""
+    return {k: np.asarray(models[k], dtype=np.float64) - np.asarray(v, dtype=np.float64) for k, v in current.items()}
+
+
+def update_norms(updates: Arrays) -> np.ndarray:
+    """[K]: each stacked update's L2 norm over all its arrays together."""
+    squares = sum(np.square(u).reshape(len(u), -1).sum(axis=1) for u in updates.values())
+    return np.sqrt(squares)
+
+
+def clipped_sum(updates: Arrays, clip: float) -> dict[str, np.ndarray]:
+    """The sum over K stacked updates of each one scaled to L2 norm <= clip."""
+    norms = update_norms(updates)
+    scale = np.minimum(1.0, clip / np.where(norms > 0, norms, 1.0))  # a zero update stays zero
+    return {k: np.tensordot(scale, u, axes=1) for k, u in updates.items()}
+
+
+def add_into(total: dict[str, np.ndarray], part: Arrays) -> None:
+    """total += part, name by name (the clipped sums of successive chunks of clients)."""
+    for k, v in part.items():
+        total[k] += v
+
+
+def noisy_average(total: Arrays, noise_std: float, expected_count: float,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """(total + N(0, noise_std^2) per coordinate) / expected_count, names in `total`'s order
+    (the draws' order: a generator seeded alike gives the same noise)."""
+    return {k: (t + rng.normal(0.0, noise_std, size=t.shape)) / expected_count for k, t in total.items()}

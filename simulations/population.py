@@ -1,0 +1,159 @@
+"""User-level DP-FedAvg over a whole population of one-user clients, in one process.
+
+`flwr run` with one SuperNode per user costs tens of milliseconds per client and round on
+2 cores (docs/benchmarks.md); a cohort of thousands a round takes minutes. This driver
+runs the same computation without Flower's messages and processes:
+- the server's own strategy objects (`make_strategy`): DPFedAvg's Poisson sampling and
+  noise from fresh randomness, its clipped sum and noisy average (server/dp_aggregation.py)
+  and SeededFedAdam's step; the round's privacy ledger entry and epsilon (`record_privacy`);
+  the server's evaluation on the held-out split; the run folder, metrics and summary;
+- each sampled client's `train_local`, vectorised over clients (shared_model.vectorised_training)
+  with the seed its ClientApp would use, on the data its partition holds.
+tests/test_population.py shows it computes what a `flwr run` computes. Its summary.json says
+`"path": "in-process (simulations.population)"`.
+
+    python -m simulations.population --run-config "synthetic-users=100000 server-dp-sample-rate=0.01"
+
+Only the configuration it replicates is accepted: server-dp = true, dp = "none",
+partitioning = "per-user" (the run config's other keys mean what they mean for `flwr run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import round_seed, simulated_failure
+from server.dp_aggregation import add_into, clipped_sum, stacked_updates
+from server.run_folder import RunFolder
+from server.server_app import (array_record, evaluation_rounds, finish, make_strategy, progress_line,
+                               record_privacy, server_evaluation, starting_model)
+from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.settings import RunSettings, SettingsError
+from shared_model.splits import leave_one_out
+from shared_model.vectorised_training import client_batches, train_clients
+from simulations.flower_runner import app_run_config, parse_overrides
+
+PATH = "in-process (simulations.population)"
+CHUNK = 256  # clients trained at once: memory grows with it (logits of every client's batch)
+
+
+def check_replicable(settings: RunSettings) -> None:
+    """The configuration this driver computes as `flwr run` does, or a SettingsError."""
+    for key, value, wanted in (("server-dp", settings.server_dp, True), ("dp", settings.dp, "none"),
+                               ("partitioning", settings.partitioning, "per-user")):
+        if value != wanted:
+            raise SettingsError(f"run config '{key}' must be {wanted!r} for the in-process population driver "
+                                f"(user-level DP-FedAvg over one-user clients), not {value!r}")
+
+
+class Population:
+    """The federation's server strategy, its model and every client's training data."""
+
+    def __init__(self, settings: RunSettings, chunk: int = CHUNK,
+                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
+        """randomness: DPFedAvg's sampling and noise, OS entropy (a test may replay a round)."""
+        check_replicable(settings)
+        # the strategy hands FedAdam its step as a Flower Message, made inside a server task:
+        # this process stands in for the ServerApp's runtime, which names the task
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.settings, self.chunk = settings, chunk
+        self.train = leave_one_out(settings.load_dataset()).train  # client u's data: user u's train split
+        self.model = starting_model(settings)
+        keys = {u: u for u in range(len(self.train))}  # node id = sampling key = partition id = user
+        self.optimizer, self.strategy = make_strategy(settings, keys, randomness)
+
+    def initial_arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.model.trainable_state().items()}
+
+    def client_models(self, server_round: int, arrays: dict[str, np.ndarray],
+                      users: list[int]) -> Iterator[dict[str, np.ndarray]]:
+        """The sampled clients' models after their local training ([K, ...] per name), a
+        chunk of clients at a time."""
+        s = self.settings
+        params = self.model.trainable_parameters()  # a client copies the global arrays into these (fp32)
+        start = {k: torch.from_numpy(v).to(params[k].dtype) for k, v in arrays.items()}
+        for first in range(0, len(users), self.chunk):
+            batches = [client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs,
+                                      s.batch_size, s.local_steps) for u in users[first:first + self.chunk]]
+            yield {k: v.numpy() for k, v in train_clients(self.model, start, batches, s.learning_rate).items()}
+
+    def clipped_total(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        """A round's Poisson sample trained: (the sum of its clipped updates, client counts)."""
+        sampled = self.strategy.begin_round(array_record(arrays))
+        trained = [u for u in sampled if not simulated_failure(self.settings, server_round, u)]
+        total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in arrays.items()}
+        for models in self.client_models(server_round, arrays, trained):
+            add_into(total, clipped_sum(stacked_updates(arrays, models), self.strategy.clip))
+        return total, {"clients": len(sampled), "errors": len(sampled) - len(trained)}
+
+    def train_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        """One DP-FedAvg round: (the new global arrays, the round's client counts)."""
+        total, counts = self.clipped_total(server_round, arrays)
+        stepped = self.strategy.step(server_round, self.strategy.noisy_average(total))
+        return {k: a.numpy() for k, a in stepped.items()}, counts
+
+
+def run(settings: RunSettings, chunk: int = CHUNK) -> RunFolder:
+    """The whole federation; writes the run folder as the ServerApp does (metrics, ledger,
+    adapters, plot, summary), without checkpoints (an in-process run does not resume)."""
+    session_started = time.time()
+    folder = RunFolder.open(settings)
+    if folder.metrics_path.exists():
+        raise SettingsError(f"{folder.path} holds a run already: the in-process driver does not resume; "
+                            "choose another run-name")
+    population = Population(settings, chunk)
+    evaluate = server_evaluation(settings, population.model, simulation=True)
+    eval_rounds = evaluation_rounds(settings)
+    arrays = population.initial_arrays()
+    folder.append_metrics({"round": 0, **evaluate(arrays)})
+    upload = population.model.trainable_bytes()
+    server_events: list = []
+    best: dict = {"round": 0, "valid NDCG@10": -1.0}
+    for server_round in range(1, settings.num_server_rounds + 1):
+        started = time.time()
+        arrays, counts = population.train_round(server_round, arrays)
+        line = {"round": server_round, **counts, "left out": counts["errors"], "timeouts": 0, "declined": 0,
+                "train loss": float("nan"), "upload bytes per client": float(upload), "upload bytes max": upload,
+                "server lr": population.optimizer.eta, "train seconds": time.time() - started}
+        if server_round in eval_rounds:
+            line.update(evaluate(arrays))
+        line.update(record_privacy(folder, settings, server_round, [], server_events))
+        line["seconds"] = time.time() - started
+        folder.append_metrics(line)
+        best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
+                "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
+        print(progress_line(settings, line, best), flush=True)
+    finish(folder, settings, population.model, arrays, arrays, best, len(population.train), session_started,
+           path=PATH)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-config", default="", metavar="'KEY=VALUE ...'",
+                        help="overrides of pyproject.toml's [tool.flwr.app.config], as `flwr run --run-config` "
+                             "takes them")
+    parser.add_argument("--chunk", type=int, default=CHUNK,
+                        help=f"clients trained at once (default {CHUNK}; memory grows with it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    if args.chunk < 1:
+        parser.error(f"--chunk must be at least 1, not {args.chunk}")
+    torch.set_num_threads(args.threads)
+    try:
+        settings = RunSettings.from_run_config(app_run_config(**parse_overrides(shlex.split(args.run_config))))
+    except KeyError as error:
+        parser.error(f"--run-config: {error}")
+    folder = run(settings, args.chunk)
+    print(f"results in {folder.path}")
+
+
+if __name__ == "__main__":
+    main()

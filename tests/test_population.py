@@ -1,0 +1,151 @@
+"""The in-process population driver (simulations/population.py) computes what a Flower run
+computes: its vectorised clients train as `train_local` does; a round equals the real
+ClientApp's replies aggregated by the real DPFedAvg (same sample and noise, replayed from
+one seeded generator); a whole `flwr run` and an in-process run end with the same model;
+the noise on the mean has std z S / (q N).
+
+Tolerances: float32 training, whose sums run in another order when vectorised (and with
+more padding), agrees to about 1e-4 of the size of an update; compared configurations
+have dropout 0 (a vectorised client draws its own dropout masks, not its ClientApp's).
+"""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, MessageType
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.server_app import array_record, make_strategy, starting_model
+from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.settings import RunSettings, SettingsError
+from shared_model.state import load_state
+from shared_model.training import train_local
+from shared_model.vectorised_training import client_batches, train_clients
+from simulations.client_harness import client_context, deliver
+from simulations.flower_runner import app_run_config, run_flower
+from simulations.population import Population, check_replicable, run
+
+USERS = 30
+CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
+          "id-embeddings": False, "dropout": 0.0, "eval-every": 100}
+SEVERAL_STEPS = {"batch-size": 1, "local-epochs": 2, "local-steps": 5}  # 2 or 3 steps a user, reshuffled
+
+
+def settings_of(**overrides) -> RunSettings:
+    return RunSettings.from_run_config(app_run_config(**{**CONFIG, **overrides}))
+
+
+def seeded(seed: int):
+    """A generator factory that replays: every call gives the same stream."""
+    return lambda: np.random.default_rng(seed)
+
+
+def assert_close(got: dict, want: dict, start: dict, rel: float = 1e-4) -> None:
+    """got == want up to `rel` of the largest change from `start`, name by name."""
+    for name in want:
+        change = np.abs(np.asarray(want[name], dtype=np.float64) - start[name]).max()
+        error = np.abs(np.asarray(got[name], dtype=np.float64) - np.asarray(want[name], dtype=np.float64)).max()
+        assert error <= rel * change + 1e-7, f"{name}: differs by {error:.3g}, changes by {change:.3g}"
+
+
+@pytest.fixture(scope="module")
+def population() -> Population:
+    return Population(settings_of(**{"server-dp-sample-rate": 0.5}))
+
+
+@pytest.mark.parametrize("overrides", [{}, SEVERAL_STEPS], ids=["one step", "several steps"])
+def test_vectorised_clients_train_as_train_local_does(population, overrides):
+    settings = settings_of(**overrides)
+    model, users = population.model, [0, 3, 7, 8, 9, 24]  # 1 to 3 chunks of W+1 items
+    start = model.trainable_state()
+    batches = [client_batches(model, [population.train[u]], 1000 + u, settings.local_epochs, settings.batch_size,
+                              settings.local_steps) for u in users]
+    assert {len(b) for b in batches} == ({2, 4, 5} if overrides else {1})  # steps per user: capped at 5
+    trained = train_clients(model, start, batches, settings.learning_rate)
+    for row, user in enumerate(users):
+        model.load_trainable_state(start)
+        train_local(model, [population.train[user]], settings.local_epochs, settings.batch_size,
+                    settings.learning_rate, 1000 + user, settings.local_steps)
+        assert_close({k: v[row] for k, v in trained.items()}, model.trainable_state(),
+                     {k: v.numpy() for k, v in start.items()})
+    model.load_trainable_state(start)
+
+
+@pytest.mark.parametrize("overrides, clip", [({}, 0.3), (SEVERAL_STEPS, 1.0)], ids=["one step", "several steps"])
+def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides, clip):
+    """Noise z = 1 and a clip that cuts some updates: both paths draw their Poisson sample
+    and noise from one replayed generator, so they must agree to float tolerance."""
+    config = {**CONFIG, **overrides, "server-dp-sample-rate": 0.5, "server-dp-clip": clip, "server-dp-noise": 1.0}
+    settings = RunSettings.from_run_config(app_run_config(**config))
+    in_process = Population(settings, chunk=7, randomness=seeded(5))  # chunks of 7: sums over chunks
+    arrays = in_process.initial_arrays()
+    total, counts = in_process.clipped_total(1, arrays)
+    stepped = in_process.strategy.step(1, in_process.strategy.noisy_average(total))
+
+    _, flower = make_strategy(settings, {100 + u: u for u in range(USERS)}, seeded(5))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    messages = list(flower.configure_train(1, array_record(arrays), ConfigRecord(), grid=None))
+    assert 0 < len(messages) == counts["clients"] < USERS
+    replies = []
+    for message in messages:
+        context = client_context(message.metadata.dst_node_id - 100, USERS, **config)
+        replies.append(deliver(MessageType.TRAIN, context, message.content))
+    updates = [np.concatenate([(r.content["arrays"][k].numpy() - arrays[k]).ravel() for k in arrays]) for r in replies]
+    norms = np.linalg.norm(updates, axis=1)
+    assert (norms > clip).any() and (norms < clip).any()  # the clip cuts some updates, not all
+    want_total = flower.clipped_sum(replies)
+    assert_close(total, want_total, {k: np.zeros_like(v) for k, v in want_total.items()})
+    want, _ = flower.aggregate_train(1, replies)
+    assert_close({k: a.numpy() for k, a in stepped.items()}, {k: a.numpy() for k, a in want.items()}, arrays)
+
+
+def test_a_flower_run_and_an_in_process_run_end_with_the_same_model(tmp_path):
+    """`flwr run` (30 SuperNodes, 2 rounds) against the driver with the same run config.
+    A run config cannot ask for zero noise (nor replay the server's fresh randomness), so
+    both add noise with z = 1e-9 (std 3e-11 on the mean: below the float32 resolution of
+    the parameters) and sample at rate 1 (every client, every round)."""
+    config = {**CONFIG, "server-dp-noise": 1e-9, "server-dp-sample-rate": 1.0, "num-server-rounds": 2,
+              "output-dir": str(tmp_path)}
+    flower = run_flower({**config, "run-name": "flower"}, num_supernodes=USERS)
+    assert flower.ok, flower.log[-3000:]
+    folder = run(RunSettings.from_run_config(app_run_config(**config, **{"run-name": "in-process"})))
+    got, _ = load_state(folder.path / "final_adapters.safetensors")
+    want, _ = load_state(tmp_path / "flower" / "final_adapters.safetensors")
+    start = {k: v.numpy() for k, v in starting_model(settings_of(**config)).trainable_state().items()}
+    assert_close({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()}, start, rel=1e-3)
+    flower_lines = [json.loads(line) for line in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    compared = ("round", "clients", "errors", "server lr", "user epsilon", "valid NDCG@10", "test NDCG@10",
+                "valid HR@10", "test HR@10")
+    assert [{k: m[k] for k in compared if k in m} for m in folder.metrics()] == pytest.approx(
+        [{k: m[k] for k in compared if k in m} for m in flower_lines])
+
+
+def test_the_noise_on_the_mean_has_std_z_s_over_the_expected_cohort(population):
+    z, clip, rate = 2.0, 0.3, 0.5
+    settings = settings_of(**{"server-dp-noise": z, "server-dp-clip": clip, "server-dp-sample-rate": rate})
+    seeds = itertools.count()
+    driver = Population(settings, randomness=lambda: np.random.default_rng(next(seeds)))
+    total, counts = driver.clipped_total(1, driver.initial_arrays())  # fixed updates
+    assert counts["clients"] > 0 and any(np.abs(t).max() > 0 for t in total.values())
+    noise = np.concatenate([np.concatenate([(driver.strategy.noisy_average(total)[k] - total[k] / (rate * USERS))
+                                            .ravel() for k in total]) for _ in range(20)])
+    assert noise.size > 300_000  # the std is measured to about 0.13%: 3% is over 20 standard errors
+    assert np.std(noise) == pytest.approx(z * clip / (rate * USERS), rel=0.03)
+    assert abs(np.mean(noise)) < 5 * np.std(noise) / np.sqrt(noise.size)
+
+
+def test_a_run_draws_its_sample_and_noise_from_fresh_randomness(population):
+    assert population.strategy.randomness is fresh_numpy_generator
+    arrays = population.initial_arrays()
+    first = population.strategy.begin_round(array_record(arrays))
+    assert any(population.strategy.begin_round(array_record(arrays)) != first for _ in range(3))
+
+
+@pytest.mark.parametrize("key, value", [("server-dp", False), ("dp", "example")])
+def test_the_driver_refuses_what_it_does_not_replicate(key, value):
+    settings = settings_of(**{key: value})
+    with pytest.raises(SettingsError, match=f"'{key}'"):
+        check_replicable(settings)
