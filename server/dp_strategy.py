@@ -91,8 +91,13 @@ class DPFedAvg(ResumableLoop):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = [r for r in replies if not r.has_error() and "arrays" in r.content]
-        stepped = self.step(server_round, self.noisy_average(self.clipped_sum(updates)))
+        stepped = self.aggregate_clipped(server_round, self.clipped_sum(updates))
         return stepped, MetricRecord({"aggregated": len(updates)})
+
+    def aggregate_clipped(self, server_round: int, total: dict[str, np.ndarray]) -> ArrayRecord | None:
+        """Everything after the clipped sum (noise, average, the inner step): what the
+        in-process population driver hands its own clipped sum to."""
+        return self.step(server_round, self.noisy_average(total))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

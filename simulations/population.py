@@ -96,7 +96,7 @@ class Population:
     def train_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
         """One DP-FedAvg round: (the new global arrays, the round's client counts)."""
         total, counts = self.clipped_total(server_round, arrays)
-        stepped = self.strategy.step(server_round, self.strategy.noisy_average(total))
+        stepped = self.strategy.aggregate_clipped(server_round, total)
         return {k: a.numpy() for k, a in stepped.items()}, counts
 
 
