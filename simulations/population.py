@@ -75,14 +75,18 @@ class Population:
     def client_models(self, server_round: int, arrays: dict[str, np.ndarray],
                       users: list[int]) -> Iterator[dict[str, np.ndarray]]:
         """The sampled clients' models after their local training ([K, ...] per name), a
-        chunk of clients at a time."""
+        chunk of clients at a time; clients with batches of like shape share a chunk (a
+        chunk is padded to its largest: a few long histories would make every client's
+        batch several chunks wide)."""
         s = self.settings
         params = self.model.trainable_parameters()  # a client copies the global arrays into these (fp32)
         start = {k: torch.from_numpy(v).to(params[k].dtype) for k, v in arrays.items()}
-        for first in range(0, len(users), self.chunk):
-            batches = [client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs,
-                                      s.batch_size, s.local_steps) for u in users[first:first + self.chunk]]
-            yield {k: v.numpy() for k, v in train_clients(self.model, start, batches, s.learning_rate).items()}
+        work = [client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs,
+                               s.batch_size, s.local_steps) for u in users]
+        work.sort(key=lambda batches: (len(batches), *(tuple(batches[0][0].shape) if batches else ())))
+        for first in range(0, len(work), self.chunk):
+            trained = train_clients(self.model, start, work[first:first + self.chunk], s.learning_rate)
+            yield {k: v.numpy() for k, v in trained.items()}
 
     def clipped_total(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
         """A round's Poisson sample trained: (the sum of its clipped updates, client counts)."""
