@@ -249,6 +249,7 @@ class ScoringModel:
         with torch.inference_mode():
             padded = served.model.windows([q.history for q in queries])
             scores = self._user_vectors(served, padded, [q.profile for q in queries]) @ served.catalog.T
+            scores.masked_fill_(scores.isnan(), -np.inf)  # an invalid score ranks last (topk puts NaN first)
             rows = np.repeat(np.arange(len(queries)), [len(q.blocked) for q in queries])
             if len(rows):
                 scores[torch.from_numpy(rows), torch.tensor(np.concatenate([q.blocked for q in queries]))] = -np.inf
@@ -263,8 +264,8 @@ class ScoringModel:
         texts = served.texts
         ranked = []
         for r, query in enumerate(queries):
-            # Blocked items (-inf) rank only when fewer than k are left, and a broken model's
-            # NaN scores rank anywhere: neither is ever recommended.
+            # Blocked and invalid items (-inf) rank only when fewer than k are left, and
+            # +inf ones first: none is ever recommended.
             keep = range(query.k) if clean[r] else [j for j in range(query.k) if finite[r][j]]
             ranked.append(Ranked([raw[r][j] for j in keep], [values[r][j] for j in keep],
                                  [texts[indices[r][j]] for j in keep], [because[r][j] for j in keep]))
