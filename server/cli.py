@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser(
         "audit", help="recompute every epsilon in runs' privacy ledgers with an independent accountant",
         description="Reads RUN_DIR/privacy_ledger.jsonl of each run, recomputes every epsilon (and per-interaction "
-        "epsilon) from the history before it with a second accountant, checks every entry against its budget, "
-        "and writes a Markdown report with plots. Exit codes: 0 clean; 1 an epsilon disagrees or a budget was "
+        "epsilon) from the history before it with a second accountant, checks every entry against its budget "
+        "and adaptive clipping's noise split (the total noise multiplier from its parts), and writes a Markdown report with plots. Exit codes: 0 clean; 1 an epsilon disagrees or a budget was "
         "overspent; 2 unreadable input (an empty or missing ledger, a line that is not a valid entry, a "
         "non-finite number), named by file and line.",
     )

@@ -79,11 +79,12 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.count_noise is not None:
         lines.append(f"  adaptive clipping             count noise {plan.count_noise:g}: the updates get noise "
-                     f"multiplier {plan.update_noise_multiplier:.4g}")
+                     f"multiplier {plan.update_noise_multiplier:.4g} "
+                     f"(+{plan.update_noise_multiplier / plan.noise_multiplier - 1:.2%}), z is accounted")
     z = "z" if plan.count_noise is None else "z_delta"
     lines += [
-        f"  noise on the mean update      {plan.noise_std:.3g} S per coordinate   ({z} / C; S = the clip norm)",
-        f"                                {plan.noise_norm:.3g} S in L2 norm        ({z} sqrt(P) / C, P = "
+        f"  noise on the mean update      {plan.noise_std:.3g} S per coordinate ({z} / C; S = the clip norm)",
+        f"                                {plan.noise_norm:.3g} S in L2 norm ({z} sqrt(P) / C, P = "
         f"{plan.parameters:,} parameters)",
     ]
     verdict = ("below 1: the mean update survives the noise" if plan.noise_norm < 1 else
