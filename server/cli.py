@@ -76,7 +76,8 @@ def default_parameters() -> int:
     from shared_model.encoder import CatalogCache
     from shared_model.recommender import Recommender, RecommenderConfig
 
-    model = Recommender(CatalogCache(0, pooled=torch.zeros(0, 0)), 0, RecommenderConfig(lora_layers=0, id_embeddings=False))
+    config = RecommenderConfig(lora_layers=0, id_embeddings=False)
+    model = Recommender(CatalogCache(0, pooled=torch.zeros(0, 0)), 0, config)  # no catalog: nothing to encode
     return sum(p.numel() for p in model.trainable_parameters().values())
 
 
@@ -85,7 +86,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.delta >= 1 / args.users:
         print(f"fedrec privacy plan: warning: --delta {args.delta:g} is not below 1 / --users ({1 / args.users:g}): "
-              "publishing each user's data whole with probability delta meets it, exposing delta x N >= 1 users on average",
+              "publishing each user's data whole with probability delta meets it, exposing delta x N >= 1 users "
+              "on average",
               file=sys.stderr)
     parameters = args.parameters or default_parameters()
     plan = make_plan(args.users, args.cohort, args.rounds, args.epsilon, args.delta, args.accountant, parameters,

@@ -91,7 +91,7 @@ class DPFedAvg(ResumableLoop):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = [r for r in replies if not r.has_error() and "arrays" in r.content]
-        release = {"clip": self.clip, "update noise multiplier": self.update_noise}
+        release = {"clip": self.clip, "update noise multiplier": self.update_noise}  # noisy_average moves the clip
         average = self.noisy_average(updates)
         if self.adaptive is not None:
             release |= {"count noise": self.adaptive.count_noise, "unclipped fraction": self.unclipped}

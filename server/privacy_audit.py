@@ -1,7 +1,8 @@
 """Audit of federated runs' privacy ledgers: every epsilon (and per-interaction epsilon)
 recomputed by an independent accountant, budgets checked, adaptive clipping's noise split
-recomputed, disagreements above a tolerance flagged, and a Markdown report with plots. Exit codes of `fedrec audit`: 0 clean,
-1 a disagreement, 2 unreadable input (the message names the file and line)."""
+recomputed, disagreements above a tolerance flagged, and a Markdown report with plots.
+Exit codes of `fedrec audit`: 0 clean, 1 a disagreement, 2 unreadable input (the message
+names the file and line)."""
 
 from __future__ import annotations
 

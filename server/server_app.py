@@ -134,7 +134,8 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
     """Write the clients' ledger entries and the round's DP-FedAvg event (its epsilon
     computed here, over every aggregation so far: `server_events`, extended in place; its
     clip and, with adaptive clipping, the noise split, from `release`: the round's metrics
-    line, which holds DPFedAvg's RELEASE_KEYS) to the server's ledger; return the round's privacy figures for the metrics line."""
+    line, which holds DPFedAvg's RELEASE_KEYS) to the server's ledger; return the round's
+    privacy figures for the metrics line."""
     out: dict = {}
     entries = [dataclasses.replace(entry, run=folder.path.name) for entry in received]
     if entries:
@@ -197,9 +198,11 @@ def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
             f"{line['clients']} clients ({line['left out']} left out: {line['errors']} errors, "
             f"{line['timeouts']} timeouts, {line['declined']} declined), train loss {line['train loss']:.4f}, "
             f"upload {line['upload bytes per client'] / 1024:.1f} KB/client, {line['seconds']:.1f} s")
-    for key in ("client epsilon max", "user epsilon", "clip"):
+    for key in ("client epsilon max", "user epsilon"):
         if key in line:
-            text += f", {key} {line[key]:.3g}"
+            text += f", {key} {line[key]:.3f}"
+    if "clip" in line:
+        text += f", clip {line['clip']:.4g}"
     if "valid NDCG@10" in line:
         text += f" | valid NDCG@10 {line['valid NDCG@10']:.4f}, test NDCG@10 {line['test NDCG@10']:.4f}"
         if not is_private(settings):
@@ -242,7 +245,6 @@ class RoundRecord:
         line: dict = {"round": server_round}
         if outcome.stats is not None:
             line.update(training_line(outcome.stats, outcome.train_metrics, self.optimizer.eta))
-            line.update({k: float(v) for k, v in (outcome.train_metrics or {}).items() if k in RELEASE_KEYS})
         line.update(dict(outcome.evaluate_metrics or {}))
         on_server = self.on_server(arrays) if self.on_server and server_round in self.eval_rounds else {}
         line.update(on_server)
@@ -270,8 +272,9 @@ class RoundRecord:
             self.best_arrays = arrays
             self.best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", self.best["valid NDCG@10"]),
                          "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
+        dp_clip = self.strategy.clip if isinstance(self.strategy, DPFedAvg) else None  # next round's (adaptive)
         self.folder.save_checkpoint(Checkpoint(server_round, arrays, self.best_arrays, self.optimizer.optimizer_state(),
-                                               self.best, self.strategy.clip if isinstance(self.strategy, DPFedAvg) else None))
+                                               self.best, dp_clip))
         log(INFO, "%s", progress_line(settings, line, self.best))
 
 
@@ -288,7 +291,7 @@ def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: fl
         "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
         "upload bytes max": int(max(stats.upload_bytes, default=0)),
         "server lr": server_lr,
-    }
+    } | {k: float(metrics[k]) for k in RELEASE_KEYS if metrics and k in metrics}
 
 
 @app.main()

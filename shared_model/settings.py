@@ -64,7 +64,7 @@ class RunSettings:
     dp_negatives: int  # uniform catalog negatives per sample
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
-    server_dp_noise: float  # noise multiplier z (std z * clip on the sum)
+    server_dp_noise: float  # noise multiplier z, accounted (std z * clip on the sum; more under adaptive clipping)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
     server_dp_adaptive_clip: bool  # the clip follows a quantile of update norms (server-dp-clip: the first clip)
