@@ -35,11 +35,10 @@ def test_the_printed_noise_reaches_the_budget_and_slightly_less_does_not(capsys)
     assert figures["round_epsilon"] == pytest.approx(epsilon([(z, 0.01, 1)], 1e-6))
 
 
-@pytest.mark.parametrize("accountant", ["pld"])
-def test_other_accountants_reach_the_budget_too(capsys, accountant):
-    code, out, _ = plan(capsys, "--accountant", accountant, "--json")
+def test_another_accountant_reaches_the_budget_too(capsys):
+    code, out, _ = plan(capsys, "--accountant", "pld", "--cohort", "10000", "--rounds", "20", "--json")
     z = json.loads(out)["noise_multiplier"]
-    assert epsilon([(z, 0.01, 300)], 1e-6, accountant) <= 2.0 < epsilon([(z * 0.99, 0.01, 300)], 1e-6, accountant)
+    assert code == 0 and epsilon([(z, 0.1, 20)], 1e-6, "pld") <= 2.0 < epsilon([(z * 0.99, 0.1, 20)], 1e-6, "pld")
 
 
 def test_adaptive_clipping_raises_the_updates_noise_to_keep_the_accounted_total(capsys):
