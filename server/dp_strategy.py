@@ -4,6 +4,8 @@ the whole population, each update clipped to L2 norm S, Gaussian noise of std z 
 sum, divided by the expected count q N (a fixed denominator: clients that decline or fail
 change nothing, and noise is added even when none replies), equal weights. The inner
 strategy sees one reply, the noisy average, and only post-processes it (FedAdam's step).
+With adaptive clipping (server/adaptive_clip.py) the clip follows a quantile of the update
+norms; `noise` stays the accounted total and the updates get the larger `update_noise`.
 
 The sampling and the noise come from OS entropy on every round, never from the run seed.
 It protects each user (all their data) against anyone who sees the models the server
@@ -18,27 +20,38 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.adaptive_clip import AdaptiveClip
 from server.strategy import ResumableLoop, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.privacy import update_noise_multiplier
 
 
-def clipped_sum(current: dict[str, np.ndarray], replies: list[Message], clip: float) -> dict[str, np.ndarray]:
-    """The sum over replies of each update (reply minus current), scaled to L2 norm <= clip."""
+def clipped_sum(current: dict[str, np.ndarray], replies: list[Message], clip: float
+                ) -> tuple[dict[str, np.ndarray], list[float]]:
+    """The sum over replies of each update (reply minus current), scaled to L2 norm <= clip,
+    and the updates' norms before clipping."""
     total = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
+    norms = []
     for reply in replies:
         delta = {k: reply.content["arrays"][k].numpy().astype(np.float64) - v for k, v in current.items()}
         norm = np.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
+        norms.append(norm)
         scale = min(1.0, clip / norm) if norm > 0 else 1.0
         for k in total:
             total[k] += scale * delta[k]
-    return total
+    return total, norms
 
 
 class DPFedAvg(ResumableLoop):
-    def __init__(self, inner: SeededFedAdam, noise: float, clip: float, sample_rate: float):
+    def __init__(self, inner: SeededFedAdam, noise: float, clip: float, sample_rate: float,
+                 adaptive: AdaptiveClip | None = None):
+        """noise: the accounted noise multiplier z; clip: the clip (the first one, if adaptive)."""
         if not (noise > 0 and clip > 0 and 0 < sample_rate <= 1):
             raise ValueError(f"DP-FedAvg needs noise > 0, clip > 0 and a rate in (0, 1]: {noise}, {clip}, {sample_rate}")
         self.inner, self.noise, self.clip, self.sample_rate = inner, noise, clip, sample_rate
+        self.adaptive = adaptive
+        self.unclipped = float("nan")  # the last round's noisy unclipped fraction (adaptive clipping)
+        self.update_noise = noise if adaptive is None else update_noise_multiplier(noise, adaptive.count_noise)
         self.current: dict[str, np.ndarray] = {}
 
     @property
@@ -64,21 +77,30 @@ class DPFedAvg(ResumableLoop):
         return self.inner.train_messages(server_round, arrays, config, self.train_sample())
 
     def noisy_average(self, replies: list[Message]) -> dict[str, np.ndarray]:
-        total = clipped_sum(self.current, replies, self.clip)
+        """The round's release: the noisy mean update and, with adaptive clipping, the noisy
+        unclipped fraction, which sets the next round's clip (`self.clip`)."""
+        total, norms = clipped_sum(self.current, replies, self.clip)
         rng = fresh_numpy_generator()
-        return {k: (t + rng.normal(0.0, self.noise * self.clip, size=t.shape)) / self.expected_count
-                for k, t in total.items()}
+        average = {k: (t + rng.normal(0.0, self.update_noise * self.clip, size=t.shape)) / self.expected_count
+                   for k, t in total.items()}
+        if self.adaptive is not None:
+            self.unclipped = self.adaptive.unclipped_fraction(norms, self.clip, self.expected_count, rng)
+            self.clip = self.adaptive.next_clip(self.clip, self.unclipped)
+        return average
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = [r for r in replies if not r.has_error() and "arrays" in r.content]
+        release = {"clip": self.clip, "update noise multiplier": self.update_noise}  # noisy_average moves the clip
         average = self.noisy_average(updates)
+        if self.adaptive is not None:
+            release |= {"count noise": self.adaptive.count_noise, "unclipped fraction": self.unclipped}
         arrays = ArrayRecord({k: Array((self.current[k] + average[k]).astype(self.current[k].dtype))
                               for k in self.current})
         noisy = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"weight": 1.0})}), dst_node_id=0,
                         message_type=MessageType.TRAIN)
         stepped, _ = self.inner.aggregate_train(server_round, [noisy])
-        return stepped, MetricRecord({"aggregated": len(updates)})
+        return stepped, MetricRecord({"aggregated": len(updates), **release})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -68,7 +68,7 @@ def test_the_inner_strategy_only_sees_the_noisy_average():
     assert messages and all(m.metadata.message_type == MessageType.TRAIN for m in messages)
     stepped, metrics = strategy.aggregate_train(1, [])  # nobody replied: still a (noise-only) step
     assert stepped is not None and not np.allclose(stepped["w"].numpy(), 0.0)
-    assert dict(metrics) == {"aggregated": 0}
+    assert dict(metrics) == {"aggregated": 0, "clip": 1.0, "update noise multiplier": 1.0}  # a fixed clip
 
 
 def test_poisson_sampling_is_fresh_and_at_the_rate():
