@@ -95,8 +95,8 @@ def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides,
     settings = RunSettings.from_run_config(app_run_config(**config))
     in_process = Population(settings, chunk=7, randomness=seeded(5))  # chunks of 7: sums over chunks
     arrays = in_process.initial_arrays()
-    total, counts = in_process.clipped_total(1, arrays)
-    stepped = in_process.strategy.aggregate_clipped(1, total)
+    total, norms, counts = in_process.clipped_total(1, arrays)
+    stepped, _ = in_process.strategy.aggregate_clipped(1, total, norms)
 
     _, flower = make_strategy(settings, {100 + u: u for u in range(USERS)}, seeded(5))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -109,8 +109,9 @@ def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides,
     updates = [np.concatenate([(r.content["arrays"][k].numpy() - arrays[k]).ravel() for k in arrays]) for r in replies]
     norms = np.linalg.norm(updates, axis=1)
     assert (norms > clip).any() and (norms < clip).any()  # the clip cuts some updates, not all
-    want_total = flower.clipped_sum(replies)
+    want_total, want_norms = flower.clipped_sum(replies)
     assert_close(total, want_total, {k: np.zeros_like(v) for k, v in want_total.items()})
+    assert np.allclose(np.sort(norms), np.sort(want_norms), rtol=1e-4)
     want, _ = flower.aggregate_train(1, replies)
     assert_same_step({k: a.numpy() for k, a in stepped.items()}, {k: a.numpy() for k, a in want.items()}, arrays,
                      share=1e-3)
@@ -146,9 +147,9 @@ def test_the_noise_on_the_mean_has_std_z_s_over_the_expected_cohort(population):
     settings = settings_of(**{"server-dp-noise": z, "server-dp-clip": clip, "server-dp-sample-rate": rate})
     seeds = itertools.count()
     driver = Population(settings, randomness=lambda: np.random.default_rng(next(seeds)))
-    total, counts = driver.clipped_total(1, driver.initial_arrays())  # fixed updates
+    total, norms, counts = driver.clipped_total(1, driver.initial_arrays())  # fixed updates
     assert counts["clients"] > 0 and any(np.abs(t).max() > 0 for t in total.values())
-    noise = np.concatenate([np.concatenate([(driver.strategy.noisy_average(total)[k] - total[k] / (rate * USERS))
+    noise = np.concatenate([np.concatenate([(driver.strategy.noisy_average(total, norms)[k] - total[k] / (rate * USERS))
                                             .ravel() for k in total]) for _ in range(20)])
     assert noise.size > 300_000  # the std is measured to about 0.13%: 3% is over 20 standard errors
     assert np.std(noise) == pytest.approx(z * clip / (rate * USERS), rel=0.03)
