@@ -87,10 +87,15 @@ def test_vectorised_clients_train_as_train_local_does(population, overrides):
     model.load_trainable_state(start)
 
 
-@pytest.mark.parametrize("overrides, clip", [({}, 0.3), (SEVERAL_STEPS, 1.0)], ids=["one step", "several steps"])
+ADAPTIVE = {"server-dp-adaptive-clip": True, "server-dp-count-noise": 2.0}
+
+
+@pytest.mark.parametrize("overrides, clip", [({}, 0.3), (SEVERAL_STEPS, 1.0), (ADAPTIVE, 0.3)],
+                         ids=["one step", "several steps", "adaptive clip"])
 def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides, clip):
     """Noise z = 1 and a clip that cuts some updates: both paths draw their Poisson sample
-    and noise from one replayed generator, so they must agree to float tolerance."""
+    and noise (and, adaptive, the count's noise) from one replayed generator, so they must
+    agree to float tolerance, and move an adaptive clip alike."""
     config = {**CONFIG, **overrides, "server-dp-sample-rate": 0.5, "server-dp-clip": clip, "server-dp-noise": 1.0}
     settings = RunSettings.from_run_config(app_run_config(**config))
     in_process = Population(settings, chunk=7, randomness=seeded(5))  # chunks of 7: sums over chunks
@@ -112,7 +117,10 @@ def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides,
     want_total, want_norms = flower.clipped_sum(replies)
     assert_close(total, want_total, {k: np.zeros_like(v) for k, v in want_total.items()})
     assert np.allclose(np.sort(norms), np.sort(want_norms), rtol=1e-4)
-    want, _ = flower.aggregate_train(1, replies)
+    want, metrics = flower.aggregate_train(1, replies)
+    assert in_process.strategy.clip == pytest.approx(flower.clip, rel=1e-12)
+    assert (flower.clip != clip) == ("server-dp-adaptive-clip" in overrides)
+    assert metrics["clip"] == clip
     assert_same_step({k: a.numpy() for k, a in stepped.items()}, {k: a.numpy() for k, a in want.items()}, arrays,
                      share=1e-3)
 
