@@ -117,7 +117,7 @@ def make_examples(model: Recommender, sequences: list[np.ndarray]) -> Examples:
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def sgd_step(model: Recommender, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+def train_step(model: Recommender, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
     """One optimiser step on one batch of `sequence_batches`; its loss."""
     optimizer.zero_grad(set_to_none=True)
     loss = sequence_loss(model, *batch)
@@ -138,7 +138,7 @@ def train_sequences(
     model.train()
     total, steps = 0.0, 0
     for batch in sequence_batches(chunks, batch_size, rng):
-        total += sgd_step(model, optimizer, batch)
+        total += train_step(model, optimizer, batch)
         steps += 1
         if max_steps is not None and steps >= max_steps:
             break
@@ -179,7 +179,7 @@ def train_local(
     model.train()
     losses: dict[int, list[float]] = {}
     for epoch, batch in local_batches(chunks, epochs, batch_size, np.random.default_rng(seed), max_steps):
-        losses.setdefault(epoch, []).append(sgd_step(model, optimizer, batch))
+        losses.setdefault(epoch, []).append(train_step(model, optimizer, batch))
     steps = sum(len(v) for v in losses.values())
     return {
         "train-loss": float(np.mean([np.mean(v) for v in losses.values()])) if losses else 0.0,
