@@ -8,7 +8,8 @@ every round, rounds without evaluation).
 Both paths train with the run config's defaults plus what user-level DP-FedAvg over
 one-user clients needs (partitioning per-user, dp none, server-dp, no id table); the
 cohort sets server-dp-sample-rate = cohort / users. The `flwr run` part starts a local
-SuperLink: run it inside a private network namespace (see the README) or pass
+SuperLink on Flower's fixed ports: where others may run one too, run the bench in a private
+network namespace (`unshare -n sh -c 'ip link set lo up; python -m ...'`), or pass
 --flower-users 0 to skip it.
 """
 
@@ -73,7 +74,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="clients trained at once in-process (default 256)")
     parser.add_argument("--flower-users", type=int, default=30,
                         help="users (SuperNodes) of the `flwr run` comparison; 0 skips it (default 30)")
-    parser.add_argument("--flower-rounds", type=int, default=5, help="rounds of that run (default 5)")
+    parser.add_argument("--flower-rounds", type=int, default=5,
+                        help="rounds of that run, the first and last untimed (default 5)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run-config override, for both paths")
     parser.add_argument("--out", default="runs", help="where bench_population.json (and the flwr run) go")
@@ -81,6 +83,10 @@ def main() -> None:
     bad = [c for c in args.cohorts if not 0 < c <= args.users]
     if bad:
         parser.error(f"--cohorts must be between 1 and --users ({args.users}), not {bad}")
+    if args.rounds < 1 or args.chunk < 1:
+        parser.error(f"--rounds and --chunk must be at least 1, not {args.rounds} and {args.chunk}")
+    if args.flower_users and args.flower_rounds < 3:
+        parser.error(f"--flower-rounds must be at least 3 (the first and last are not timed), not {args.flower_rounds}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
