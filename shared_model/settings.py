@@ -67,6 +67,8 @@ class RunSettings:
     server_dp_noise: float  # noise multiplier z (std z * clip on the sum)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
+    public_users: float  # simulation: share of users who consent to give the server their data (no DP for them)
+    public_epochs: int  # centralized epochs on the consenting users' data before round 1
     # model: its keys are RecommenderConfig's fields, kebab-cased (dim, lora-rank, ...)
     model: RecommenderConfig
     low_memory: bool  # a ClientApp trades step time for memory (see TextTower.save_memory)
@@ -126,6 +128,8 @@ class RunSettings:
              "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
+            (0 <= self.public_users < 1, "public-users", "must be in [0, 1) (a share of the users)"),
+            (self.public_epochs >= 1, "public-epochs", "must be at least 1"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",
              "'user' is for silos; with one client per user use dp='example' and server-dp"),
         ]
