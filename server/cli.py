@@ -68,6 +68,34 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_parameters() -> int:
+    """P of the model DP-FedAvg trains by default: the light head (lora-layers 0) without an
+    id table (server-dp with dp = "none" refuses one), counted on the model itself."""
+    import torch
+
+    from shared_model.encoder import CatalogCache
+    from shared_model.recommender import Recommender, RecommenderConfig
+
+    config = RecommenderConfig(lora_layers=0, id_embeddings=False)
+    model = Recommender(CatalogCache(0, pooled=torch.zeros(0, 0)), 0, config)  # no catalog: nothing to encode
+    return sum(p.numel() for p in model.trainable_parameters().values())
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from server.privacy_plan import format_plan, make_plan
+
+    if args.delta >= 1 / args.users:
+        print(f"fedrec privacy plan: warning: --delta {args.delta:g} is not below 1 / --users ({1 / args.users:g}): "
+              "publishing each user's data whole with probability delta meets it, exposing delta x N >= 1 users "
+              "on average",
+              file=sys.stderr)
+    parameters = args.parameters or default_parameters()
+    plan = make_plan(args.users, args.cohort, args.rounds, args.epsilon, args.delta, args.accountant, parameters,
+                     args.count_noise)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from server.privacy_audit import audit_run, write_report
 
@@ -158,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name or IP the SuperLink is reached at (repeatable; default localhost and 127.0.0.1)")
     certs.set_defaults(func=cmd_certs)
 
-    privacy = sub.add_parser("privacy", help="privacy calculator: epsilon, noise for a target, audit lower bound")
+    privacy = sub.add_parser("privacy", help="privacy calculator: epsilon, noise for a target, audit lower bound, "
+                             "DP-FedAvg plan")
     privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
     eps = privacy_sub.add_parser("epsilon", help="epsilon of DP-SGD / DP-FedAvg (Poisson-sampled Gaussian)")
     eps.add_argument("--noise-multiplier", type=positive_float, required=True)
@@ -179,12 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--delta", type=audit_delta, required=True, help="delta of the claim, in [0, 1)")
     bound.add_argument("--confidence", type=probability, default=0.95, help="default 0.95")
     bound.set_defaults(func=cmd_privacy)
+    add_plan_parser(privacy_sub)
 
     audit = sub.add_parser(
         "audit", help="recompute every epsilon in runs' privacy ledgers with an independent accountant",
         description="Reads RUN_DIR/privacy_ledger.jsonl of each run, recomputes every epsilon (and per-interaction "
-        "epsilon) from the history before it with a second accountant, checks every entry against its budget, "
-        "and writes a Markdown report with plots. Exit codes: 0 clean; 1 an epsilon disagrees or a budget was "
+        "epsilon) from the history before it with a second accountant, checks every entry against its budget "
+        "and adaptive clipping's noise split (the total noise multiplier from its parts), and writes a Markdown report with plots. Exit codes: 0 clean; 1 an epsilon disagrees or a budget was "
         "overspent; 2 unreadable input (an empty or missing ledger, a line that is not a valid entry, a "
         "non-finite number), named by file and line.",
     )
@@ -193,6 +223,49 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--tolerance", type=positive_float, default=0.01, help="relative tolerance (default 0.01)")
     audit.set_defaults(func=cmd_audit)
     return parser
+
+
+PLAN_HELP = """\
+For user-level DP-FedAvg (server-dp): every user is sampled each round with probability
+q = C / N (Poisson, from the whole population: the amplification by sampling that the
+accountant claims assumes it; devices that check in when they can are not such a sample),
+the clipped updates (L2 norm <= S) are summed, N(0, z^2 S^2) is added per coordinate and
+the sum is divided by C. How to read the output:
+  noise multiplier z       the smallest z (rounded up) whose epsilon after T rounds is at most
+                           --epsilon at --delta: run config server-dp-noise
+  sampling rate q          C / N: run config server-dp-sample-rate
+  epsilon of one round     what a single round spends (T rounds compose to --epsilon, far
+                           less than T times this)
+  adaptive clipping        with --count-noise sigma_b (server-dp-count-noise): the count of
+                           unclipped updates is noised too, and the updates get the larger
+                           noise multiplier z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2; the ledger
+                           accounts z
+  noise on the mean update std per coordinate z / C, and expected L2 norm z sqrt(P) / C, in
+                           units of the clip norm S. A clipped update has norm <= S, so this
+                           norm decides quality: well below 1, the mean update survives the
+                           noise; above 1, a round's update is mostly noise (grow the cohort,
+                           train fewer rounds or fewer parameters, or spend more epsilon).
+Example: fedrec privacy plan --users 100000 --cohort 1000 --rounds 1000 --epsilon 1 --delta 1e-6"""
+
+
+def add_plan_parser(privacy_sub: argparse._SubParsersAction) -> None:
+    plan = privacy_sub.add_parser(
+        "plan", help="size a DP-FedAvg deployment: noise multiplier, sampling rate, noise on the mean update",
+        description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("--users", type=positive_int, required=True, help="N: users in the population (one a client)")
+    plan.add_argument("--cohort", type=positive_float, required=True, help="C: expected clients a round (<= N)")
+    plan.add_argument("--rounds", type=positive_int, required=True, help="T: rounds of training")
+    plan.add_argument("--epsilon", type=positive_float, required=True, help="user-level epsilon after T rounds")
+    plan.add_argument("--delta", type=probability, required=True, help="delta, in (0, 1); below 1 / N")
+    plan.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
+                      help="rdp (Opacus), prv (Opacus) or pld (dp-accounting); default rdp")
+    plan.add_argument("--parameters", type=positive_int,
+                      help="P: trainable parameters (default: counted on the model DP-FedAvg trains by default, "
+                      "the light head without an id table)")
+    plan.add_argument("--count-noise", type=positive_float, metavar="SIGMA_B",
+                      help="adaptive clipping: std of the noise on the count (server-dp-count-noise; > z / 2)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
 
 def main(argv: list[str] | None = None) -> int:

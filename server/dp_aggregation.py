@@ -28,11 +28,12 @@ def update_norms(updates: Arrays) -> np.ndarray:
     return np.sqrt(squares)
 
 
-def clipped_sum(updates: Arrays, clip: float) -> dict[str, np.ndarray]:
-    """The sum over K stacked updates of each one scaled to L2 norm <= clip."""
+def clipped_sum(updates: Arrays, clip: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(the sum over K stacked updates of each one scaled to L2 norm <= clip; their norms
+    before clipping, [K], which adaptive clipping counts)."""
     norms = update_norms(updates)
     scale = np.minimum(1.0, clip / np.where(norms > 0, norms, 1.0))  # a zero update stays zero
-    return {k: np.tensordot(scale, u, axes=1) for k, u in updates.items()}
+    return {k: np.tensordot(scale, u, axes=1) for k, u in updates.items()}, norms
 
 
 def add_into(total: dict[str, np.ndarray], part: Arrays) -> None:

@@ -4,6 +4,11 @@ the whole population, each update clipped to L2 norm S, Gaussian noise of std z 
 sum, divided by the expected count q N (a fixed denominator: clients that decline or fail
 change nothing, and noise is added even when none replies), equal weights. The inner
 strategy sees one reply, the noisy average, and only post-processes it (FedAdam's step).
+With adaptive clipping (server/adaptive_clip.py) the clip follows a quantile of the update
+norms; `noise` stays the accounted total and the updates get the larger `update_noise`.
+The mechanism's arithmetic is in server/dp_aggregation.py, shared with the in-process
+population driver (simulations/population.py), which calls `aggregate_clipped` with the
+clipped sum of its own vectorised clients.
 
 The sampling and the noise come from OS entropy on every round, never from the run seed.
 It protects each user (all their data) against anyone who sees the models the server
@@ -18,23 +23,29 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.adaptive_clip import AdaptiveClip
 from server.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
 from server.strategy import ResumableLoop, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.privacy import update_noise_multiplier
 
 CHUNK = 256  # replies stacked at a time: the clipped sum never holds every update at once
 
 
 class DPFedAvg(ResumableLoop):
-    """randomness: where the sampling and the noise come from, a fresh generator per use;
-    OS entropy (always, in a run: a test may pass a seeded one to replay a round)."""
-
     def __init__(self, inner: SeededFedAdam, noise: float, clip: float, sample_rate: float,
+                 adaptive: AdaptiveClip | None = None,
                  randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
+        """noise: the accounted noise multiplier z; clip: the clip (the first one, if adaptive);
+        randomness: where the sampling and the noise come from, a fresh generator per use:
+        OS entropy (always, in a run: a test may pass a seeded one to replay a round)."""
         if not (noise > 0 and clip > 0 and 0 < sample_rate <= 1):
             raise ValueError(f"DP-FedAvg needs noise > 0, clip > 0 and a rate in (0, 1]: {noise}, {clip}, {sample_rate}")
         self.inner, self.noise, self.clip, self.sample_rate = inner, noise, clip, sample_rate
+        self.adaptive = adaptive
         self.randomness = randomness
+        self.unclipped = float("nan")  # the last round's noisy unclipped fraction (adaptive clipping)
+        self.update_noise = noise if adaptive is None else update_noise_multiplier(noise, adaptive.count_noise)
         self.current: dict[str, np.ndarray] = {}
 
     @property
@@ -65,34 +76,50 @@ class DPFedAvg(ResumableLoop):
                         grid: Grid) -> Iterable[Message]:
         return self.inner.train_messages(server_round, arrays, config, self.begin_round(arrays))
 
-    def clipped_sum(self, replies: list[Message]) -> dict[str, np.ndarray]:
-        """The sum of the replies' updates, each clipped to the clip norm."""
+    def clipped_sum(self, replies: list[Message]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(the sum of the replies' updates, each clipped to the clip norm; their norms
+        before clipping)."""
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self.current.items()}
+        norms = [np.zeros(0)]
         for start in range(0, len(replies), CHUNK):
             chunk = replies[start:start + CHUNK]
             models = {k: np.stack([r.content["arrays"][k].numpy() for r in chunk]) for k in self.current}
-            add_into(total, clipped_sum(stacked_updates(self.current, models), self.clip))
-        return total
+            part, chunk_norms = clipped_sum(stacked_updates(self.current, models), self.clip)
+            add_into(total, part)
+            norms.append(chunk_norms)
+        return total, np.concatenate(norms)
 
-    def noisy_average(self, total: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The clipped sum plus N(0, z^2 S^2) noise, over the expected count q N."""
-        return noisy_average(total, self.noise * self.clip, self.expected_count, self.randomness())
+    def noisy_average(self, total: dict[str, np.ndarray], norms: np.ndarray) -> dict[str, np.ndarray]:
+        """The round's release: the clipped sum plus noise over the expected count q N and,
+        with adaptive clipping, the noisy unclipped fraction, which sets the next round's
+        clip (`self.clip`)."""
+        rng = self.randomness()
+        average = noisy_average(total, self.update_noise * self.clip, self.expected_count, rng)
+        if self.adaptive is not None:
+            self.unclipped = self.adaptive.unclipped_fraction(norms, self.clip, self.expected_count, rng)
+            self.clip = self.adaptive.next_clip(self.clip, self.unclipped)
+        return average
 
-    def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord | None:
-        """The inner strategy's step, from the current model, on the noisy average update:
-        the one reply it sees."""
+    def aggregate_clipped(self, server_round: int, total: dict[str, np.ndarray], norms: np.ndarray
+                          ) -> tuple[ArrayRecord | None, dict[str, float]]:
+        """Everything after the clipped sum (noise, average, next clip, the inner step):
+        (the stepped model, the round's public release figures: clip and noise split)."""
+        release = {"clip": self.clip, "update noise multiplier": self.update_noise}  # noisy_average moves the clip
+        average = self.noisy_average(total, norms)
+        if self.adaptive is not None:
+            release |= {"count noise": self.adaptive.count_noise, "unclipped fraction": self.unclipped}
         arrays = ArrayRecord({k: Array((self.current[k] + average[k]).astype(self.current[k].dtype))
                               for k in self.current})
         noisy = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"weight": 1.0})}), dst_node_id=0,
                         message_type=MessageType.TRAIN)
         stepped, _ = self.inner.aggregate_train(server_round, [noisy])
-        return stepped
+        return stepped, release
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = [r for r in replies if not r.has_error() and "arrays" in r.content]
-        stepped = self.step(server_round, self.noisy_average(self.clipped_sum(updates)))
-        return stepped, MetricRecord({"aggregated": len(updates)})
+        stepped, release = self.aggregate_clipped(server_round, *self.clipped_sum(updates))
+        return stepped, MetricRecord({"aggregated": len(updates), **release})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -1,7 +1,8 @@
 """Audit of federated runs' privacy ledgers: every epsilon (and per-interaction epsilon)
-recomputed by an independent accountant, budgets checked, disagreements above a tolerance
-flagged, and a Markdown report with plots. Exit codes of `fedrec audit`: 0 clean,
-1 a disagreement, 2 unreadable input (the message names the file and line)."""
+recomputed by an independent accountant, budgets checked, adaptive clipping's noise split
+recomputed, disagreements above a tolerance flagged, and a Markdown report with plots.
+Exit codes of `fedrec audit`: 0 clean, 1 a disagreement, 2 unreadable input (the message
+names the file and line)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.ledger import LedgerEntry, LedgerError, read_ledger  # noqa: E402
-from shared_model.privacy import TWIN, epsilon, interaction_epsilon  # noqa: E402
+from shared_model.privacy import TWIN, epsilon, interaction_epsilon, total_noise_multiplier  # noqa: E402
 
 TOLERANCE = 0.01
 
@@ -87,11 +88,26 @@ def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, toler
             audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
                                         "field": name, "claimed": claimed, "recomputed": recomputed,
                                         "problem": f"recomputed with {twin}"})
+    if entry.count_noise is not None:
+        check_noise_split(audit, line_no, entry, tolerance)
     spent = max(entry.epsilon, claims[0][2])  # the budget holds for the claim and for the recomputed value
     if entry.budget is not None and spent > entry.budget * (1 + 1e-9):
         audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round, "field": "budget",
                                     "claimed": spent, "recomputed": entry.budget,
                                     "problem": "spent more than its budget"})
+
+
+def check_noise_split(audit: RunAudit, line_no: int, entry: LedgerEntry, tolerance: float) -> None:
+    """Adaptive clipping: the noise on the updates and on the count must give the accounted
+    total, z^-2 = z_delta^-2 + (2 sigma_b)^-2 (privacy.total_noise_multiplier)."""
+    audit.checked += 1
+    total = total_noise_multiplier(entry.update_noise_multiplier, entry.count_noise)
+    if not abs(total - entry.noise_multiplier) <= tolerance * entry.noise_multiplier:
+        audit.disagreements.append({
+            "line": line_no, "client": entry.client, "round": entry.round, "field": "noise-multiplier",
+            "claimed": entry.noise_multiplier, "recomputed": total,
+            "problem": f"update noise {entry.update_noise_multiplier:.6g} and count noise {entry.count_noise:.6g} give "
+                       "this total (adaptive clipping: Andrew et al. 2021, Theorem 1)"})
 
 
 def final_epsilons(audit: RunAudit, unit: str) -> dict[str, float]:

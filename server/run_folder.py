@@ -33,6 +33,7 @@ class Checkpoint:
     best_arrays: dict[str, np.ndarray]
     optimizer: dict[str, np.ndarray]
     best: dict  # round and metrics of the best evaluated round so far
+    dp_clip: float | None = None  # DP-FedAvg's clip for the next round (it moves under adaptive clipping)
 
 
 def _to_torch(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
@@ -87,14 +88,15 @@ class RunFolder:
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         tensors = {**_to_torch(ckpt.arrays, "global/"), **_to_torch(ckpt.best_arrays, "best/"),
                    **_to_torch(ckpt.optimizer, "optimizer/")}
-        save_state(self.checkpoint_path, tensors, {"server_round": ckpt.server_round, "best": ckpt.best})
+        save_state(self.checkpoint_path, tensors,
+                   {"server_round": ckpt.server_round, "best": ckpt.best, "dp_clip": ckpt.dp_clip})
 
     def load_checkpoint(self) -> Checkpoint | None:
         if not self.checkpoint_path.exists():
             return None
         tensors, meta = load_state(self.checkpoint_path)
         return Checkpoint(int(meta["server_round"]), _strip(tensors, "global/"), _strip(tensors, "best/"),
-                          _strip(tensors, "optimizer/"), meta["best"])
+                          _strip(tensors, "optimizer/"), meta["best"], meta.get("dp_clip"))
 
     def save_adapters(self, name: str, arrays: dict[str, np.ndarray], model_config: dict) -> Path:
         path = self.path / name

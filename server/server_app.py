@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
@@ -24,6 +24,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from server.adaptive_clip import AdaptiveClip
 from server.plots import plot_rounds
 from server.public_pretraining import pretrain_on_public_users
 from server.run_folder import Checkpoint, RunFolder
@@ -115,9 +116,18 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
                               eval_rounds=() if is_private(settings) else evaluation_rounds(settings),
                               fraction_evaluate=settings.fraction_evaluate, accounted_only=settings.dp != "none")
     if settings.server_dp:
+        adaptive = AdaptiveClip(settings.server_dp_target_quantile, settings.server_dp_clip_learning_rate,
+                                settings.server_dp_count_noise) if settings.server_dp_adaptive_clip else None
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
-                                   settings.server_dp_sample_rate, randomness)
+                                   settings.server_dp_sample_rate, adaptive, randomness)
     return optimizer, optimizer
+
+
+def resume(checkpoint: Checkpoint, optimizer: SeededFedAdam, strategy: SeededFedAdam | DPFedAvg) -> None:
+    """Restore what the rounds carry over: FedAdam's state and DP-FedAvg's (adaptive) clip."""
+    optimizer.load_optimizer_state(checkpoint.optimizer)
+    if isinstance(strategy, DPFedAvg) and checkpoint.dp_clip is not None:
+        strategy.clip = checkpoint.dp_clip
 
 
 def is_private(settings: RunSettings) -> bool:
@@ -125,21 +135,26 @@ def is_private(settings: RunSettings) -> bool:
 
 
 def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, received: list[LedgerEntry],
-                   server_events: list) -> dict:
+                   server_events: list, release: Mapping[str, float]) -> dict:
     """Write the clients' ledger entries and the round's DP-FedAvg event (its epsilon
-    computed here, over every aggregation so far: `server_events`, extended in place) to
-    the server's ledger; return the round's privacy figures for the metrics line."""
+    computed here, over every aggregation so far: `server_events`, extended in place; its
+    clip and, with adaptive clipping, the noise split, from `release`: the round's metrics
+    line, which holds DPFedAvg's RELEASE_KEYS) to the server's ledger; return the round's
+    privacy figures for the metrics line."""
     out: dict = {}
     entries = [dataclasses.replace(entry, run=folder.path.name) for entry in received]
     if entries:
         out["client epsilon max"] = max(e.epsilon for e in entries)
     if settings.server_dp:
         step = (settings.server_dp_noise, settings.server_dp_sample_rate, 1)
+        adaptive = {"update_noise_multiplier": release["update noise multiplier"],
+                    "count_noise": release["count noise"]} if "count noise" in release else {}
         server_events.append(step)
         eps = epsilon(server_events, settings.dp_delta, settings.dp_accountant)
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
                                    noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
-                                   accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name))
+                                   accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name,
+                                   clip=release["clip"], **adaptive))
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
@@ -191,6 +206,8 @@ def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
     for key in ("client epsilon max", "user epsilon"):
         if key in line:
             text += f", {key} {line[key]:.3f}"
+    if "clip" in line:
+        text += f", clip {line['clip']:.4g}"
     if "valid NDCG@10" in line:
         text += f" | valid NDCG@10 {line['valid NDCG@10']:.4f}, test NDCG@10 {line['test NDCG@10']:.4f}"
         if not is_private(settings):
@@ -253,16 +270,20 @@ class RoundRecord:
                          "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
             self.best_arrays = arrays
         line.update(record_privacy(self.folder, settings, server_round, list(stats.entries.values()),
-                                   self.server_events))
+                                   self.server_events, line))
         line["seconds"] = time.time() - started
         self.folder.append_metrics(line)
         if is_private(settings):  # the final model is kept: no round is picked on the clients' data
             self.best_arrays = arrays
             self.best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", self.best["valid NDCG@10"]),
                          "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
-        self.folder.save_checkpoint(Checkpoint(server_round, arrays, self.best_arrays,
-                                               self.optimizer.optimizer_state(), self.best))
+        dp_clip = self.strategy.clip if isinstance(self.strategy, DPFedAvg) else None  # next round's (adaptive)
+        self.folder.save_checkpoint(Checkpoint(server_round, arrays, self.best_arrays, self.optimizer.optimizer_state(),
+                                               self.best, dp_clip))
         log(INFO, "%s", progress_line(settings, line, self.best))
+
+
+RELEASE_KEYS = ("clip", "update noise multiplier", "count noise", "unclipped fraction")  # DP-FedAvg's, public
 
 
 def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: float) -> dict:
@@ -275,7 +296,7 @@ def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: fl
         "upload bytes per client": float(np.mean(stats.upload_bytes)) if stats.upload_bytes else 0.0,
         "upload bytes max": int(max(stats.upload_bytes, default=0)),
         "server lr": server_lr,
-    }
+    } | {k: float(metrics[k]) for k in RELEASE_KEYS if metrics and k in metrics}
 
 
 def starting_model(settings: RunSettings, simulation: bool = True, pretrain: bool = True) -> Recommender:
@@ -323,7 +344,7 @@ def main(grid: Grid, context: Context) -> None:
     first_round = 1
     if checkpoint is not None:
         arrays, first_round = checkpoint.arrays, checkpoint.server_round + 1
-        optimizer.load_optimizer_state(checkpoint.optimizer)
+        resume(checkpoint, optimizer, strategy)
         log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
     result = strategy.start(grid, array_record(arrays), settings.num_server_rounds, settings.round_timeout,

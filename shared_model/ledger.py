@@ -42,6 +42,11 @@ class LedgerEntry:
     window: int | None = None  # unit "example": the history window W an interaction spans
     interaction_epsilon: float | None = None  # unit "example": per interaction, same delta
     run: str = ""
+    clip: float | None = None  # the server's DP-FedAvg: the round's clip S
+    # adaptive clipping: the noise multiplier on the updates and the count's noise std; with them
+    # noise_multiplier is the total z (privacy.total_noise_multiplier), which the audit recomputes
+    update_noise_multiplier: float | None = None
+    count_noise: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,7 +58,8 @@ class LedgerEntry:
             problems.append(f"accountant {self.accountant!r} is not one of {ACCOUNTANTS}")
         if self.relation != RELATION:
             problems.append(f"relation {self.relation!r}: every epsilon here is for {RELATION!r}")
-        for name in ("noise_multiplier", "sample_rate", "delta", "epsilon", "budget", "interaction_epsilon"):
+        for name in ("noise_multiplier", "sample_rate", "delta", "epsilon", "budget", "interaction_epsilon", "clip",
+                     "update_noise_multiplier", "count_noise"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 problems.append(f"{name.replace('_', '-')} {value!r} is not a finite number >= 0")
@@ -67,6 +73,8 @@ class LedgerEntry:
             problems.append(f"steps {self.steps} with status {self.status!r} (a decline spends none, a spend some)")
         if (self.client == "server") != (self.status == "aggregated"):
             problems.append(f"status {self.status!r} for client {self.client!r} (only the server aggregates)")
+        if (self.update_noise_multiplier is None) != (self.count_noise is None):
+            problems.append("update-noise-multiplier and count-noise come together (adaptive clipping)")
         if self.client != "server" and self.budget is None:
             problems.append("a client's entry needs its budget")
         if self.unit == "example" and self.client != "server" and (self.window is None or self.window < 1):

@@ -1,6 +1,6 @@
 """Privacy accounting: epsilon of accountant events (noise multiplier, sample rate, steps),
-the noise for a target epsilon, the per-interaction epsilon of example-level DP-SGD, and
-the one-run audit lower bound.
+the noise for a target epsilon, the split of that noise under adaptive clipping, the
+per-interaction epsilon of example-level DP-SGD, and the one-run audit lower bound.
 
 One neighbouring relation everywhere: add/remove one unit (an example or a user). Every
 accountant below computes it (Opacus RDP and PRV, dp-accounting RDP and PLD by default).
@@ -125,6 +125,41 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
         else:
             high = middle
     return high
+
+
+def total_noise_multiplier(update_noise: float, count_noise: float) -> float:
+    """The noise multiplier z that DP-FedAvg with adaptive clipping is accounted at, from the
+    update's noise multiplier z_delta and the std sigma_b of the noise on the centred count:
+    z^-2 = z_delta^-2 + (2 sigma_b)^-2 (Andrew, Thakkar, McMahan and Ramaswamy 2021,
+    "Differentially private learning with adaptive clipping", Theorem 1).
+
+    Why: a round releases, from one Poisson sample of clients, the sum of updates clipped to
+    C plus N(0, z_delta^2 C^2 I) and the count sum_i (b_i - 1/2) plus N(0, sigma_b^2), where
+    b_i = 1 if client i's update norm is <= C. Divide the first by z_delta C and the second
+    by sigma_b: the pair is one sum over clients of v_i = (clipped update_i / (z_delta C),
+    (b_i - 1/2) / sigma_b) plus N(0, I). Adding or removing one client moves it by v_i, with
+    |v_i|^2 <= z_delta^-2 + (2 sigma_b)^-2 = z^-2: one Gaussian mechanism of noise multiplier
+    z on the same Poisson sample, so a round is the event (z, q, 1). The count is centred at
+    1/2 (as in the paper and TF Privacy's QuantileEstimatorQuery) because that makes its
+    add/remove sensitivity 1/2; an uncentred count (sensitivity 1) would need
+    z^-2 = z_delta^-2 + sigma_b^-2. The next clip depends only on released values, and the
+    accountants compose adaptively chosen mechanisms."""
+    for name, value in (("update noise multiplier", update_noise), ("count noise", count_noise)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite positive number, not {value}")
+    return (update_noise ** -2 + (2 * count_noise) ** -2) ** -0.5
+
+
+def update_noise_multiplier(total_noise: float, count_noise: float) -> float:
+    """z_delta, the noise multiplier on the updates that leaves the planned total z for a
+    count noise sigma_b (see total_noise_multiplier): (z^-2 - (2 sigma_b)^-2)^(-1/2), finite
+    only if sigma_b > z / 2."""
+    if not (math.isfinite(total_noise) and total_noise > 0):
+        raise ValueError(f"noise multiplier must be a finite positive number, not {total_noise}")
+    if not (math.isfinite(count_noise) and 2 * count_noise > total_noise):
+        raise ValueError(f"count noise {count_noise} must exceed half the noise multiplier ({total_noise / 2:g}): "
+                         f"the count alone would spend the whole budget")
+    return (total_noise ** -2 - (2 * count_noise) ** -2) ** -0.5
 
 
 def interaction_epsilon(events: Events, window: int, delta: float, accountant: str = "rdp") -> float:

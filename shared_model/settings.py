@@ -64,9 +64,13 @@ class RunSettings:
     dp_negatives: int  # uniform catalog negatives per sample
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
-    server_dp_noise: float  # noise multiplier z (std z * clip on the sum)
+    server_dp_noise: float  # noise multiplier z, accounted (std z * clip on the sum; more under adaptive clipping)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
+    server_dp_adaptive_clip: bool  # the clip follows a quantile of update norms (server-dp-clip: the first clip)
+    server_dp_target_quantile: float  # gamma: share of updates left unclipped
+    server_dp_clip_learning_rate: float  # eta: geometric step of the clip
+    server_dp_count_noise: float  # sigma_b: std of the noise on the count of unclipped updates
     public_users: float  # simulation: share of users who consent to give the server their data (no DP for them)
     public_epochs: int  # centralized epochs on the consenting users' data before round 1
     # model: its keys are RecommenderConfig's fields, kebab-cased (dim, lora-rank, ...)
@@ -128,6 +132,15 @@ class RunSettings:
              "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
+            (self.server_dp or not self.server_dp_adaptive_clip, "server-dp-adaptive-clip",
+             "needs server-dp = true (it adapts DP-FedAvg's clip)"),
+            (0 < self.server_dp_target_quantile < 1, "server-dp-target-quantile", "must be in (0, 1)"),
+            (self.server_dp_clip_learning_rate > 0, "server-dp-clip-learning-rate", "must be positive"),
+            (self.server_dp_count_noise > 0, "server-dp-count-noise", "must be positive (a count without noise is "
+             "no DP)"),
+            (not self.server_dp_adaptive_clip or 2 * self.server_dp_count_noise > self.server_dp_noise,
+             "server-dp-count-noise", f"must exceed server-dp-noise / 2 = {self.server_dp_noise / 2:g} with "
+             "server-dp-adaptive-clip: the update's noise multiplier is (z^-2 - (2 sigma_b)^-2)^-1/2, finite only then"),
             (0 <= self.public_users < 1, "public-users", "must be in [0, 1) (a share of the users)"),
             (self.public_epochs >= 1, "public-epochs", "must be at least 1"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",

@@ -64,12 +64,18 @@ def train_clients(model: Recommender, start: dict[str, torch.Tensor], batches: S
              mask: torch.Tensor) -> torch.Tensor:
         return functional_call(of_params, {f"model.{n}": p for n, p in params.items()}, (inputs, targets, mask))
 
-    gradients = vmap(grad(loss), randomness="different")
-    params = {n: p.detach().expand(len(batches), *p.shape).clone() for n, p in start.items()}
-    for step in range(max((len(b) for b in batches), default=0)):
+    # every client starts from `start`: the first step batches only the data (the catalog's
+    # vectors are computed once, not per client), later steps the clients' own parameters
+    first = vmap(grad(loss), in_dims=(None, 0, 0, 0), randomness="different")
+    later = vmap(grad(loss), randomness="different")
+    params = {n: p.detach() for n, p in start.items()}
+    steps = max((len(b) for b in batches), default=0)
+    for step in range(steps):
         inputs, targets, mask = padded_step([b[step] if step < len(b) else None for b in batches])
-        grads = gradients(params, inputs, targets, mask)
+        grads = (later if step else first)(params, inputs, targets, mask)
         params = {n: p - lr * grads[n] for n, p in params.items()}
+    if not steps:
+        params = {n: p.expand(len(batches), *p.shape).clone() for n, p in params.items()}
     return params
 
 

@@ -12,7 +12,8 @@ runs the same computation without Flower's messages and processes:
 tests/test_population.py shows it computes what a `flwr run` computes. Its summary.json says
 `"path": "in-process (simulations.population)"`.
 
-    python -m simulations.population --run-config "synthetic-users=100000 server-dp-sample-rate=0.01"
+    python -m simulations.population --run-config "partitioning=per-user dp=none server-dp=true \
+        id-embeddings=false synthetic-users=100000 server-dp-sample-rate=0.01 num-server-rounds=50"
 
 Only the configuration it replicates is accepted: server-dp = true, dp = "none",
 partitioning = "per-user" (the run config's other keys mean what they mean for `flwr run`).
@@ -21,6 +22,7 @@ partitioning = "per-user" (the run config's other keys mean what they mean for `
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -49,8 +51,8 @@ def check_replicable(settings: RunSettings) -> None:
     for key, value, wanted in (("server-dp", settings.server_dp, True), ("dp", settings.dp, "none"),
                                ("partitioning", settings.partitioning, "per-user")):
         if value != wanted:
-            raise SettingsError(f"run config '{key}' must be {wanted!r} for the in-process population driver "
-                                f"(user-level DP-FedAvg over one-user clients), not {value!r}")
+            raise SettingsError(f"run config '{key}' must be {json.dumps(wanted)} for the in-process population driver "
+                                f"(user-level DP-FedAvg over one-user clients), not {json.dumps(value)}")
 
 
 class Population:
@@ -75,29 +77,39 @@ class Population:
     def client_models(self, server_round: int, arrays: dict[str, np.ndarray],
                       users: list[int]) -> Iterator[dict[str, np.ndarray]]:
         """The sampled clients' models after their local training ([K, ...] per name), a
-        chunk of clients at a time."""
+        chunk of clients at a time; clients with batches of like shape share a chunk (a
+        chunk is padded to its largest: a few long histories would make every client's
+        batch several chunks wide)."""
         s = self.settings
         params = self.model.trainable_parameters()  # a client copies the global arrays into these (fp32)
         start = {k: torch.from_numpy(v).to(params[k].dtype) for k, v in arrays.items()}
-        for first in range(0, len(users), self.chunk):
-            batches = [client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs,
-                                      s.batch_size, s.local_steps) for u in users[first:first + self.chunk]]
-            yield {k: v.numpy() for k, v in train_clients(self.model, start, batches, s.learning_rate).items()}
+        work = [client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs,
+                               s.batch_size, s.local_steps) for u in users]
+        work.sort(key=lambda batches: (len(batches), *(tuple(batches[0][0].shape) if batches else ())))
+        for first in range(0, len(work), self.chunk):
+            trained = train_clients(self.model, start, work[first:first + self.chunk], s.learning_rate)
+            yield {k: v.numpy() for k, v in trained.items()}
 
-    def clipped_total(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-        """A round's Poisson sample trained: (the sum of its clipped updates, client counts)."""
+    def clipped_total(self, server_round: int, arrays: dict[str, np.ndarray]
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+        """A round's Poisson sample trained: (the sum of its clipped updates, their norms
+        before clipping, client counts)."""
         sampled = self.strategy.begin_round(array_record(arrays))
         trained = [u for u in sampled if not simulated_failure(self.settings, server_round, u)]
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in arrays.items()}
+        norms = [np.zeros(0)]
         for models in self.client_models(server_round, arrays, trained):
-            add_into(total, clipped_sum(stacked_updates(arrays, models), self.strategy.clip))
-        return total, {"clients": len(sampled), "errors": len(sampled) - len(trained)}
+            part, chunk_norms = clipped_sum(stacked_updates(arrays, models), self.strategy.clip)
+            add_into(total, part)
+            norms.append(chunk_norms)
+        return total, np.concatenate(norms), {"clients": len(sampled), "errors": len(sampled) - len(trained)}
 
     def train_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-        """One DP-FedAvg round: (the new global arrays, the round's client counts)."""
-        total, counts = self.clipped_total(server_round, arrays)
-        stepped = self.strategy.step(server_round, self.strategy.noisy_average(total))
-        return {k: a.numpy() for k, a in stepped.items()}, counts
+        """One DP-FedAvg round: (the new global arrays, the round's client counts and
+        DPFedAvg's release figures: clip, noise split)."""
+        total, norms, counts = self.clipped_total(server_round, arrays)
+        stepped, release = self.strategy.aggregate_clipped(server_round, total, norms)
+        return {k: a.numpy() for k, a in stepped.items()}, counts | release
 
 
 def run(settings: RunSettings, chunk: int = CHUNK) -> RunFolder:
@@ -118,13 +130,13 @@ def run(settings: RunSettings, chunk: int = CHUNK) -> RunFolder:
     best: dict = {"round": 0, "valid NDCG@10": -1.0}
     for server_round in range(1, settings.num_server_rounds + 1):
         started = time.time()
-        arrays, counts = population.train_round(server_round, arrays)
+        arrays, counts = population.train_round(server_round, arrays)  # with DPFedAvg's RELEASE_KEYS
         line = {"round": server_round, **counts, "left out": counts["errors"], "timeouts": 0, "declined": 0,
                 "train loss": float("nan"), "upload bytes per client": float(upload), "upload bytes max": upload,
                 "server lr": population.optimizer.eta, "train seconds": time.time() - started}
         if server_round in eval_rounds:
             line.update(evaluate(arrays))
-        line.update(record_privacy(folder, settings, server_round, [], server_events))
+        line.update(record_privacy(folder, settings, server_round, [], server_events, line))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
@@ -149,9 +161,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     try:
         settings = RunSettings.from_run_config(app_run_config(**parse_overrides(shlex.split(args.run_config))))
-    except KeyError as error:
+        folder = run(settings, args.chunk)
+    except (KeyError, SettingsError) as error:
         parser.error(f"--run-config: {error}")
-    folder = run(settings, args.chunk)
     print(f"results in {folder.path}")
 
 

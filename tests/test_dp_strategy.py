@@ -37,14 +37,14 @@ def reply(update: np.ndarray, node: int = 1) -> Message:
 def test_updates_are_clipped_summed_and_divided_by_the_expected_count():
     strategy = wrapper(noise=1e-9, clip=1.0, rate=0.1)
     big, small = np.full(SHAPE, 1.0), np.full(SHAPE, 1e-3)  # norms 100 and 0.1
-    average = strategy.noisy_average(strategy.clipped_sum([reply(big), reply(small)]))["w"]
+    average = strategy.noisy_average(*strategy.clipped_sum([reply(big), reply(small)]))["w"]
     expected = (big / np.linalg.norm(big) + small) / (0.1 * NODES)
     assert np.allclose(average, expected, atol=1e-6)
 
 
 def test_a_decline_or_failure_does_not_change_the_denominator():
     strategy = wrapper(noise=1e-9)
-    one = strategy.noisy_average(strategy.clipped_sum([reply(np.full(SHAPE, 1e-3))]))["w"]
+    one = strategy.noisy_average(*strategy.clipped_sum([reply(np.full(SHAPE, 1e-3))]))["w"]
     failed = Message(RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN)
     declined = Message(RecordDict({"metrics": MetricRecord({"declined": 1})}), dst_node_id=3,
                        message_type=MessageType.TRAIN)
@@ -56,7 +56,7 @@ def test_a_decline_or_failure_does_not_change_the_denominator():
 def test_the_noise_has_std_z_s_over_q_n_even_when_nobody_replies(replies):
     z, clip, rate = 2.0, 0.5, 0.1
     strategy = wrapper(noise=z, clip=clip, rate=rate)
-    average = strategy.noisy_average(strategy.clipped_sum([reply(np.zeros(SHAPE)) for _ in range(replies)]))["w"]
+    average = strategy.noisy_average(*strategy.clipped_sum([reply(np.zeros(SHAPE)) for _ in range(replies)]))["w"]
     assert np.std(average) == pytest.approx(z * clip / (rate * NODES), rel=0.05)
     assert abs(np.mean(average)) < 5 * z * clip / (rate * NODES) / np.sqrt(average.size)
 
@@ -68,7 +68,7 @@ def test_the_inner_strategy_only_sees_the_noisy_average():
     assert messages and all(m.metadata.message_type == MessageType.TRAIN for m in messages)
     stepped, metrics = strategy.aggregate_train(1, [])  # nobody replied: still a (noise-only) step
     assert stepped is not None and not np.allclose(stepped["w"].numpy(), 0.0)
-    assert dict(metrics) == {"aggregated": 0}
+    assert dict(metrics) == {"aggregated": 0, "clip": 1.0, "update noise multiplier": 1.0}  # a fixed clip
 
 
 def test_poisson_sampling_is_fresh_and_at_the_rate():

@@ -85,7 +85,7 @@ def private_run(tmp_path_factory):
     config = {"synthetic-users": 16, "partitioning": "per-user", "num-server-rounds": 3, "eval-every": 3,
               "dp": "example", "dp-expected-rounds": 1, "dp-epsilon": 2.0, "dp-negatives": 16, "dp-sample-rate": 0.5,
               "dp-expected-batch": 20.0, "server-dp": True, "server-dp-sample-rate": 0.75, "output-dir": str(out),
-              "run-name": "private"}
+              "run-name": "private", "server-dp-adaptive-clip": True, "server-dp-count-noise": 2.0}
     run = run_flower(config, num_supernodes=16)
     assert run.ok, run.log[-4000:]
     return out / "private"
@@ -103,6 +103,13 @@ def test_clients_decline_when_their_budget_is_spent_and_the_run_completes(privat
     assert example["per interaction"]["epsilon"] > 10 * example["epsilon"]
     user = summary["privacy"]["user"]
     assert user["epsilon"] == pytest.approx(epsilon([(1.0, 0.75, 3)], 1e-5, "rdp")) and user["mechanism"] == "dp-fedavg"
+    # adaptive clipping: the clip used each round is in its metrics line and the server's ledger entry
+    server = [json.loads(line) for line in (private_run / "privacy_ledger.jsonl").read_text().splitlines()
+              if json.loads(line)["client"] == "server"]
+    assert [e["clip"] for e in server] == [m["clip"] for m in rounds] and rounds[0]["clip"] == 1.0
+    assert len({m["clip"] for m in rounds}) == 3  # the noisy count moves it every round
+    assert all(e["noise-multiplier"] == 1.0 and e["count-noise"] == 2.0 and e["update-noise-multiplier"] > 1.0
+               for e in server)
     assert summary["best"]["round"] == 3  # no round is picked on private validation numbers
 
 

@@ -413,3 +413,24 @@ def test_catalog_growth_is_capped_and_racing_adds_of_one_id_accept_one(tmp_path)
     with pytest.raises(CatalogFull, match="items: 30 more would pass the cap of 50 items added"):
         model.add_items([(960000 + i, "one more") for i in range(30)])
     assert len(model.served.texts) == len(CATALOG) + 21
+
+
+def test_items_with_non_finite_scores_are_never_recommended(tmp_path):
+    """A broken model's NaN scores rank last (topk alone would rank them first) and are cut,
+    like blocked items, when fewer than k items are left."""
+    from dataclasses import replace
+
+    from server.serving.scoring import UserInput
+
+    checkpoint = tmp_path / "adapters.safetensors"
+    write_adapters(checkpoint, seed=1)
+    model = ScoringModel(checkpoint, CATALOG)
+    catalog = model.served.catalog.clone()
+    catalog[5] = float("nan")
+    model.served = replace(model.served, catalog=catalog)
+    queries = [model.prepare(UserInput([raw(1)]), 10, []),
+               model.prepare(UserInput([raw(2)]), len(CATALOG) - 1, [])]
+    (first, second), _ = model.recommend(queries)
+    assert len(first.item_ids) == 10 and raw(5) not in first.item_ids
+    assert len(second.item_ids) == len(CATALOG) - 2 and raw(5) not in second.item_ids
+    assert all(np.isfinite(first.scores)) and all(np.isfinite(second.scores))

@@ -12,10 +12,10 @@ them and never sees half of a change.
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,12 +63,15 @@ class UserInput:
     profile: str = ""
 
 
-@dataclass(frozen=True)
-class Recommendation:
-    item_id: int
-    score: float
-    text: str
-    because: list[int]
+class Ranked(NamedTuple):
+    """One user's top-k, best first, as columns (a batch builds 64 of these per pass: one
+    object per item cost a fifth of its time): raw item ids, scores, texts, and for each
+    item the history items that explain it."""
+
+    item_ids: list[int]
+    scores: list[float]
+    texts: list[str]
+    because: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -88,26 +91,21 @@ class Served:
     catalog: torch.Tensor  # [n, dim] item vectors, base catalog then added items
     ids: np.ndarray  # [n] raw id of each catalog index
     texts: list[str]
-    order: np.ndarray = field(init=False)  # ids sorted, to look ids up in bulk
-    sorted_ids: np.ndarray = field(init=False)
+    index: dict[int, int] = field(init=False)  # raw id -> catalog index
     profiles: dict[str, torch.Tensor] = field(default_factory=dict)  # profile -> vector, this model
 
     def __post_init__(self) -> None:
-        order = np.argsort(self.ids, kind="stable")
-        object.__setattr__(self, "order", order)
-        object.__setattr__(self, "sorted_ids", self.ids[order])
+        object.__setattr__(self, "index", dict(zip(self.ids.tolist(), range(len(self.ids)))))
 
     def item_indices(self, ids, field: str) -> list[int]:
-        """Catalog indices of dataset item ids; the first unknown one is named."""
-        raw = np.asarray(ids, dtype=np.int64)
-        if not len(raw):
-            return []
-        position = np.minimum(np.searchsorted(self.sorted_ids, raw), len(self.sorted_ids) - 1)
-        known = self.sorted_ids[position] == raw
-        if not known.all():
-            first = int(np.flatnonzero(~known)[0])
-            raise InvalidInput(f"{field}[{first}]: unknown item id {raw[first]}")
-        return self.order[position].tolist()
+        """Catalog indices of dataset item ids; the first unknown one is named. (A dict: a
+        request's 50 ids cost a microsecond, a sixth of numpy's searchsorted.)"""
+        index = self.index
+        try:
+            return [index[i] for i in ids]
+        except KeyError:
+            first = next(p for p, i in enumerate(ids) if i not in index)
+            raise InvalidInput(f"{field}[{first}]: unknown item id {ids[first]}") from None
 
 
 @dataclass(frozen=True)
@@ -243,7 +241,7 @@ class ScoringModel:
         history = self.check_user(served, user)
         return Query(history, history + served.item_indices(exclude, "exclude"), user.profile, k)
 
-    def recommend(self, queries: list[Query]) -> tuple[list[list[Recommendation]], str]:
+    def recommend(self, queries: list[Query]) -> tuple[list[Ranked], str]:
         """Top-k for a batch of prepared queries, never an item of a user's history or
         exclude; each item with the history items whose vectors point most its way. Also
         the version of the model that answered."""
@@ -251,18 +249,27 @@ class ScoringModel:
         with torch.inference_mode():
             padded = served.model.windows([q.history for q in queries])
             scores = self._user_vectors(served, padded, [q.profile for q in queries]) @ served.catalog.T
+            scores.masked_fill_(scores.isnan(), -np.inf)  # an invalid score ranks last (topk puts NaN first)
             rows = np.repeat(np.arange(len(queries)), [len(q.blocked) for q in queries])
             if len(rows):
                 scores[torch.from_numpy(rows), torch.tensor(np.concatenate([q.blocked for q in queries]))] = -np.inf
             best = torch.topk(scores, max(q.k for q in queries), dim=1)
             because = self._because(served, best.indices, padded)
+            finite = torch.isfinite(best.values)
+            clean = finite.all(dim=1).tolist()
+            finite = finite.tolist() if not all(clean) else None
             indices = best.indices.tolist()
             values = best.values.tolist()
             raw = served.ids[best.indices.numpy()].tolist()
         texts = served.texts
-        return [[Recommendation(raw[r][j], values[r][j], texts[indices[r][j]], because[r][j])
-                 for j in range(query.k) if math.isfinite(values[r][j])]
-                for r, query in enumerate(queries)], served.version
+        ranked = []
+        for r, query in enumerate(queries):
+            # Blocked and invalid items (-inf) rank only when fewer than k are left, and
+            # +inf ones first: none is ever recommended.
+            keep = range(query.k) if clean[r] else [j for j in range(query.k) if finite[r][j]]
+            ranked.append(Ranked([raw[r][j] for j in keep], [values[r][j] for j in keep],
+                                 [texts[indices[r][j]] for j in keep], [because[r][j] for j in keep]))
+        return ranked, served.version
 
     @staticmethod
     def _because(served: Served, items: torch.Tensor,

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 from server.serving import recommender_pb2 as pb
 from server.serving.scoring import (
-    Added, CatalogFull, InvalidInput, Query, Recommendation, ScoringModel, UserInput, max_request_bytes,
+    Added, CatalogFull, InvalidInput, Query, Ranked, ScoringModel, UserInput, max_request_bytes,
 )
 from shared_model.data import Catalog
 
@@ -127,10 +127,9 @@ def user_of(message: pb.UserInput) -> UserInput:
     return UserInput(list(message.history), message.profile)
 
 
-def reply_of(results: list[Recommendation], version: str) -> pb.RecommendResponse:
+def reply_of(ranked: Ranked, version: str) -> pb.RecommendResponse:
     return pb.RecommendResponse(
-        items=[pb.Recommendation(item_id=r.item_id, score=r.score, text=r.text, because=r.because)
-               for r in results],
+        items=[pb.Recommendation(item_id=i, score=s, text=t, because=b) for i, s, t, b in zip(*ranked)],
         model_version=version,
     )
 
@@ -143,7 +142,7 @@ class Batcher:
         self.model = model
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    async def submit(self, query: Query) -> tuple[list[Recommendation], str]:
+    async def submit(self, query: Query) -> tuple[Ranked, str]:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((query, future))
         return await future

@@ -1,0 +1,93 @@
+"""Sizing a DP-FedAvg deployment before training (`fedrec privacy plan`): the noise
+multiplier that a user-level budget allows, and how large that noise is on the mean update,
+in units of the clip norm S, which is what decides whether training learns anything.
+
+Per round DP-FedAvg samples every user with probability q = C / N (C: the expected cohort),
+adds N(0, z^2 S^2) per coordinate to the sum of the clipped updates and divides by C. The
+noise on the mean then has std z S / C per coordinate and an expected L2 norm of about
+z S sqrt(P) / C over P parameters, while a clipped update has norm <= S: the mean of the
+updates is buried in noise when that ratio is well above 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from shared_model.privacy import RELATION, epsilon, noise_multiplier, update_noise_multiplier
+
+
+def round_up(value: float, digits: int = 4) -> float:
+    """`value` rounded up to `digits` significant digits: a printed noise multiplier must
+    not be below the one that reaches the budget."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
+
+
+@dataclass(frozen=True)
+class Plan:
+    users: int
+    cohort: float  # expected clients a round
+    rounds: int
+    epsilon: float  # the user-level target
+    delta: float
+    accountant: str
+    parameters: int  # P: trainable parameters (the update's length)
+    sample_rate: float  # q = cohort / users
+    noise_multiplier: float  # z, accounted; rounded up to 4 significant digits
+    round_epsilon: float  # one round alone, at delta
+    count_noise: float | None  # adaptive clipping's sigma_b (None: a fixed clip)
+    update_noise_multiplier: float  # z_delta: what the updates get (z without adaptive clipping)
+    noise_std: float  # per coordinate of the mean update, in units of S: z_delta / C
+    noise_norm: float  # expected L2 norm of the noise on the mean update, in units of S: z_delta sqrt(P) / C
+    relation: str = RELATION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, delta: float, accountant: str,
+              parameters: int, count_noise: float | None = None) -> Plan:
+    """The plan; ValueError if the numbers are no deployment (its message names the flag)."""
+    if not 0 < cohort <= users:
+        raise ValueError(f"--cohort {cohort:g} must be in (0, --users {users}]: the expected clients a round")
+    q = cohort / users
+    z = round_up(noise_multiplier(target_epsilon, q, rounds, delta, accountant))
+    update_noise = z
+    if count_noise is not None:
+        try:
+            update_noise = update_noise_multiplier(z, count_noise)
+        except ValueError:
+            raise ValueError(f"--count-noise {count_noise:g} must exceed half the noise multiplier ({z / 2:g}): "
+                             "the count alone would spend the whole budget") from None
+    return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
+                epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
+                update_noise * math.sqrt(parameters) / cohort)
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [
+        f"DP-FedAvg, user level ({plan.relation} one user, {plan.accountant} accountant, Poisson sampling of "
+        f"every user every round)",
+        f"  users N                       {plan.users:,}",
+        f"  expected cohort C             {plan.cohort:,g}",
+        f"  sampling rate q = C / N       {plan.sample_rate:.4g}",
+        f"  rounds T                      {plan.rounds:,}",
+        f"  noise multiplier z            {plan.noise_multiplier:.4g}   (epsilon {plan.epsilon:g} at delta "
+        f"{plan.delta:g} after T rounds)",
+        f"  epsilon of one round          {plan.round_epsilon:.4g}   (same delta)",
+    ]
+    if plan.count_noise is not None:
+        lines.append(f"  adaptive clipping             count noise {plan.count_noise:g}: the updates get noise "
+                     f"multiplier {plan.update_noise_multiplier:.4g} "
+                     f"(+{plan.update_noise_multiplier / plan.noise_multiplier - 1:.2%}), z is accounted")
+    z = "z" if plan.count_noise is None else "z_delta"
+    lines += [
+        f"  noise on the mean update      {plan.noise_std:.3g} S per coordinate ({z} / C; S = the clip norm)",
+        f"                                {plan.noise_norm:.3g} S in L2 norm ({z} sqrt(P) / C, P = "
+        f"{plan.parameters:,} parameters)",
+    ]
+    verdict = ("below 1: the mean update survives the noise" if plan.noise_norm < 1 else
+               "above 1: the noise outweighs a round's mean update (a larger cohort, fewer rounds or a "
+               "larger epsilon lowers it)")
+    return "\n".join(lines + [f"  -> {verdict}"])

@@ -1,0 +1,95 @@
+"""`fedrec privacy plan`: the noise multiplier it prints reaches the budget and no less, the
+noise on the mean update follows from it, adaptive clipping's split, and errors that name
+the flag. Runs the real command (server.cli.main)."""
+
+import json
+import math
+
+import pytest
+
+from server.cli import main
+from shared_model.privacy import epsilon, total_noise_multiplier
+
+PLAN = ["privacy", "plan", "--users", "100000", "--cohort", "1000", "--rounds", "300", "--epsilon", "2",
+        "--delta", "1e-6", "--parameters", "17904"]
+
+
+def plan(capsys, *extra: str) -> tuple[int, str, str]:
+    code = main([*PLAN, *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_printed_noise_reaches_the_budget_and_slightly_less_does_not(capsys):
+    code, out, _ = plan(capsys)
+    assert code == 0
+    z = float(out.split("noise multiplier z")[1].split()[0])
+    assert epsilon([(z, 0.01, 300)], 1e-6) <= 2.0
+    assert epsilon([(z * 0.99, 0.01, 300)], 1e-6) > 2.0
+    assert "sampling rate q = C / N       0.01" in out
+    code, out, _ = plan(capsys, "--json")
+    figures = json.loads(out)
+    assert figures["noise_multiplier"] == z and figures["sample_rate"] == 0.01
+    assert figures["noise_std"] == pytest.approx(z / 1000)
+    assert figures["noise_norm"] == pytest.approx(z * math.sqrt(17904) / 1000)
+    assert figures["round_epsilon"] == pytest.approx(epsilon([(z, 0.01, 1)], 1e-6))
+
+
+def test_another_accountant_reaches_the_budget_too(capsys):
+    code, out, _ = plan(capsys, "--accountant", "pld", "--cohort", "10000", "--rounds", "20", "--json")
+    z = json.loads(out)["noise_multiplier"]
+    assert code == 0 and epsilon([(z, 0.1, 20)], 1e-6, "pld") <= 2.0 < epsilon([(z * 0.99, 0.1, 20)], 1e-6, "pld")
+
+
+def test_adaptive_clipping_raises_the_updates_noise_to_keep_the_accounted_total(capsys):
+    _, out, _ = plan(capsys, "--count-noise", "2", "--json")
+    figures = json.loads(out)
+    z, z_update = figures["noise_multiplier"], figures["update_noise_multiplier"]
+    assert z_update > z and total_noise_multiplier(z_update, 2.0) == pytest.approx(z)
+    assert figures["noise_std"] == pytest.approx(z_update / 1000)
+    _, text, _ = plan(capsys, "--count-noise", "2")
+    assert f"the updates get noise multiplier {z_update:.4g}" in text
+
+
+def test_the_default_parameters_are_counted_on_the_model(capsys):
+    code = main(PLAN[:-2] + ["--json"])
+    figures = json.loads(capsys.readouterr().out)
+    assert code == 0 and figures["parameters"] > 1000
+    assert figures["noise_norm"] == pytest.approx(figures["noise_std"] * math.sqrt(figures["parameters"]))
+
+
+@pytest.mark.parametrize("change, flag", [
+    ({"--cohort": "200000"}, "--cohort"),
+    ({"--epsilon": "0"}, "--epsilon"),
+    ({"--epsilon": "-1"}, "--epsilon"),
+    ({"--delta": "1"}, "--delta"),
+    ({"--delta": "0"}, "--delta"),
+    ({"--users": "0"}, "--users"),
+    ({"--count-noise": "0.1"}, "--count-noise"),  # below z / 2: the updates' noise would be infinite
+])
+def test_bad_numbers_are_refused_naming_the_flag(capsys, change, flag):
+    args = list(PLAN)
+    for key, value in change.items():
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    try:
+        code = main(args)
+    except SystemExit as exit:  # argparse's own refusal
+        code = exit.code
+    assert code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_delta_not_below_one_over_the_users_is_warned_about(capsys):
+    code, _, err = plan(capsys, "--delta", "1e-4", "--users", "10000", "--cohort", "100")
+    assert code == 0 and "warning: --delta" in err
+
+
+def test_help_explains_each_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["privacy", "plan", "--help"])
+    text = capsys.readouterr().out
+    for words in ("noise multiplier z", "sampling rate q", "epsilon of one round", "noise on the mean update",
+                  "Poisson", "whole population", "z_delta"):
+        assert words in text
