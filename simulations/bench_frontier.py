@@ -96,16 +96,19 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
         metrics = final_test_metrics(run(settings).path)
         out["epsilon"][f"{eps:g}"] = {"noise multiplier": z, **metrics, "seconds": time.time() - started,
                                       "lift kept": lift_kept(metrics, out)}
+        kept = out["epsilon"][f"{eps:g}"]["lift kept"]
         print(f"{population}: epsilon {eps:g} (z {z:.3f}): test NDCG@10 {metrics['NDCG@10']:.4f}, lift kept "
-              f"{out['epsilon'][f'{eps:g}']['lift kept']:.0%} (no noise {out['no noise']['NDCG@10']:.4f}, "
+              f"{'n/a' if kept is None else f'{kept:.0%}'} (no noise {out['no noise']['NDCG@10']:.4f}, "
               f"popularity {out['popularity']['NDCG@10']:.4f})", flush=True)
     return out
 
 
-def lift_kept(metrics: dict, population: dict) -> float:
-    """(DP - popularity) / (no noise - popularity), in NDCG@10."""
+def lift_kept(metrics: dict, population: dict) -> float | None:
+    """(DP - popularity) / (no noise - popularity), in NDCG@10; None where the noise-free
+    federation does not beat popularity (there is no lift to keep)."""
     floor = population["popularity"]["NDCG@10"]
-    return (metrics["NDCG@10"] - floor) / (population["no noise"]["NDCG@10"] - floor)
+    lift = population["no noise"]["NDCG@10"] - floor
+    return (metrics["NDCG@10"] - floor) / lift if lift > 0 else None
 
 
 def plot(results: dict, path: Path) -> None:
@@ -117,7 +120,8 @@ def plot(results: dict, path: Path) -> None:
         ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], "-o", color=color, label=label)
         ndcg.axhline(found["no noise"]["NDCG@10"], color=color, linestyle="--", linewidth=0.8)
         ndcg.axhline(found["popularity"]["NDCG@10"], color=color, linestyle=":", linewidth=0.8)
-        kept.plot([e for e, _ in points], [100 * r["lift kept"] for _, r in points], "-o", color=color, label=label)
+        lifts = [(e, r["lift kept"]) for e, r in points if r["lift kept"] is not None]
+        kept.plot([e for e, _ in lifts], [100 * k for _, k in lifts], "-o", color=color, label=label)
     for ax in (ndcg, kept):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"user-level epsilon (delta {results['delta']:g})")
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run folders go")
     parser.add_argument("--out", type=Path, default=FIGURES, help="where frontier.json and frontier.png go")
     args = parser.parse_args()
+    args.epsilons_text = args.epsilons
     try:
         args.epsilons = [float(e) for e in args.epsilons.split(",")]
     except ValueError:
@@ -162,12 +167,14 @@ def main() -> None:
         parser.error(f"{path} holds a frontier with cohort {results['cohort']}, rounds {results['rounds']}, delta "
                      f"{results['delta']}: use those or another --out")
     results.update(cohort=args.cohort, rounds=args.rounds, delta=args.delta, machine="2 CPU cores, no GPU",
-                   command="python -m simulations.bench_frontier " + " ".join(
-                       f"--{k} {v}" for k, v in (("cohort", args.cohort), ("rounds", args.rounds))))
+                   command=f"python -m simulations.bench_frontier --cohort {args.cohort} --rounds {args.rounds} "
+                           f"--delta {args.delta:g} --clip {args.clip:g} (populations and epsilons in parts: see "
+                           f"each population's 'commands')")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for population in populations:
-        results["populations"][population] = run_population(population, args, stamp,
-                                                            results["populations"].get(population, {}))
+        found = run_population(population, args, stamp, results["populations"].get(population, {}))
+        found.setdefault("commands", []).append(f"--populations {population} --epsilons {args.epsilons_text}")
+        results["populations"][population] = found
         path.write_text(json.dumps(results, indent=2))
         plot(results, args.out / "frontier.png")
     print(f"results in {path} and {args.out / 'frontier.png'}")
