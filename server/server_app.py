@@ -26,6 +26,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from server.adaptive_clip import AdaptiveClip
 from server.plots import plot_rounds
+from server.public_pretraining import pretrain_on_public_users
 from server.run_folder import Checkpoint, RunFolder
 from server.simulation_speedup import speed_up_in_memory_link_state
 from server.dp_strategy import DPFedAvg
@@ -298,10 +299,21 @@ def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: fl
     } | {k: float(metrics[k]) for k in RELEASE_KEYS if metrics and k in metrics}
 
 
-def starting_model(settings: RunSettings) -> Recommender:
-    """The server's model over the public catalog, initialised from the run seed."""
+def starting_model(settings: RunSettings, simulation: bool = True, pretrain: bool = True) -> Recommender:
+    """The server's model over the public catalog, initialised from the run seed, then (with
+    public-users, unless `pretrain` is off: a resumed run starts from its checkpoint)
+    pretrained on the consenting users' data, which only a simulation's server holds."""
     torch.manual_seed(settings.seed)
-    return build_recommender(settings.load_catalog().texts, settings.model, progress=False)
+    model = build_recommender(settings.load_catalog().texts, settings.model, progress=False)
+    if settings.public_users and pretrain:
+        if not simulation:
+            raise SettingsError("run config 'public-users' needs the consenting users' data on the server, which "
+                                "only a simulation has: set it to 0 in a deployment")
+        done = pretrain_on_public_users(model, settings)
+        log(WARNING, "fedrec: pretrained for %d epochs on the data of %d of %d users who consented to give it "
+            "(public-users = %g): they are treated as public, no privacy guarantee covers them",
+            done["epochs"], done["users"], done["of"], settings.public_users)
+    return model
 
 
 @app.main()
@@ -313,9 +325,9 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     folder = RunFolder.open(settings)
     log(INFO, "fedrec: run folder %s", folder.path)
-    model = starting_model(settings)
-    arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     checkpoint = folder.load_checkpoint()
+    model = starting_model(settings, simulation, pretrain=checkpoint is None)
+    arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     if checkpoint is not None and simulation and settings.dp != "none":
         raise SettingsError(f"{folder.path}: a DP simulation keeps its clients' privacy ledgers in the simulation's "
                             "node state, which ended with it: resuming would give every client a fresh budget. "
@@ -373,6 +385,9 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
         "trainable_bytes": model.trainable_bytes(),
         "plot": plot.name,
         "privacy": privacy_summary(folder),
+        **({"public users": {"share": settings.public_users, "epochs": settings.public_epochs,
+                             "note": "pretrained on with their consent; no privacy guarantee covers them"}}
+           if settings.public_users else {}),
     }
     folder.write_summary(summary)
     log(INFO, "fedrec: final test NDCG@10 %.4f, best valid NDCG@10 %.4f at round %s; results in %s",

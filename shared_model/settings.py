@@ -71,6 +71,8 @@ class RunSettings:
     server_dp_target_quantile: float  # gamma: share of updates left unclipped
     server_dp_clip_learning_rate: float  # eta: geometric step of the clip
     server_dp_count_noise: float  # sigma_b: std of the noise on the count of unclipped updates
+    public_users: float  # simulation: share of users who consent to give the server their data (no DP for them)
+    public_epochs: int  # centralized epochs on the consenting users' data before round 1
     # model: its keys are RecommenderConfig's fields, kebab-cased (dim, lora-rank, ...)
     model: RecommenderConfig
     low_memory: bool  # a ClientApp trades step time for memory (see TextTower.save_memory)
@@ -139,6 +141,8 @@ class RunSettings:
             (not self.server_dp_adaptive_clip or 2 * self.server_dp_count_noise > self.server_dp_noise,
              "server-dp-count-noise", f"must exceed server-dp-noise / 2 = {self.server_dp_noise / 2:g} with "
              "server-dp-adaptive-clip: the update's noise multiplier is (z^-2 - (2 sigma_b)^-2)^-1/2, finite only then"),
+            (0 <= self.public_users < 1, "public-users", "must be in [0, 1) (a share of the users)"),
+            (self.public_epochs >= 1, "public-epochs", "must be at least 1"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",
              "'user' is for silos; with one client per user use dp='example' and server-dp"),
         ]

@@ -112,15 +112,20 @@ class Population:
         return {k: a.numpy() for k, a in stepped.items()}, counts | release
 
 
-def run(settings: RunSettings, chunk: int = CHUNK) -> RunFolder:
+def run(settings: RunSettings, chunk: int = CHUNK, noise_free: bool = False) -> RunFolder:
     """The whole federation; writes the run folder as the ServerApp does (metrics, ledger,
-    adapters, plot, summary), without checkpoints (an in-process run does not resume)."""
+    adapters, plot, summary), without checkpoints (an in-process run does not resume).
+    noise_free: the same federation with the noise left out (sampling and clipping kept):
+    a benchmark's reference for what the noise costs, NOT private: nothing is accounted,
+    and its summary's path says so. No run config reaches it."""
     session_started = time.time()
     folder = RunFolder.open(settings)
     if folder.metrics_path.exists():
         raise SettingsError(f"{folder.path} holds a run already: the in-process driver does not resume; "
                             "choose another run-name")
     population = Population(settings, chunk)
+    if noise_free:
+        population.strategy.update_noise = 0.0
     evaluate = server_evaluation(settings, population.model, simulation=True)
     eval_rounds = evaluation_rounds(settings)
     arrays = population.initial_arrays()
@@ -136,14 +141,15 @@ def run(settings: RunSettings, chunk: int = CHUNK) -> RunFolder:
                 "server lr": population.optimizer.eta, "train seconds": time.time() - started}
         if server_round in eval_rounds:
             line.update(evaluate(arrays))
-        line.update(record_privacy(folder, settings, server_round, [], server_events, line))
+        if not noise_free:
+            line.update(record_privacy(folder, settings, server_round, [], server_events, line))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
                 "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
         print(progress_line(settings, line, best), flush=True)
     finish(folder, settings, population.model, arrays, arrays, best, len(population.train), session_started,
-           path=PATH)
+           path=PATH + (", noise-free reference: NOT private" if noise_free else ""))
     return folder
 
 

@@ -1,0 +1,184 @@
+"""The privacy-utility frontier of user-level DP-FedAvg, by population size.
+
+For each population (synthetic worlds of 1k, 10k and 100k users and MovieLens-100K, one
+user per client) and each user-level epsilon, the noise multiplier that reaches it at
+`--delta` after `--rounds` rounds of Poisson sampling with expected cohort `--cohort`
+(`fedrec privacy plan` computes the same), then the federation trained with it: test
+NDCG@10 and HR@10 (full ranking) and the beyond-accuracy metrics of the final model. In the
+same run and on the same split: the same federation without noise (same sampling and
+clipping: the cost of the noise alone) and popularity. "Lift kept" is (DP - popularity) /
+(no noise - popularity), the share of what the model learns beyond popularity that
+survives the noise.
+
+Every federation runs through the in-process driver (simulations.population: the server's
+DP-FedAvg code and the clients' training, vectorised; tests/test_population.py shows it
+computes what `flwr run` computes). Results merge into the JSON by population and epsilon,
+so the frontier can run in parts (e.g. `--populations 100000 --epsilons 1,8`); the figure
+is redrawn from everything in the JSON.
+
+    python -m simulations.bench_frontier                      # the whole frontier
+    python -m simulations.bench_frontier --populations ml-100k --epsilons 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from shared_model.metrics import evaluate_scores  # noqa: E402
+from shared_model.privacy import noise_multiplier  # noqa: E402
+from shared_model.settings import RunSettings  # noqa: E402
+from shared_model.splits import leave_one_out  # noqa: E402
+from simulations.baselines import popularity_scores  # noqa: E402
+from simulations.flower_runner import app_run_config  # noqa: E402
+from simulations.population import run  # noqa: E402
+
+EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
+POPULATIONS = ("1000", "10000", "100000", "ml-100k")
+FIGURES = Path("docs/figures")
+
+
+def population_config(population: str) -> dict:
+    """The run-config keys that choose the population's data."""
+    if population == "ml-100k":
+        return {"dataset": "ml-100k"}
+    return {"dataset": "synthetic", "synthetic-users": int(population)}
+
+
+def settings_for(population: str, args: argparse.Namespace, run_name: str, noise: float) -> RunSettings:
+    """A per-user DP-FedAvg run of this population: its sampling rate gives the expected cohort."""
+    probe = RunSettings.from_run_config(app_run_config(**population_config(population)))
+    users = len(leave_one_out(probe.load_dataset()).train)
+    rate = min(1.0, args.cohort / users)
+    overrides = {**population_config(population), "partitioning": "per-user", "dp": "none", "server-dp": True,
+                 "id-embeddings": False, "server-dp-sample-rate": rate, "server-dp-noise": noise,
+                 "server-dp-clip": args.clip, "num-server-rounds": args.rounds, "eval-every": args.rounds,
+                 "dp-delta": args.delta, "output-dir": str(args.runs), "run-name": run_name}
+    return RunSettings.from_run_config(app_run_config(**overrides))
+
+
+def final_test_metrics(folder: Path) -> dict[str, float]:
+    """The final model's test metrics, from the run's last evaluated metrics line."""
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [line for line in lines if "test NDCG@10" in line][-1]
+    return {key[len("test "):]: value for key, value in last.items() if key.startswith("test ")}
+
+
+def popularity_metrics(settings: RunSettings) -> dict[str, float]:
+    split = leave_one_out(settings.load_dataset())
+    cases = split.cases("test")
+    return evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases)
+
+
+def run_population(population: str, args: argparse.Namespace, stamp: str, out: dict) -> dict:
+    """Popularity and the noise-free federation (unless `out`, this population's earlier
+    results, holds them), and one DP federation per epsilon, merged into `out`."""
+    base = settings_for(population, args, f"frontier-{stamp}-{population}-no-noise", noise=1.0)
+    if "no noise" not in out:
+        out.update(users=len(leave_one_out(base.load_dataset()).train), epsilon={},
+                   popularity=popularity_metrics(base))
+        out["sample rate"] = base.server_dp_sample_rate
+        started = time.time()
+        out["no noise"] = final_test_metrics(run(base, noise_free=True).path)
+        out["no noise"]["seconds"] = time.time() - started
+    for eps in args.epsilons:
+        z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
+        settings = settings_for(population, args, f"frontier-{stamp}-{population}-eps{eps:g}", noise=z)
+        started = time.time()
+        metrics = final_test_metrics(run(settings).path)
+        out["epsilon"][f"{eps:g}"] = {"noise multiplier": z, **metrics, "seconds": time.time() - started,
+                                      "lift kept": lift_kept(metrics, out)}
+        kept = out["epsilon"][f"{eps:g}"]["lift kept"]
+        print(f"{population}: epsilon {eps:g} (z {z:.3f}): test NDCG@10 {metrics['NDCG@10']:.4f}, lift kept "
+              f"{'n/a' if kept is None else f'{kept:.0%}'} (no noise {out['no noise']['NDCG@10']:.4f}, "
+              f"popularity {out['popularity']['NDCG@10']:.4f})", flush=True)
+    return out
+
+
+def lift_kept(metrics: dict, population: dict) -> float | None:
+    """(DP - popularity) / (no noise - popularity), in NDCG@10; None where the noise-free
+    federation does not beat popularity (there is no lift to keep)."""
+    floor = population["popularity"]["NDCG@10"]
+    lift = population["no noise"]["NDCG@10"] - floor
+    return (metrics["NDCG@10"] - floor) / lift if lift > 0 else None
+
+
+def plot(results: dict, path: Path) -> None:
+    fig, (ndcg, kept) = plt.subplots(1, 2, figsize=(11, 4))
+    for population, color in zip(results["populations"], plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        found = results["populations"][population]
+        points = sorted((float(e), r) for e, r in found["epsilon"].items())
+        label = f"{population} ({found['users']:,} users)" if population == "ml-100k" else f"{found['users']:,} users"
+        ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], "-o", color=color, label=label)
+        ndcg.axhline(found["no noise"]["NDCG@10"], color=color, linestyle="--", linewidth=0.8)
+        ndcg.axhline(found["popularity"]["NDCG@10"], color=color, linestyle=":", linewidth=0.8)
+        lifts = [(e, r["lift kept"]) for e, r in points if r["lift kept"] is not None]
+        kept.plot([e for e, _ in lifts], [100 * k for _, k in lifts], "-o", color=color, label=label)
+    for ax in (ndcg, kept):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"user-level epsilon (delta {results['delta']:g})")
+        ax.grid(alpha=0.3)
+    ndcg.set_ylabel("test NDCG@10 (dashed: no noise, dotted: popularity)")
+    kept.set_ylabel("lift over popularity kept (%)")
+    kept.axhline(90, color="grey", linewidth=0.8)
+    ndcg.legend(fontsize=7)
+    fig.suptitle(f"DP-FedAvg, expected cohort {results['cohort']}, {results['rounds']} rounds, 2 CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--populations", default=",".join(POPULATIONS),
+                        help="synthetic user counts and/or 'ml-100k' (default: %(default)s)")
+    parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS),
+                        help="user-level epsilons (default: %(default)s)")
+    parser.add_argument("--delta", type=float, default=1e-6, help="delta of every epsilon (default: %(default)s)")
+    parser.add_argument("--cohort", type=int, default=1000,
+                        help="expected clients per round, q N (capped at the population; default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=50, help="rounds per federation (default: %(default)s)")
+    parser.add_argument("--clip", type=float, default=1.0, help="L2 clip of a client's update (default: %(default)s)")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run folders go")
+    parser.add_argument("--out", type=Path, default=FIGURES, help="where frontier.json and frontier.png go")
+    args = parser.parse_args()
+    args.epsilons_text = args.epsilons
+    try:
+        args.epsilons = [float(e) for e in args.epsilons.split(",")]
+    except ValueError:
+        parser.error(f"--epsilons: numbers separated by commas, not {args.epsilons!r}")
+    populations = args.populations.split(",")
+    for population in populations:
+        if population != "ml-100k" and not population.isdigit():
+            parser.error(f"--populations: {population!r} is neither a user count nor 'ml-100k'")
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "frontier.json"
+    results = json.loads(path.read_text()) if path.exists() else {"populations": {}}
+    if results.get("populations") and (results["cohort"], results["rounds"], results["delta"]) != (
+            args.cohort, args.rounds, args.delta):
+        parser.error(f"{path} holds a frontier with cohort {results['cohort']}, rounds {results['rounds']}, delta "
+                     f"{results['delta']}: use those or another --out")
+    results.update(cohort=args.cohort, rounds=args.rounds, delta=args.delta, machine="2 CPU cores, no GPU",
+                   command=f"python -m simulations.bench_frontier --cohort {args.cohort} --rounds {args.rounds} "
+                           f"--delta {args.delta:g} --clip {args.clip:g} (populations and epsilons in parts: see "
+                           f"each population's 'commands')")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for population in populations:
+        found = run_population(population, args, stamp, results["populations"].get(population, {}))
+        found.setdefault("commands", []).append(f"--populations {population} --epsilons {args.epsilons_text}")
+        results["populations"][population] = found
+        path.write_text(json.dumps(results, indent=2))
+        plot(results, args.out / "frontier.png")
+    print(f"results in {path} and {args.out / 'frontier.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Pretraining on a consenting cohort (public-users): what it reads, what it does, where it is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.public_pretraining import consenting_users
+from server.server_app import starting_model
+from shared_model.metrics import evaluate_scores
+from shared_model.recommender import score_catalog
+from shared_model.settings import RunSettings, SettingsError
+from shared_model.splits import leave_one_out
+from simulations.flower_runner import app_run_config
+
+
+def settings_of(**overrides) -> RunSettings:
+    config = {"dataset": "synthetic", "synthetic-users": 300, "partitioning": "per-user", "dp": "none",
+              "server-dp": True, "id-embeddings": False, **overrides}
+    return RunSettings.from_run_config(app_run_config(**config))
+
+
+def test_consenting_users_are_a_fixed_share_drawn_from_the_seed():
+    chosen = consenting_users(1000, 0.01, seed=0)
+    assert len(chosen) == 10 and len(set(chosen)) == 10 and chosen.max() < 1000
+    assert np.array_equal(chosen, consenting_users(1000, 0.01, seed=0))
+    assert not np.array_equal(chosen, consenting_users(1000, 0.01, seed=1))
+    assert len(consenting_users(943, 0.01, seed=0)) == 10  # rounded up: a share > 0 is never nobody
+
+
+def test_pretraining_on_consenting_users_lifts_the_starting_model():
+    split = leave_one_out(settings_of().load_dataset())
+    valid = split.cases("valid")
+
+    def valid_ndcg(model) -> float:
+        return evaluate_scores(score_catalog(model.eval(), valid.histories), valid)["NDCG@10"]
+
+    plain = valid_ndcg(starting_model(settings_of()))
+    pretrained = valid_ndcg(starting_model(settings_of(**{"public-users": 0.3, "public-epochs": 10})))
+    assert pretrained > 2 * plain, (plain, pretrained)  # measured: 0.017 -> 0.050
+    resumed = valid_ndcg(starting_model(settings_of(**{"public-users": 0.3}), pretrain=False))
+    assert resumed == plain  # a resumed run starts from its checkpoint: no pretraining again
+
+
+def test_public_users_are_refused_outside_a_simulation_and_out_of_range():
+    with pytest.raises(SettingsError, match="'public-users' needs the consenting users' data"):
+        starting_model(settings_of(**{"public-users": 0.1}), simulation=False)
+    with pytest.raises(SettingsError, match=r"'public-users' must be in \[0, 1\)"):
+        settings_of(**{"public-users": 1.0})
+    with pytest.raises(SettingsError, match="'public-epochs' must be at least 1"):
+        settings_of(**{"public-epochs": 0})
