@@ -25,9 +25,9 @@ Beyond accuracy (full ranking only; K = 10 unless told):
 Popularity is each item's interaction count in the training part of the split (the
 experimenter's view), the same for validation and test.
 
-Everything but popularity and the long tail adds up over cases (`RankingSums`), so a
-client can report sums and exposure counts and the server can combine them
-(`metrics_from_sums`) into exactly what it would compute over all the cases at once.
+Per-case sums and per-item exposure counts add up over cases (`RankingSums`): a client
+reports them, the server adds them up and, with the summed training interactions, gets
+(`metrics_from_sums`) what it would compute over all the cases at once.
 """
 
 from __future__ import annotations
