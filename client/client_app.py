@@ -5,7 +5,10 @@ adapters, a constant weight and the round's ledger entry (public settings and th
 they give); declines say only that. No example counts, losses or evaluation sums leave
 the client, and it refuses to evaluate. With dp = "none" a reply carries the exact update
 (from which the server can read which items the client's users touched), the example
-count and the training loss; an evaluation reply carries ranking sums and counts.
+count and the training loss; an evaluation reply carries ranking sums and counts, each
+item's exposure in the users' top-10 lists and each item's training interactions (the
+catalog metrics need them; they say outright which items the users touched, which the
+exact update already reveals).
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import hashlib
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local_data import ClientData, client_data, sampling_key
 from client.privacy_account import store_for
 from client.private_round import private_round
-from shared_model.metrics import ranking_sums
+from shared_model.metrics import RankingSums, item_counts, ranking_sums
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
 from shared_model.training import train_local
@@ -109,8 +112,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """HR@10 and NDCG@10 sums over this client's users, for validation and test (not under
-    a private mode: a one-user client's sums give the rank of its held-out item)."""
+    """Ranking sums and top-10 exposure over this client's users, for validation and test
+    (not under a private mode: a one-user client's sums give the rank of its held-out item)."""
     settings = settings_of(context)
     if settings.dp != "none":
         raise RuntimeError(f"dp = {settings.dp!r}: federated evaluation would release per-user ranks, so this "
@@ -118,11 +121,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
     catalog = catalog_vectors(model, msg.content["arrays"])
-    metrics: dict[str, float] = {}
+    sums = {}
     with torch.no_grad():
         for stage in ("valid", "test"):
             cases = data.split.cases(stage)
-            sums = ranking_sums(score_catalog(model, cases.histories, catalog=catalog), cases)
-            metrics.update({f"{stage}-{name}": value for name, value in sums.items()})
+            sums[stage] = ranking_sums(score_catalog(model, cases.histories, catalog=catalog), cases)
+    return Message(evaluation_record(sums, item_counts(data.split.train, data.split.n_items)), reply_to=msg)
+
+
+def evaluation_record(sums: dict[str, RankingSums], train_counts: np.ndarray) -> RecordDict:
+    """An evaluation reply: per stage the sums and count (metrics) and the exposure counts,
+    with the training interactions per item (items)."""
+    metrics: dict[str, float] = {}
+    items = {"train-interactions": train_counts}
+    for stage, s in sums.items():
+        metrics.update({f"{stage}-count": s.count, f"{stage}-HR@10-sum": s.hits, f"{stage}-NDCG@10-sum": s.ndcg,
+                        f"{stage}-AUC-sum": s.auc})
+        items[f"{stage}-exposure"] = s.exposure
     metrics["weight"] = metrics["test-count"]
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return RecordDict({"metrics": MetricRecord(metrics), "items": ArrayRecord(
+        {name: Array(np.ascontiguousarray(values, dtype=np.int64)) for name, values in items.items()})})

@@ -33,7 +33,7 @@ from server.dp_strategy import DPFedAvg
 from server.strategy import STAGES, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.ledger import LedgerEntry, events_of, read_ledger
-from shared_model.metrics import evaluate_scores
+from shared_model.metrics import evaluate_scores, item_counts
 from shared_model.privacy import RELATION, epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings, SettingsError
@@ -83,18 +83,20 @@ def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict
 
 
 class ServerSideEvaluation:
-    """Simulation only: the same metrics over the whole held-out split, on the server."""
+    """Simulation only: the same metrics over the whole held-out split, on the server
+    (popularity: the split's training interactions)."""
 
     def __init__(self, settings: RunSettings, model: Recommender, prefix: str):
         self.model, self.prefix = model, prefix
         split = leave_one_out(settings.load_dataset())
         self.cases = {stage: split.cases(stage) for stage in STAGES}
+        self.popularity = item_counts(split.train, split.n_items)
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         self.model.load_trainable_state({k: torch.from_numpy(v) for k, v in arrays.items()})
         out = {}
         for stage, cases in self.cases.items():
-            metrics = evaluate_scores(score_catalog(self.model, cases.histories), cases)
+            metrics = evaluate_scores(score_catalog(self.model, cases.histories), cases, self.popularity)
             out.update({f"{self.prefix}{stage} {k}": v for k, v in metrics.items()})
         return out
 
@@ -267,7 +269,7 @@ class RoundRecord:
         settings, server_round = self.settings, line["round"]
         if not is_private(settings) and line.get("valid NDCG@10", -1.0) > self.best["valid NDCG@10"]:
             self.best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
-                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10")}}
+                         "test": stage_metrics(line, "test")}
             self.best_arrays = arrays
         line.update(record_privacy(self.folder, settings, server_round, list(stats.entries.values()),
                                    self.server_events, line))
@@ -276,7 +278,7 @@ class RoundRecord:
         if is_private(settings):  # the final model is kept: no round is picked on the clients' data
             self.best_arrays = arrays
             self.best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", self.best["valid NDCG@10"]),
-                         "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
+                         "test": stage_metrics(line, "test")}
         dp_clip = self.strategy.clip if isinstance(self.strategy, DPFedAvg) else None  # next round's (adaptive)
         self.folder.save_checkpoint(Checkpoint(server_round, arrays, self.best_arrays, self.optimizer.optimizer_state(),
                                                self.best, dp_clip))
@@ -284,6 +286,13 @@ class RoundRecord:
 
 
 RELEASE_KEYS = ("clip", "update noise multiplier", "count noise", "unclipped fraction")  # DP-FedAvg's, public
+
+
+def stage_metrics(line: dict, stage: str) -> dict:
+    """One stage's metrics of a metrics line ('test AUC' -> 'AUC'); HR@10 and NDCG@10 are
+    None if the line has no evaluation."""
+    prefix = f"{stage} "
+    return {"HR@10": None, "NDCG@10": None, **{k[len(prefix):]: v for k, v in line.items() if k.startswith(prefix)}}
 
 
 def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: float) -> dict:
@@ -374,10 +383,9 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
         "start": {"valid NDCG@10": metrics[0].get("valid NDCG@10"), "test NDCG@10": metrics[0].get("test NDCG@10")}
         if metrics else {},
         "final": {"round": final.get("round"),
-                  "valid": {k: final.get(f"valid {k}") for k in ("HR@10", "NDCG@10")},
-                  "test": {k: final.get(f"test {k}") for k in ("HR@10", "NDCG@10")}},
+                  "valid": stage_metrics(final, "valid"), "test": stage_metrics(final, "test")},
         "best": best,
-        "test": {k: final.get(f"test {k}") for k in ("HR@10", "NDCG@10")},
+        "test": stage_metrics(final, "test"),
         "round_seconds_total": sum(m["seconds"] for m in trained),
         "wall_seconds_this_session": time.time() - session_started,
         "upload_bytes_per_client_per_round": float(np.mean(uploads)) if uploads else 0.0,
@@ -390,6 +398,7 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
            if settings.public_users else {}),
     }
     folder.write_summary(summary)
-    log(INFO, "fedrec: final test NDCG@10 %.4f, best valid NDCG@10 %.4f at round %s; results in %s",
-        final.get("test NDCG@10", float("nan")), best["valid NDCG@10"], best["round"], folder.path)
+    log(INFO, "fedrec: final test NDCG@10 %.4f (AUC %.4f, top-10 coverage %.3f, long-tail share %.3f), best valid "
+        "NDCG@10 %.4f at round %s; results in %s", *(final.get(f"test {k}", float("nan")) for k in
+        ("NDCG@10", "AUC", "coverage@10", "long-tail@10")), best["valid NDCG@10"], best["round"], folder.path)
     log(INFO, "%s", privacy_line(settings, summary["privacy"]))

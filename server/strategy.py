@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, Result, Strategy
 
 from shared_model.ledger import LedgerEntry, LedgerError
+from shared_model.metrics import RankingSums, metrics_from_sums
 
 STAGES = ("valid", "test")
 
@@ -39,6 +40,13 @@ def client_entry(reply: Message, keys: dict[int, int], server_round: int) -> Led
         log(WARNING, "fedrec: client %s sent an entry for client %s, round %d", client, entry.client, entry.round)
         return None
     return entry
+
+
+def reply_sums(reply: Message, stage: str) -> RankingSums:
+    """A client's evaluation sums for one stage (the reply `client_app.evaluate` builds)."""
+    metrics = reply.content["metrics"]
+    return RankingSums(int(metrics[f"{stage}-count"]), metrics[f"{stage}-HR@10-sum"], metrics[f"{stage}-NDCG@10-sum"],
+                       metrics[f"{stage}-AUC-sum"], reply.content["items"][f"{stage}-exposure"].numpy())
 
 
 class RoundStats:
@@ -194,16 +202,21 @@ class SeededFedAdam(ResumableLoop, FedAdam):
         return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Means of HR@10 and NDCG@10 from the clients' sums and counts, and how many answered."""
+        """Every metric of `shared_model.metrics` per stage, from the clients' sums, exposure
+        counts and training interactions (popularity is that of the clients that answered:
+        all of them at fraction-evaluate = 1), and how many answered."""
         ok = [r for r in replies if not r.has_error()]
         if not self.eval_sent:
             return None
         out = MetricRecord({"eval clients": len(ok), "eval left out": self.eval_sent - len(ok)})
+        if not ok:
+            return out
+        popularity = sum(r.content["items"]["train-interactions"].numpy() for r in ok)
         for stage in STAGES:
-            total = sum(r.content["metrics"][f"{stage}-count"] for r in ok)
-            for metric in ("HR@10", "NDCG@10"):
-                summed = sum(r.content["metrics"][f"{stage}-{metric}-sum"] for r in ok)
-                out[f"{stage} {metric}"] = summed / total if total else 0.0
+            sums = reply_sums(ok[0], stage)
+            for reply in ok[1:]:
+                sums += reply_sums(reply, stage)
+            out.update({f"{stage} {name}": value for name, value in metrics_from_sums(sums, popularity).items()})
         return out
 
     def optimizer_state(self) -> dict[str, np.ndarray]:

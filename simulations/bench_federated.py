@@ -20,6 +20,9 @@ privacy: MovieLens-100K as in quality, without DP and with example-level DP-SGD 
 scale:   the synthetic catalog with many per-user clients (default 10,000, 100 a round):
          seconds per round and peak resident memory of all the simulation's processes.
     python -m simulations.bench_federated scale --clients 10000
+
+Every benchmark's JSON holds the final test metrics beyond accuracy too (AUC, and the
+top-10 lists' coverage, popularity, Gini and long-tail share: shared_model/metrics.py).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def quality(args: argparse.Namespace) -> dict:
     train_seconds = [m["seconds"] for m in trained if m["round"] % args.eval_every]  # rounds without evaluation
     result = {
         "centralized test NDCG@10": centralized,
-        "final test NDCG@10": summary["test"]["NDCG@10"],
+        **{f"final test {k}": v for k, v in summary["test"].items()},
         "final / centralized": summary["test"]["NDCG@10"] / centralized,
         "best round (by validation)": summary["best"]["round"],
         "best-round test NDCG@10": summary["best"]["test"]["NDCG@10"],
@@ -94,7 +97,7 @@ def plot_quality(evaluated: list[dict], centralized: float, path: Path) -> None:
 
 def default(args: argparse.Namespace) -> dict:
     """The default run, the same without DP, and popularity on the same split."""
-    from shared_model.metrics import evaluate_scores
+    from shared_model.metrics import evaluate_scores, item_counts
     from shared_model.settings import RunSettings
     from shared_model.splits import leave_one_out
     from simulations.baselines import popularity_scores
@@ -112,14 +115,15 @@ def default(args: argparse.Namespace) -> dict:
             raise SystemExit(f"run {run_name} failed ({run.status}):\n{run.log[-4000:]}")
         summary = json.loads((Path(args.out) / run_name / "summary.json").read_text())
         config = summary["config"]
-        rows[name] = {"test NDCG@10": summary["test"]["NDCG@10"], "test HR@10": summary["test"]["HR@10"],
+        rows[name] = {**{f"test {k}": v for k, v in summary["test"].items()},
                       "wall seconds (flwr run, start to end)": wall, "privacy": summary["privacy"],
                       "run folder": str(Path(args.out) / run_name)}
         print(name, json.dumps(rows[name]), flush=True)
     split = leave_one_out(RunSettings.from_run_config(config).load_dataset())  # the runs' own data
     cases = split.cases("test")
     rows["popularity"] = {f"test {k}": v for k, v in
-                          evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases).items()}
+                          evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases,
+                                          item_counts(split.train, split.n_items)).items()}
     base = rows["popularity"]["test NDCG@10"]
     lift = rows["non-private"]["test NDCG@10"] - base
     for name, row in rows.items():
@@ -152,7 +156,7 @@ def privacy(args: argparse.Namespace) -> dict:
         interaction = example.get("per interaction", {})
         table.append({
             "run": name, "target epsilon per client": eps,
-            "final test NDCG@10": summary["test"]["NDCG@10"],
+            **{f"final test {k}": v for k, v in summary["test"].items()},
             "best-round test NDCG@10": summary["best"]["test"]["NDCG@10"] if summary["best"]["round"] else None,
             "client epsilon max (example level)": example.get("epsilon"),
             "per-interaction epsilon (sensitivity (2W+1) C, same delta)": interaction.get("epsilon"),
@@ -209,7 +213,7 @@ def scale(args: argparse.Namespace) -> dict:
         "seconds per round (median, rounds without evaluation)": sorted(train_seconds)[len(train_seconds) // 2],
         "peak resident memory of the whole simulation (GB)": run.peak_rss_bytes / 1e9,
         "wall seconds (start-up, handshake, rounds, teardown)": time.time() - started,
-        "final test NDCG@10 (sampled clients)": metrics[-1].get("test NDCG@10"),
+        **{f"final {k} (sampled clients)": v for k, v in metrics[-1].items() if k.startswith("test ")},
     }
 
 

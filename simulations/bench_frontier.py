@@ -33,7 +33,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared_model.metrics import evaluate_scores  # noqa: E402
+from shared_model.metrics import evaluate_scores, item_counts  # noqa: E402
 from shared_model.privacy import noise_multiplier  # noqa: E402
 from shared_model.settings import RunSettings  # noqa: E402
 from shared_model.splits import leave_one_out  # noqa: E402
@@ -75,7 +75,8 @@ def final_test_metrics(folder: Path) -> dict[str, float]:
 def popularity_metrics(settings: RunSettings) -> dict[str, float]:
     split = leave_one_out(settings.load_dataset())
     cases = split.cases("test")
-    return evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases)
+    return evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases,
+                           item_counts(split.train, split.n_items))
 
 
 def run_population(population: str, args: argparse.Namespace, stamp: str, out: dict) -> dict:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from shared_model.cli_options import add_data_options, add_model_options, model_config, positive_float, positive_int
 from shared_model.data import DataError, Dataset
 from shared_model.datasets import load_dataset
-from shared_model.metrics import evaluate_scores
+from shared_model.metrics import evaluate_scores, item_counts
 from shared_model.recommender import Ranker, Recommender, RecommenderConfig, build_recommender, score_catalog
 from shared_model.splits import LeaveOneOut, leave_one_out
 from shared_model.files import write_atomic
@@ -44,6 +44,7 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     valid = split.cases("valid")
+    popularity = item_counts(split.train, split.n_items)
     model = build_recommender(texts, config.model, progress=progress)
     optimizer = make_optimizer(model, config.train)
     profile_rows = add_profiles(model, split.profiles) if split.profiles else None  # users' own words
@@ -55,7 +56,7 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     with open(out_dir / "metrics.jsonl", "w") as log:
         for epoch in bar:
             loss, _ = train_sequences(model, optimizer, chunks, config.train.batch_size, rng)
-            metrics = evaluate_scores(score_catalog(model, valid.histories), valid)
+            metrics = evaluate_scores(score_catalog(model, valid.histories), valid, popularity)
             log.write(json.dumps({"epoch": epoch, "loss": loss, **{f"valid {k}": v for k, v in metrics.items()}}) + "\n")
             log.flush()
             if metrics["NDCG@10"] > best_ndcg:
@@ -82,9 +83,10 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
         "popularity": popularity_scores(prefixes, split.n_items, test),
         "ease": ease_test_scores(split, lam, test),
     }
+    popularity = item_counts(split.train, split.n_items)
     results = {}
     for name, s in scores.items():
-        results[name] = evaluate_scores(s, test)
+        results[name] = evaluate_scores(s, test, popularity)
         results[name].update(evaluate_scores(s, test, sampled=True))
     summary = {
         "dataset": dataset.name,
@@ -120,11 +122,17 @@ def top10_latency_ms(model: Recommender, histories: list[np.ndarray]) -> dict[st
     return {"median": 1000 * float(np.median(times)), "p99": 1000 * float(np.percentile(times, 99))}
 
 
+TABLES = (("HR@10", "NDCG@10", "HR@10 (100 sampled)", "NDCG@10 (100 sampled)"),
+          ("AUC", "coverage@10", "popularity@10", "Gini@10", "long-tail@10"))
+
+
 def format_table(summary: dict) -> str:
-    keys = ["HR@10", "NDCG@10", "HR@10 (100 sampled)", "NDCG@10 (100 sampled)"]
-    lines = [f"{'':12}" + "".join(f"{k:>24}" for k in keys)]
-    for name, metrics in summary["test"].items():
-        lines.append(f"{name:12}" + "".join(f"{metrics[k]:>24.4f}" for k in keys))
+    """The test metrics: accuracy, then beyond accuracy (definitions: shared_model.metrics)."""
+    lines = []
+    for keys in TABLES:
+        lines.append(f"{'':12}" + "".join(f"{k:>24}" for k in keys))
+        for name, metrics in summary["test"].items():
+            lines.append(f"{name:12}" + "".join(f"{metrics[k]:>24.4f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -133,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m simulations.centralized",
         description="Train the recommender centrally, keep the best epoch by validation NDCG@10, and "
         "report test HR@10/NDCG@10 (full ranking and 100 sampled negatives) for it, popularity and "
-        "EASE (lambda tuned on validation). Writes metrics.jsonl, summary.json and the best adapters.",
+        "EASE (lambda tuned on validation), with AUC and the top-10 lists' coverage, popularity, Gini "
+        "and long-tail share (defined in shared_model/metrics.py). Writes metrics.jsonl, summary.json "
+        "and the best adapters.",
     )
     add_data_options(parser)
     add_model_options(parser)

@@ -35,7 +35,7 @@ from client.client_app import round_seed, simulated_failure
 from server.dp_aggregation import add_into, clipped_sum, stacked_updates
 from server.run_folder import RunFolder
 from server.server_app import (array_record, evaluation_rounds, finish, make_strategy, progress_line,
-                               record_privacy, server_evaluation, starting_model)
+                               record_privacy, server_evaluation, stage_metrics, starting_model)
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import leave_one_out
@@ -146,7 +146,7 @@ def run(settings: RunSettings, chunk: int = CHUNK, noise_free: bool = False) -> 
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
-                "test": {k: line[f"test {k}"] for k in ("HR@10", "NDCG@10") if f"test {k}" in line}}
+                "test": stage_metrics(line, "test")}
         print(progress_line(settings, line, best), flush=True)
     finish(folder, settings, population.model, arrays, arrays, best, len(population.train), session_started,
            path=PATH + (", noise-free reference: NOT private" if noise_free else ""))

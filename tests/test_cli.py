@@ -26,9 +26,14 @@ def test_centralized_writes_summary_with_model_and_baselines(tmp_path):
     for name in ("model", "popularity", "ease"):
         assert 0.0 <= summary["test"][name]["NDCG@10"] <= summary["test"][name]["HR@10"] <= 1.0
     assert summary["test"]["model"]["NDCG@10"] > summary["test"]["popularity"]["NDCG@10"]
+    model, popular = summary["test"]["model"], summary["test"]["popularity"]
+    for metrics in (model, popular):
+        assert 0.5 < metrics["AUC"] < 1 and 0 < metrics["coverage@10"] <= 1 and 0 <= metrics["Gini@10"] < 1
+        assert 0 <= metrics["long-tail@10"] <= 1 and metrics["popularity@10"] > 0
+    assert popular["long-tail@10"] < 0.05 and popular["popularity@10"] > 2  # popularity recommends the head
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run_dir / "best_adapters.safetensors").stat().st_size > 100_000
-    assert "ease" in done.stdout and "NDCG@10" in done.stdout
+    assert "ease" in done.stdout and "NDCG@10" in done.stdout and "long-tail@10" in done.stdout
 
 
 def test_bad_data_dir_is_a_clear_error(tmp_path):

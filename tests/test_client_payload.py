@@ -32,14 +32,20 @@ def test_train_reply_carries_only_adapters_and_scalars():
     assert metrics["weight"] == sum(len(s) - 1 for s in data.split.train if len(s) > 1)  # the exact count
 
 
-def test_evaluate_reply_is_sums_and_counts():
+def test_evaluate_reply_is_sums_counts_and_per_item_counts():
     context = client_context(1, 4, dp="none")
     reply = deliver(MessageType.EVALUATE, context, RecordDict({"arrays": global_state(context.run_config)}))
-    assert set(reply.content.keys()) == {"metrics"}
+    assert set(reply.content.keys()) == {"metrics", "items"}
     metrics = reply.content["metrics"]
-    expected = {f"{s}-{m}" for s in ("valid", "test") for m in ("HR@10-sum", "NDCG@10-sum", "count")}
+    expected = {f"{s}-{m}" for s in ("valid", "test") for m in ("HR@10-sum", "NDCG@10-sum", "AUC-sum", "count")}
     assert set(metrics.keys()) == expected | {"weight"}
     assert 0 <= metrics["test-NDCG@10-sum"] <= metrics["test-HR@10-sum"] <= metrics["test-count"]
+    assert 0 < metrics["test-AUC-sum"] < metrics["test-count"]
+    items = reply.content["items"]  # non-private only: which items the users touched, and what they were shown
+    data = simulated_client_data(RunSettings.from_run_config(context.run_config), 1, 4)
+    assert set(items.keys()) == {"train-interactions", "valid-exposure", "test-exposure"}
+    assert items["train-interactions"].numpy().sum() == sum(len(s) for s in data.split.train)
+    assert items["test-exposure"].numpy().sum() == 10 * metrics["test-count"]
 
 
 def test_query_reply_is_only_the_sampling_key():

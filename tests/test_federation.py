@@ -30,10 +30,12 @@ def test_small_simulation_ends_better_than_it_started(full_run):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["clients"] == CLIENTS
     assert summary["test"]["NDCG@10"] == metrics[-1]["test NDCG@10"]
+    for key in ("AUC", "coverage@10", "popularity@10", "Gini@10", "long-tail@10"):  # from the clients' sums
+        assert summary["test"][key] == metrics[-1][f"test {key}"] and f"valid {key}" in metrics[-1]
     assert 0 < summary["upload_bytes_per_client_per_round"] <= 256 * 1024
     for name in ("metrics.png", "final_adapters.safetensors", "best_adapters.safetensors"):
         assert (folder / name).stat().st_size > 1000
-    assert "[round 3/3]" in run.log  # per-round progress reaches the user
+    assert "[round 3/3]" in run.log and "top-10 coverage" in run.log  # progress and the end reach the user
 
 
 def test_failing_clients_are_left_out_and_rounds_complete(full_run):

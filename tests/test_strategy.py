@@ -22,7 +22,7 @@ def server_task():
 
 class ScriptedGrid:
     """Each node trains by adding (its key + 1) * 0.01 to every weight and evaluates with
-    sums of 1 per user; with `ledger` (client DP) node 100 declines."""
+    sums of 1 per user (one user, shown items 0-9); with `ledger` (client DP) node 100 declines."""
 
     def __init__(self, ledger: bool = False):
         self.batches: list[tuple[str, int]] = []
@@ -37,8 +37,11 @@ class ScriptedGrid:
         key = msg.metadata.dst_node_id - 100
         server_round = int(msg.content["config"]["server-round"])
         if msg.metadata.message_type == MessageType.EVALUATE:
-            sums = {f"{s}-{m}": 1.0 for s in ("valid", "test") for m in ("HR@10-sum", "NDCG@10-sum", "count")}
-            return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+            sums = {f"{s}-{m}": 1.0 for s in ("valid", "test") for m in ("HR@10-sum", "NDCG@10-sum", "AUC-sum", "count")}
+            shown = np.array([1] * 10 + [0] * 10)
+            items = ArrayRecord({"train-interactions": Array(np.ones(20, dtype=np.int64)),
+                                 "valid-exposure": Array(shown), "test-exposure": Array(shown)})
+            return Message(RecordDict({"metrics": MetricRecord(sums), "items": items}), reply_to=msg)
         content = RecordDict({"metrics": MetricRecord({"weight": 1.0})})
         if not (self.ledger and key == 0):  # node 100 declines under DP
             content["arrays"] = ArrayRecord({k: Array(a.numpy() + (key + 1) * 0.01)
@@ -65,7 +68,9 @@ def test_every_round_sends_training_and_evaluation_in_one_batch_each():
     result = strategy(eval_rounds={0, 2}).start(grid, start_arrays(), num_rounds=2)
     assert grid.batches == [(MessageType.EVALUATE, NODES), (MessageType.TRAIN, NODES), ("none", 0),
                             (MessageType.TRAIN, NODES), (MessageType.EVALUATE, NODES)]
-    assert dict(result.evaluate_metrics_clientapp[2])["valid NDCG@10"] == 1.0
+    evaluated = dict(result.evaluate_metrics_clientapp[2])
+    assert evaluated["valid NDCG@10"] == evaluated["test AUC"] == 1.0
+    assert evaluated["test coverage@10"] == 0.5 and evaluated["test Gini@10"] == 0.5
     assert not np.allclose(result.arrays["w"].numpy(), 0.0)
 
 
