@@ -8,7 +8,8 @@ leave-one-out by time, train the non-private model centrally (the reference reci
 simulations/centralized.py, light head only, capped at --max-steps optimiser steps, best
 epoch by validation NDCG@10 on a seeded sample of users) and score it, popularity and
 topic-popularity ("topic alone": the user's share of items in each topic times the
-item's popularity within the topic; simulations/baselines.py) on the same test cases, full ranking over all unseen items.
+item's popularity within the topic; simulations/baselines.py) on the same test cases,
+full ranking over all unseen items.
 
     python -m simulations.bench_population                        # 1k, 10k, 100k users
     python -m simulations.bench_population --populations 1000 --max-steps 300 --out /tmp/pop
@@ -145,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=positive_int, default=2000,
                         help="training budget in optimiser steps (batch 128), rounded up to whole epochs, at most "
                         f"{MAX_EPOCHS} epochs (default 2000: 2 epochs at 100,000 users)")
-    parser.add_argument("--eval-users", type=int, default=10_000,
+    parser.add_argument("--eval-users", type=int, default=10_000, metavar="N",
                         help="validate and test on a seeded sample of this many users (0: all; default 10000)")
     parser.add_argument("--no-id-embeddings", dest="id_embeddings", action="store_false",
                         help="train the text-only model (what user-level DP-FedAvg federations train)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the worlds, training and samples (default 0)")
     parser.add_argument("--out", default="docs/figures", help="folder for the JSON and figure (default docs/figures)")
     args = parser.parse_args(argv)
     bench = BenchSettings(args.max_steps, args.eval_users, args.id_embeddings, args.seed)
