@@ -53,7 +53,7 @@ class SyntheticConfig:
     @classmethod
     def for_population(cls, n_users: int, seed: int = 0) -> SyntheticConfig:
         """The world of `n_users` users: the small default catalog up to 8,000 users, then
-        one item per USERS_PER_ITEM users, so that items keep about 200 interactions each
+        one item per USERS_PER_ITEM users, so that items keep about 400 interactions each
         (MovieLens-20M has 5 users and 740 ratings an item) and the catalog, like a real
         platform's, grows with its audience."""
         return cls(n_users=n_users, n_items=max(cls.n_items, n_users // USERS_PER_ITEM), seed=seed)
