@@ -13,6 +13,8 @@ federation), and the final model is the one kept: no round is picked on those nu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
@@ -33,11 +35,11 @@ from server.dp_strategy import DPFedAvg
 from server.strategy import STAGES, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.ledger import LedgerEntry, events_of, read_ledger
-from shared_model.metrics import evaluate_scores, item_counts
+from shared_model.metrics import item_counts, metrics_from_sums, ranking_sums
 from shared_model.privacy import RELATION, epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings, SettingsError
-from shared_model.splits import leave_one_out
+from shared_model.splits import LeaveOneOut, leave_one_out
 
 app = ServerApp()
 
@@ -50,11 +52,18 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict[int, int]:
-    """Ask every connected node, in one batch, for its stable sampling key. A node that
-    answers with an error (still cleaning up after a stopped run, briefly offline) is asked
-    again while the SuperLink still lists it online, until `timeout`; every error is logged."""
-    deadline = time.time() + timeout
+QUERY_BATCH = 1000  # nodes asked at once by the start-up query
+
+
+def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0, batch: int = QUERY_BATCH) -> dict[int, int]:
+    """Ask every connected node for its stable sampling key, `batch` nodes at a time (each
+    batch waits up to `timeout`). A node that answers with an error (still cleaning up after
+    a stopped run, briefly offline) is asked again while the SuperLink still lists it online,
+    until `timeout` after the first pass; every error is logged. Why batches: each 0.1 s poll
+    of Flower's in-memory link state (1.41, 1.42) re-validates every awaited message under
+    the state's lock, so 100,000 queries in flight at once had not all been answered after 8
+    minutes of a simulation's start (2 busy cores); a batch bounds that work."""
+    deadline: float | None = None
     node_ids = list(grid.get_node_ids())
     while not node_ids:
         log(INFO, "fedrec: waiting for SuperNodes to connect")
@@ -63,13 +72,19 @@ def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict
     keys: dict[int, int] = {}
     asked = set(node_ids)
     while True:
-        messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
-                            message_type=MessageType.QUERY) for n in node_ids if n not in keys]
-        for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.time())):
-            if reply.has_error():
-                log(WARNING, "fedrec: start-up query: error %s (%s)", reply.error.code, reply.error.reason)
-            else:
-                keys[reply.metadata.src_node_id] = int(reply.content["info"]["sampling-key"])
+        waiting = [n for n in node_ids if n not in keys]
+        for start in range(0, len(waiting), batch):
+            messages = [Message(RecordDict({"query": ConfigRecord({"ask": "sampling-key"})}), dst_node_id=n,
+                                message_type=MessageType.QUERY) for n in waiting[start : start + batch]]
+            wait = timeout if deadline is None else max(1.0, deadline - time.time())
+            for reply in grid.send_and_receive(messages, timeout=wait):
+                if reply.has_error():
+                    log(WARNING, "fedrec: start-up query: error %s (%s)", reply.error.code, reply.error.reason)
+                else:
+                    keys[reply.metadata.src_node_id] = int(reply.content["info"]["sampling-key"])
+            if len(waiting) > batch:
+                log(INFO, "fedrec: start-up query: %d of %d nodes answered", len(keys), len(asked))
+        deadline = deadline or time.time() + timeout
         online = set(grid.get_node_ids())
         node_ids = [n for n in node_ids if n in online]  # nodes gone offline are not asked again
         if all(n in keys for n in node_ids) or time.time() + retry_every >= deadline:
@@ -83,20 +98,29 @@ def sampling_keys(grid: Grid, timeout: float, retry_every: float = 10.0) -> dict
 
 
 class ServerSideEvaluation:
-    """Simulation only: the same metrics over the whole held-out split, on the server
-    (popularity: the split's training interactions)."""
+    """Simulation only: the same metrics over the whole held-out split, on the server, in
+    slices of users (a 100,000-user split scored at once would hold 4 GB of scores a stage
+    for a 10,000-item catalog, and several masks as large); popularity: the split's
+    training interactions."""
 
-    def __init__(self, settings: RunSettings, model: Recommender, prefix: str):
+    SLICE = 4096  # users scored at once
+
+    def __init__(self, split: LeaveOneOut, model: Recommender, prefix: str):
         self.model, self.prefix = model, prefix
-        split = leave_one_out(settings.load_dataset())
-        self.cases = {stage: split.cases(stage) for stage in STAGES}
+        users = np.arange(split.n_users)
+        self.cases = {stage: [split.cases(stage, users[start : start + self.SLICE])
+                              for start in range(0, split.n_users, self.SLICE)] for stage in STAGES}
         self.popularity = item_counts(split.train, split.n_items)
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         self.model.load_trainable_state({k: torch.from_numpy(v) for k, v in arrays.items()})
+        self.model.eval()
+        with torch.no_grad():
+            catalog = self.model.catalog_vectors()
         out = {}
-        for stage, cases in self.cases.items():
-            metrics = evaluate_scores(score_catalog(self.model, cases.histories), cases, self.popularity)
+        for stage, slices in self.cases.items():
+            sums = [ranking_sums(score_catalog(self.model, cases.histories, catalog=catalog), cases) for cases in slices]
+            metrics = metrics_from_sums(functools.reduce(operator.add, sums), self.popularity)
             out.update({f"{self.prefix}{stage} {k}": v for k, v in metrics.items()})
         return out
 
@@ -226,9 +250,11 @@ def server_evaluation(settings: RunSettings, model: Recommender,
         if not simulation:
             log(INFO, "fedrec: private run: clients do not evaluate and the server has no held-out data")
             return None
-        on_server = ServerSideEvaluation(settings, model, prefix="")
+        on_server = ServerSideEvaluation(leave_one_out(settings.load_dataset()), model, prefix="")
         return lambda arrays: {"evaluated on": "server (held-out split)", **on_server(arrays)}
-    return ServerSideEvaluation(settings, model, prefix="server ") if settings.server_eval else None
+    if not settings.server_eval:
+        return None
+    return ServerSideEvaluation(leave_one_out(settings.load_dataset()), model, prefix="server ")
 
 
 class RoundRecord:

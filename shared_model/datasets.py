@@ -23,7 +23,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int
                  synthetic_users: int = 2000) -> Dataset:
     """Load a dataset by name: 'synthetic' (built in, the default) or 'ml-100k'."""
     if name == "synthetic":
-        return generate(SyntheticConfig(n_users=synthetic_users, seed=seed))
+        return generate(SyntheticConfig.for_population(synthetic_users, seed))
     if name == "ml-100k":
         return load_ml100k(data_dir)
     raise DataError(f"unknown dataset {name!r}: choose 'synthetic' or 'ml-100k'")

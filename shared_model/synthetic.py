@@ -50,6 +50,17 @@ class SyntheticConfig:
     popularity_exponent: float = 1.0  # Zipf exponent of item popularity within a topic
     seed: int = 0
 
+    @classmethod
+    def for_population(cls, n_users: int, seed: int = 0) -> SyntheticConfig:
+        """The world of `n_users` users: the small default catalog up to 8,000 users, then
+        one item per USERS_PER_ITEM users, so that items keep about 400 interactions each
+        (MovieLens-20M has 5 users and 740 ratings an item) and the catalog, like a real
+        platform's, grows with its audience."""
+        return cls(n_users=n_users, n_items=max(cls.n_items, n_users // USERS_PER_ITEM), seed=seed)
+
+
+USERS_PER_ITEM = 10
+
 
 def _make_catalog(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[Catalog, np.ndarray]:
     names = list(TOPICS)
@@ -97,7 +108,7 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> Dataset:
 
     items = np.zeros((cfg.n_users, steps), dtype=np.int64)
     previous_topic = np.full(cfg.n_users, -1)
-    seen = np.zeros((cfg.n_users, cfg.n_items), dtype=bool)
+    seen = np.zeros((cfg.n_users, (cfg.n_items + 7) // 8), dtype=np.uint8)  # a bit per (user, item)
     for step in range(steps):
         active = np.flatnonzero(lengths > step)
         progress = np.minimum(step / np.maximum(lengths[active] - 1, 1), 1.0)[:, None]
@@ -113,10 +124,12 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> Dataset:
                 among = topic[who] == t
                 members, member_cdf = samplers[t]
                 items[who[among], step] = members[np.searchsorted(member_cdf, draws[among])]
-            who = who[seen[who, items[who, step]]]
+            drawn = items[who, step]
+            who = who[((seen[who, drawn >> 3] >> (drawn & 7)) & 1).astype(bool)]
             if not len(who):
                 break
-        seen[active, items[active, step]] = True
+        drawn = items[active, step]
+        seen[active, drawn >> 3] |= (1 << (drawn & 7)).astype(np.uint8)
         previous_topic[active] = primary[items[active, step]]
 
     users = np.repeat(np.arange(cfg.n_users), steps)

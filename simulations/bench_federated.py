@@ -209,7 +209,8 @@ def scale(args: argparse.Namespace) -> dict:
     train_seconds = [m["seconds"] for m in metrics if 0 < m["round"] < args.rounds]
     return {
         "clients": args.clients,
-        "clients per round": args.clients_per_round,
+        "clients per round": [m["clients"] for m in metrics if m["round"] > 0],  # Poisson under server-dp
+        "seconds per round": [m["seconds"] for m in metrics if m["round"] > 0],  # the last one evaluates
         "seconds per round (median, rounds without evaluation)": sorted(train_seconds)[len(train_seconds) // 2],
         "peak resident memory of the whole simulation (GB)": run.peak_rss_bytes / 1e9,
         "wall seconds (start-up, handshake, rounds, teardown)": time.time() - started,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -16,13 +17,16 @@ from shared_model.synthetic import SyntheticConfig, generate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=100_000, help="users to generate (default 100000)")
-    parser.add_argument("--items", type=int, default=SyntheticConfig.n_items, help="catalog size")
+    parser.add_argument("--items", type=int, help="catalog size (default: the population's, as runs get it)")
     args = parser.parse_args()
+    config = SyntheticConfig.for_population(args.users)
+    if args.items is not None:
+        config = dataclasses.replace(config, n_items=args.items)
     start = time.perf_counter()
-    dataset = generate(SyntheticConfig(n_users=args.users, n_items=args.items))
+    dataset = generate(config)
     seconds = time.perf_counter() - start
     per_user = np.bincount(dataset.users, minlength=dataset.n_users)
-    print(f"{args.users} users, {args.items} items: {len(dataset.users)} interactions "
+    print(f"{args.users} users, {config.n_items} items: {len(dataset.users)} interactions "
           f"(median {int(np.median(per_user))} per user) in {seconds:.1f} s")
 
 

@@ -36,6 +36,14 @@ class CentralizedConfig:
     epochs: int = 60
     patience: int = 10  # stop after this many epochs without a better validation NDCG@10
     seed: int = 0
+    valid_users: int = 0  # validate on a seeded sample of this many users (0: all)
+
+
+def user_sample(n_users: int, size: int, seed: int) -> np.ndarray | None:
+    """A seeded, sorted sample of `size` users, or None (all) when size is 0 or covers them."""
+    if size <= 0 or size >= n_users:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_users, size=size, replace=False))
 
 
 def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedConfig, out_dir: Path,
@@ -43,7 +51,7 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     """Train on split.train, keep the best epoch by validation NDCG@10 (written to out_dir)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    valid = split.cases("valid")
+    valid = split.cases("valid", user_sample(split.n_users, config.valid_users, config.seed))
     popularity = item_counts(split.train, split.n_items)
     model = build_recommender(texts, config.model, progress=progress)
     optimizer = make_optimizer(model, config.train)

@@ -1,5 +1,6 @@
 """Loaders, splits and partitions on small hand-made files and the synthetic catalog."""
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from shared_model.data import DataError, load_ml100k
 from shared_model.partitions import partition_users
 from shared_model.splits import cold_item_split, cold_user_split, leave_one_out, user_sequences
-from shared_model.synthetic import SyntheticConfig, generate
+from shared_model.synthetic import USERS_PER_ITEM, SyntheticConfig, generate
 
 GENRES = "unknown|0\nAction|1\nComedy|2\n"
 
@@ -107,6 +108,27 @@ def test_synthetic_is_seeded_and_shaped():
     assert all(len(np.unique(s)) == len(s) for s in sequences)  # an item is met once per user
     counts = np.bincount(a.items, minlength=a.n_items)
     assert counts.max() > 10 * np.median(counts)  # long tail
+
+
+def test_default_world_is_unchanged():
+    """The small world the tests and the quickstart use is pinned: the memory-saving rewrite
+    of the generator (a bit per user and item) gives the same interactions as before."""
+    a = generate(SyntheticConfig(n_users=300, seed=3))
+    assert hashlib.sha256(a.items.tobytes() + a.users.tobytes()).hexdigest()[:16] == "22e1781cfed5caee"
+    assert SyntheticConfig.for_population(4000) == SyntheticConfig(n_users=4000)  # the default run's world
+
+
+def test_population_world_grows_its_catalog_and_is_seeded():
+    config = SyntheticConfig.for_population(9_000, seed=1)
+    assert (config.n_users, config.n_items) == (9_000, 9_000 // USERS_PER_ITEM)
+    a, b = generate(config), generate(config)
+    assert np.array_equal(a.items, b.items) and np.array_equal(a.timestamps, b.timestamps)
+    assert a.n_items == 900 and len(a.catalog.texts) == 900 and a.n_users == 9_000
+    per_user = np.bincount(a.users, minlength=a.n_users)
+    assert per_user.min() >= 5 and abs(per_user.mean() - config.mean_history) < 3
+    assert all(len(np.unique(s)) == len(s) for s in user_sequences(a)[:500])
+    counts = np.bincount(a.items, minlength=a.n_items)
+    assert (counts > 0).mean() > 0.95 and counts.max() > 10 * np.median(counts)  # the whole catalog, long-tailed
 
 
 def test_cold_item_split_removes_cold_items_from_training():

@@ -3,7 +3,6 @@ server's strategy, gives the numbers the server computes over the whole split at
 
 import math
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType
 from flwr.supercore.task_identity import TaskIdentity
@@ -12,6 +11,7 @@ from server.server_app import ServerSideEvaluation
 from server.strategy import SeededFedAdam
 from shared_model.recommender import build_recommender
 from shared_model.settings import RunSettings
+from shared_model.splits import leave_one_out
 from simulations.client_harness import client_context, deliver
 
 USERS = 16  # one client per user
@@ -31,7 +31,8 @@ def test_client_sums_aggregate_to_the_server_side_evaluation():
     assert len(messages) == USERS
     replies = [deliver(MessageType.EVALUATE, contexts[m.metadata.dst_node_id - 100], m.content) for m in messages]
     federated = dict(strategy.aggregate_evaluate(0, replies))
-    on_server = ServerSideEvaluation(settings, model, prefix="")({k: a.numpy() for k, a in arrays.items()})
+    on_server = ServerSideEvaluation(leave_one_out(settings.load_dataset()), model, prefix="")(
+        {k: a.numpy() for k, a in arrays.items()})
 
     assert federated["eval clients"] == USERS
     metrics = [k for k in on_server if k.startswith(("valid ", "test "))]

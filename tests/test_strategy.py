@@ -1,15 +1,22 @@
 """The strategy's round loop (SeededFedAdam.start) against a scripted grid: one batch of
 sends per round for training and one for evaluation, resuming from a round's arrays and
 optimiser state gives the uninterrupted run's arrays, and under client DP only updates
-that the ledger accounts are aggregated."""
+that the ledger accounts are aggregated. The ServerApp's start-up query in batches, and its
+evaluation on the server in slices of users."""
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.server_app import ServerSideEvaluation, sampling_keys
 from server.strategy import SeededFedAdam
 from shared_model.ledger import LedgerEntry
+from shared_model.metrics import evaluate_scores, item_counts
+from shared_model.recommender import RecommenderConfig, build_recommender, score_catalog
+from shared_model.splits import leave_one_out
+from shared_model.synthetic import SyntheticConfig, generate
 
 NODES = 4
 
@@ -99,3 +106,49 @@ def test_under_client_dp_only_accounted_updates_are_aggregated():
     recording.start(ScriptedGrid(ledger=True), start_arrays(), num_rounds=1)
     assert recording.aggregated == [101, 102]  # 100 declined; 103's entry names another client
     assert recording.outcome.stats.declined == 1 and len(recording.outcome.stats.entries) == 3
+
+
+class KeyGrid:
+    """Answers the start-up query with the node's key (its id - 100); node 107 fails once."""
+
+    def __init__(self, nodes: int):
+        self.nodes, self.batches, self.failed = [100 + k for k in range(nodes)], [], False
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.batches.append(len(messages))
+        replies = []
+        for msg in messages:
+            if msg.metadata.dst_node_id == 107 and not self.failed:
+                self.failed = True
+                replies.append(Message(Error(code=0, reason="still cleaning up"), reply_to=msg))
+            else:
+                key = msg.metadata.dst_node_id - 100
+                replies.append(Message(RecordDict({"info": ConfigRecord({"sampling-key": key})}), reply_to=msg))
+        return replies
+
+
+def test_start_up_query_asks_in_batches_and_asks_failed_nodes_again():
+    grid = KeyGrid(25)
+    keys = sampling_keys(grid, timeout=60.0, retry_every=0.0, batch=10)
+    assert keys == {100 + k: k for k in range(25)}
+    assert grid.batches == [10, 10, 5, 1]  # the failed node, once more
+
+
+def test_server_side_evaluation_in_slices_equals_the_whole_split_at_once(monkeypatch):
+    world = generate(SyntheticConfig(n_users=60, n_items=64))
+    torch.manual_seed(0)
+    model = build_recommender(world.catalog.texts, RecommenderConfig(lora_layers=0), progress=False)
+    split = leave_one_out(world)
+    monkeypatch.setattr(ServerSideEvaluation, "SLICE", 16)  # 60 users: 4 slices, the last one short
+    sliced = ServerSideEvaluation(split, model, prefix="")({k: v.numpy() for k, v in model.trainable_state().items()})
+    for stage in ("valid", "test"):
+        cases = split.cases(stage)
+        whole = evaluate_scores(score_catalog(model, cases.histories), cases, item_counts(split.train, split.n_items))
+        assert len(whole) == 7  # HR, NDCG and the beyond-accuracy metrics, every one equal
+        for name, value in whole.items():
+            assert sliced[f"{stage} {name}"] == pytest.approx(value, abs=1e-9), name
+    assert sliced["test HR@10"] > 0  # a real ranking, not an empty one
