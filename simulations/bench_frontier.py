@@ -12,12 +12,15 @@ survives the noise.
 
 Every federation runs through the in-process driver (simulations.population: the server's
 DP-FedAvg code and the clients' training, vectorised; tests/test_population.py shows it
-computes what `flwr run` computes). Results merge into the JSON by population and epsilon,
-so the frontier can run in parts (e.g. `--populations 100000 --epsilons 1,8`); the figure
-is redrawn from everything in the JSON.
+computes what `flwr run` computes). Results merge into the JSON by variant, population and
+epsilon, so the frontier can run in parts (e.g. `--populations 100000 --epsilons 1,8`); the
+figure is redrawn from everything in the JSON. A variant measures one mechanism alone: the
+same federations with run-config overrides (`--variant adaptive-clip --set
+server-dp-adaptive-clip=true`), each with its own noise-free reference.
 
-    python -m simulations.bench_frontier                      # the whole frontier
+    python -m simulations.bench_frontier                      # the whole baseline frontier
     python -m simulations.bench_frontier --populations ml-100k --epsilons 8
+    python -m simulations.bench_frontier --variant public-1pct --set public-users=0.01 --populations 100000
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from shared_model.privacy import noise_multiplier  # noqa: E402
 from shared_model.settings import RunSettings  # noqa: E402
 from shared_model.splits import leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
-from simulations.flower_runner import app_run_config  # noqa: E402
+from simulations.flower_runner import app_run_config, parse_overrides  # noqa: E402
 from simulations.population import run  # noqa: E402
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -54,14 +57,15 @@ def population_config(population: str) -> dict:
 
 
 def settings_for(population: str, args: argparse.Namespace, run_name: str, noise: float) -> RunSettings:
-    """A per-user DP-FedAvg run of this population: its sampling rate gives the expected cohort."""
+    """A per-user DP-FedAvg run of this population (its sampling rate gives the expected
+    cohort), with the variant's run-config overrides (`--set`)."""
     probe = RunSettings.from_run_config(app_run_config(**population_config(population)))
     users = len(leave_one_out(probe.load_dataset()).train)
     rate = min(1.0, args.cohort / users)
     overrides = {**population_config(population), "partitioning": "per-user", "dp": "none", "server-dp": True,
                  "id-embeddings": False, "server-dp-sample-rate": rate, "server-dp-noise": noise,
                  "server-dp-clip": args.clip, "num-server-rounds": args.rounds, "eval-every": args.rounds,
-                 "dp-delta": args.delta, "output-dir": str(args.runs), "run-name": run_name}
+                 "dp-delta": args.delta, "output-dir": str(args.runs), "run-name": run_name, **args.set}
     return RunSettings.from_run_config(app_run_config(**overrides))
 
 
@@ -82,7 +86,7 @@ def popularity_metrics(settings: RunSettings) -> dict[str, float]:
 def run_population(population: str, args: argparse.Namespace, stamp: str, out: dict) -> dict:
     """Popularity and the noise-free federation (unless `out`, this population's earlier
     results, holds them), and one DP federation per epsilon, merged into `out`."""
-    base = settings_for(population, args, f"frontier-{stamp}-{population}-no-noise", noise=1.0)
+    base = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-no-noise", noise=1.0)
     if "no noise" not in out:
         out.update(users=len(leave_one_out(base.load_dataset()).train), epsilon={},
                    popularity=popularity_metrics(base))
@@ -92,7 +96,7 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
         out["no noise"]["seconds"] = time.time() - started
     for eps in args.epsilons:
         z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
-        settings = settings_for(population, args, f"frontier-{stamp}-{population}-eps{eps:g}", noise=z)
+        settings = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-eps{eps:g}", noise=z)
         started = time.time()
         metrics = final_test_metrics(run(settings).path)
         out["epsilon"][f"{eps:g}"] = {"noise multiplier": z, **metrics, "seconds": time.time() - started,
@@ -112,22 +116,33 @@ def lift_kept(metrics: dict, population: dict) -> float | None:
     return (metrics["NDCG@10"] - floor) / lift if lift > 0 else None
 
 
+STYLES = ("-o", "--s", "-.^", ":v", "--D")  # one per variant, in the JSON's order
+
+
 def plot(results: dict, path: Path) -> None:
+    """One colour per population, one line style per variant (the baseline's no-noise and
+    popularity references as horizontal lines)."""
     fig, (ndcg, kept) = plt.subplots(1, 2, figsize=(11, 4))
-    for population, color in zip(results["populations"], plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        found = results["populations"][population]
-        points = sorted((float(e), r) for e, r in found["epsilon"].items())
-        label = f"{population} ({found['users']:,} users)" if population == "ml-100k" else f"{found['users']:,} users"
-        ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], "-o", color=color, label=label)
-        ndcg.axhline(found["no noise"]["NDCG@10"], color=color, linestyle="--", linewidth=0.8)
-        ndcg.axhline(found["popularity"]["NDCG@10"], color=color, linestyle=":", linewidth=0.8)
-        lifts = [(e, r["lift kept"]) for e, r in points if r["lift kept"] is not None]
-        kept.plot([e for e, _ in lifts], [100 * k for _, k in lifts], "-o", color=color, label=label)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    populations = sorted({p for v in results["variants"].values() for p in v["populations"]},
+                         key=lambda p: (p == "ml-100k", int(p) if p.isdigit() else 0))
+    for (variant, found_variant), style in zip(results["variants"].items(), STYLES):
+        for population, found in found_variant["populations"].items():
+            color = colors[populations.index(population) % len(colors)]
+            points = sorted((float(e), r) for e, r in found["epsilon"].items())
+            label = (f"{population} ({found['users']:,} users)" if population == "ml-100k"
+                     else f"{found['users']:,} users") + ("" if variant == "baseline" else f", {variant}")
+            ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], style, color=color, label=label)
+            lifts = [(e, r["lift kept"]) for e, r in points if r["lift kept"] is not None]
+            kept.plot([e for e, _ in lifts], [100 * k for _, k in lifts], style, color=color, label=label)
+            if variant == "baseline":
+                ndcg.axhline(found["no noise"]["NDCG@10"], color=color, linestyle="--", linewidth=0.8)
+                ndcg.axhline(found["popularity"]["NDCG@10"], color=color, linestyle=":", linewidth=0.8)
     for ax in (ndcg, kept):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"user-level epsilon (delta {results['delta']:g})")
         ax.grid(alpha=0.3)
-    ndcg.set_ylabel("test NDCG@10 (dashed: no noise, dotted: popularity)")
+    ndcg.set_ylabel("test NDCG@10 (lines: no noise --, popularity ..)")
     kept.set_ylabel("lift over popularity kept (%)")
     kept.axhline(90, color="grey", linewidth=0.8)
     ndcg.legend(fontsize=7)
@@ -147,6 +162,12 @@ def main() -> None:
                         help="expected clients per round, q N (capped at the population; default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=50, help="rounds per federation (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=1.0, help="L2 clip of a client's update (default: %(default)s)")
+    parser.add_argument("--variant", default="baseline",
+                        help="name under which these federations' results are kept (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config override for every federation of the variant (repeatable), e.g. "
+                             "--variant adaptive-clip --set server-dp-adaptive-clip=true, or --variant "
+                             "public-1pct --set public-users=0.01 (a consenting 1%% treated as public)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run folders go")
     parser.add_argument("--out", type=Path, default=FIGURES, help="where frontier.json and frontier.png go")
     args = parser.parse_args()
@@ -155,6 +176,11 @@ def main() -> None:
         args.epsilons = [float(e) for e in args.epsilons.split(",")]
     except ValueError:
         parser.error(f"--epsilons: numbers separated by commas, not {args.epsilons!r}")
+    args.set = parse_overrides(args.set)
+    try:
+        app_run_config(**args.set)
+    except KeyError as error:
+        parser.error(f"--set: {error}")
     populations = args.populations.split(",")
     for population in populations:
         if population != "ml-100k" and not population.isdigit():
@@ -162,20 +188,25 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "frontier.json"
-    results = json.loads(path.read_text()) if path.exists() else {"populations": {}}
-    if results.get("populations") and (results["cohort"], results["rounds"], results["delta"]) != (
+    results = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+    if results["variants"] and (results["cohort"], results["rounds"], results["delta"]) != (
             args.cohort, args.rounds, args.delta):
         parser.error(f"{path} holds a frontier with cohort {results['cohort']}, rounds {results['rounds']}, delta "
                      f"{results['delta']}: use those or another --out")
+    variant = results["variants"].setdefault(args.variant, {"set": args.set, "populations": {}})
+    if variant["set"] != args.set:
+        parser.error(f"{path}: variant {args.variant!r} was run with --set {variant['set']}, not {args.set}")
     results.update(cohort=args.cohort, rounds=args.rounds, delta=args.delta, machine="2 CPU cores, no GPU",
                    command=f"python -m simulations.bench_frontier --cohort {args.cohort} --rounds {args.rounds} "
-                           f"--delta {args.delta:g} --clip {args.clip:g} (populations and epsilons in parts: see "
-                           f"each population's 'commands')")
+                           f"--delta {args.delta:g} --clip {args.clip:g} (populations, epsilons and variants in "
+                           f"parts: see each population's 'commands')")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for population in populations:
-        found = run_population(population, args, stamp, results["populations"].get(population, {}))
-        found.setdefault("commands", []).append(f"--populations {population} --epsilons {args.epsilons_text}")
-        results["populations"][population] = found
+        found = run_population(population, args, stamp, variant["populations"].get(population, {}))
+        found.setdefault("commands", []).append(
+            f"--variant {args.variant} " + "".join(f"--set {k}={v} " for k, v in args.set.items())
+            + f"--populations {population} --epsilons {args.epsilons_text}")
+        variant["populations"][population] = found
         path.write_text(json.dumps(results, indent=2))
         plot(results, args.out / "frontier.png")
     print(f"results in {path} and {args.out / 'frontier.png'}")

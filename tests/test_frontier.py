@@ -1,0 +1,39 @@
+"""The frontier benchmark runs in parts: results merge by variant, population and epsilon."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from simulations.bench_frontier import lift_kept
+
+
+def frontier(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "simulations.bench_frontier", "--populations", "60", "--rounds", "1",
+               "--cohort", "20", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "figures"), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_frontier_parts_merge_and_a_variant_keeps_its_overrides(tmp_path):
+    assert frontier(tmp_path, "--epsilons", "8").returncode == 0
+    second = frontier(tmp_path, "--epsilons", "4")
+    assert second.returncode == 0, second.stderr[-2000:]
+    results = json.loads((tmp_path / "figures" / "frontier.json").read_text())
+    found = results["variants"]["baseline"]["populations"]["60"]
+    assert sorted(found["epsilon"]) == ["4", "8"]  # the second part added to the first
+    assert found["users"] == 60 and found["sample rate"] == pytest.approx(20 / 60)
+    assert len(found["commands"]) == 2 and {"AUC", "coverage@10", "Gini@10"} <= found["no noise"].keys()
+    assert found["epsilon"]["4"]["noise multiplier"] > found["epsilon"]["8"]["noise multiplier"]
+    assert (tmp_path / "figures" / "frontier.png").stat().st_size > 0
+    clash = frontier(tmp_path, "--epsilons", "8", "--set", "server-dp-clip=2.0")
+    assert clash.returncode == 2 and "variant 'baseline' was run with --set {}" in clash.stderr
+    assert frontier(tmp_path, "--rounds", "2").returncode == 2  # another protocol: another --out
+
+
+def test_lift_kept_is_undefined_without_a_lift():
+    population = {"popularity": {"NDCG@10": 0.05}, "no noise": {"NDCG@10": 0.15}}
+    assert lift_kept({"NDCG@10": 0.14}, population) == pytest.approx(0.9)
+    assert lift_kept({"NDCG@10": 0.1}, {**population, "no noise": {"NDCG@10": 0.04}}) is None
