@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -83,9 +84,11 @@ def popularity_metrics(settings: RunSettings) -> dict[str, float]:
                            item_counts(split.train, split.n_items))
 
 
-def run_population(population: str, args: argparse.Namespace, stamp: str, out: dict) -> dict:
+def run_population(population: str, args: argparse.Namespace, stamp: str, out: dict,
+                   save: Callable[[], None]) -> None:
     """Popularity and the noise-free federation (unless `out`, this population's earlier
-    results, holds them), and one DP federation per epsilon, merged into `out`."""
+    results, holds them), and one DP federation per epsilon, merged into `out`; `save`
+    after each federation (a long frontier stopped midway keeps what it measured)."""
     base = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-no-noise", noise=1.0)
     if "no noise" not in out:
         out.update(users=len(leave_one_out(base.load_dataset()).train), epsilon={},
@@ -94,6 +97,7 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
         started = time.time()
         out["no noise"] = final_test_metrics(run(base, noise_free=True).path)
         out["no noise"]["seconds"] = time.time() - started
+        save()
     for eps in args.epsilons:
         z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
         settings = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-eps{eps:g}", noise=z)
@@ -105,7 +109,7 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
         print(f"{population}: epsilon {eps:g} (z {z:.3f}): test NDCG@10 {metrics['NDCG@10']:.4f}, lift kept "
               f"{'n/a' if kept is None else f'{kept:.0%}'} (no noise {out['no noise']['NDCG@10']:.4f}, "
               f"popularity {out['popularity']['NDCG@10']:.4f})", flush=True)
-    return out
+        save()
 
 
 def lift_kept(metrics: dict, population: dict) -> float | None:
@@ -126,10 +130,14 @@ def plot(results: dict, path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     populations = sorted({p for v in results["variants"].values() for p in v["populations"]},
                          key=lambda p: (p == "ml-100k", int(p) if p.isdigit() else 0))
+    ndcg.set_xlim(0.35, 11.5)  # the default epsilons, whatever has run so far
+    kept.set_xlim(0.35, 11.5)
     for (variant, found_variant), style in zip(results["variants"].items(), STYLES):
         for population, found in found_variant["populations"].items():
             color = colors[populations.index(population) % len(colors)]
             points = sorted((float(e), r) for e, r in found["epsilon"].items())
+            if not points:  # saved after its noise-free reference, before any epsilon
+                continue
             label = (f"{population} ({found['users']:,} users)" if population == "ml-100k"
                      else f"{found['users']:,} users") + ("" if variant == "baseline" else f", {variant}")
             ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], style, color=color, label=label)
@@ -201,14 +209,16 @@ def main() -> None:
                            f"--delta {args.delta:g} --clip {args.clip:g} (populations, epsilons and variants in "
                            f"parts: see each population's 'commands')")
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2))
+        plot(results, args.out / "frontier.png")
+
     for population in populations:
-        found = run_population(population, args, stamp, variant["populations"].get(population, {}))
+        found = variant["populations"].setdefault(population, {})
         found.setdefault("commands", []).append(
             f"--variant {args.variant} " + "".join(f"--set {k}={v} " for k, v in args.set.items())
             + f"--populations {population} --epsilons {args.epsilons_text}")
-        variant["populations"][population] = found
-        path.write_text(json.dumps(results, indent=2))
-        plot(results, args.out / "frontier.png")
+        run_population(population, args, stamp, found, save)
     print(f"results in {path} and {args.out / 'frontier.png'}")
 
 
