@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from shared_model.metrics import evaluate_scores, item_counts  # noqa: E402
 from shared_model.privacy import noise_multiplier  # noqa: E402
 from shared_model.settings import RunSettings  # noqa: E402
-from shared_model.splits import leave_one_out  # noqa: E402
+from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
 from simulations.flower_runner import app_run_config, parse_overrides  # noqa: E402
 from simulations.population import CHUNK, run  # noqa: E402
@@ -57,11 +57,15 @@ def population_config(population: str) -> dict:
     return {"dataset": "synthetic", "synthetic-users": int(population)}
 
 
-def settings_for(population: str, args: argparse.Namespace, run_name: str, noise: float) -> RunSettings:
-    """A per-user DP-FedAvg run of this population (its sampling rate gives the expected
-    cohort), with the variant's run-config overrides (`--set`)."""
-    probe = RunSettings.from_run_config(app_run_config(**population_config(population)))
-    users = len(leave_one_out(probe.load_dataset()).train)
+def population_split(population: str) -> LeaveOneOut:
+    """The population's data, split as every evaluation splits it (its user count sets the
+    sampling rate), loaded once per population."""
+    return leave_one_out(RunSettings.from_run_config(app_run_config(**population_config(population))).load_dataset())
+
+
+def settings_for(population: str, args: argparse.Namespace, run_name: str, noise: float, users: int) -> RunSettings:
+    """A per-user DP-FedAvg run of this population of `users` (its sampling rate gives the
+    expected cohort), with the variant's run-config overrides (`--set`)."""
     rate = min(1.0, args.cohort / users)
     overrides = {**population_config(population), "partitioning": "per-user", "dp": "none", "server-dp": True,
                  "id-embeddings": False, "server-dp-sample-rate": rate, "server-dp-noise": noise,
@@ -77,8 +81,7 @@ def final_test_metrics(folder: Path) -> dict[str, float]:
     return {key[len("test "):]: value for key, value in last.items() if key.startswith("test ")}
 
 
-def popularity_metrics(settings: RunSettings) -> dict[str, float]:
-    split = leave_one_out(settings.load_dataset())
+def popularity_metrics(split: LeaveOneOut) -> dict[str, float]:
     cases = split.cases("test")
     return evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases,
                            item_counts(split.train, split.n_items))
@@ -89,10 +92,11 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
     """Popularity and the noise-free federation (unless `out`, this population's earlier
     results, holds them), and one DP federation per epsilon, merged into `out`; `save`
     after each federation (a long frontier stopped midway keeps what it measured)."""
-    base = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-no-noise", noise=1.0)
+    split = population_split(population)
+    users = len(split.train)
+    base = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-no-noise", 1.0, users)
     if "no noise" not in out:
-        out.update(users=len(leave_one_out(base.load_dataset()).train), epsilon={},
-                   popularity=popularity_metrics(base))
+        out.update(users=users, epsilon={}, popularity=popularity_metrics(split))
         out["sample rate"] = base.server_dp_sample_rate
         started = time.time()
         out["no noise"] = final_test_metrics(run(base, args.chunk, noise_free=True).path)
@@ -100,7 +104,8 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
         save()
     for eps in args.epsilons:
         z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
-        settings = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-eps{eps:g}", noise=z)
+        settings = settings_for(population, args, f"frontier-{stamp}-{args.variant}-{population}-eps{eps:g}", z,
+                                users)
         started = time.time()
         metrics = final_test_metrics(run(settings, args.chunk).path)
         out["epsilon"][f"{eps:g}"] = {"noise multiplier": z, **metrics, "seconds": time.time() - started,
