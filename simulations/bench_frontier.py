@@ -43,7 +43,7 @@ from shared_model.settings import RunSettings  # noqa: E402
 from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
 from simulations.flower_runner import app_run_config, parse_overrides  # noqa: E402
-from simulations.population import CHUNK, run  # noqa: E402
+from simulations.population import run  # noqa: E402
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 POPULATIONS = ("1000", "10000", "100000", "ml-100k")
@@ -181,10 +181,10 @@ def main() -> None:
                         help="a run-config override for every federation of the variant (repeatable), e.g. "
                              "--variant adaptive-clip --set server-dp-adaptive-clip=true, or --variant "
                              "public-1pct --set public-users=0.01 (a consenting 1%% treated as public)")
-    parser.add_argument("--chunk", type=int, default=CHUNK,
-                        help=f"clients trained at once (default {CHUNK}); memory grows with it and with the "
-                             f"catalog: 256 clients over the 100,000-user world's 10,000 items took 14.5 GB, 32 took 5 GB and "
-                             f"ran faster")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="clients trained at once (default: 256,000 / catalog items, at most 256: 25 over the "
+                             "100,000-user world's 10,000 items); memory grows with it and with the catalog: 256 "
+                             "clients over 10,000 items took 14.5 GB, 32 took 5 GB and ran faster")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run folders go")
     parser.add_argument("--out", type=Path, default=FIGURES, help="where frontier.json and frontier.png go")
     args = parser.parse_args()
@@ -202,7 +202,7 @@ def main() -> None:
     for population in populations:
         if population != "ml-100k" and not population.isdigit():
             parser.error(f"--populations: {population!r} is neither a user count nor 'ml-100k'")
-    if args.chunk < 1:
+    if args.chunk is not None and args.chunk < 1:
         parser.error(f"--chunk must be at least 1, not {args.chunk}")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

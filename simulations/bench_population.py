@@ -31,7 +31,7 @@ from simulations.population import PATH, Population
 DP_FEDAVG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False}
 
 
-def in_process(users: int, cohort: int, rounds: int, chunk: int, overrides: dict) -> dict:
+def in_process(users: int, cohort: int, rounds: int, chunk: int | None, overrides: dict) -> dict:
     config = app_run_config(**{**DP_FEDAVG, "synthetic-users": users, "server-dp-sample-rate": cohort / users,
                                **overrides})
     started = time.time()
@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--cohorts", type=int, nargs="+", default=[1000, 10_000],
                         help="expected clients a round, each timed on its own (default 1000 10000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds timed per cohort (default 2)")
-    parser.add_argument("--chunk", type=int, default=256, help="clients trained at once in-process (default 256)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="clients trained at once in-process (default: 256,000 / catalog items, at most 256)")
     parser.add_argument("--flower-users", type=int, default=30,
                         help="users (SuperNodes) of the `flwr run` comparison; 0 skips it (default 30)")
     parser.add_argument("--flower-rounds", type=int, default=5,
@@ -83,7 +84,7 @@ def main() -> None:
     bad = [c for c in args.cohorts if not 0 < c <= args.users]
     if bad:
         parser.error(f"--cohorts must be between 1 and --users ({args.users}), not {bad}")
-    if args.rounds < 1 or args.chunk < 1:
+    if args.rounds < 1 or (args.chunk is not None and args.chunk < 1):
         parser.error(f"--rounds and --chunk must be at least 1, not {args.rounds} and {args.chunk}")
     if args.flower_users and args.flower_rounds < 3:
         parser.error(f"--flower-rounds must be at least 3 (the first and last are not timed), not {args.flower_rounds}")

@@ -28,6 +28,11 @@ def test_frontier_parts_merge_and_a_variant_keeps_its_overrides(tmp_path):
     assert len(found["commands"]) == 2 and {"AUC", "coverage@10", "Gini@10"} <= found["no noise"].keys()
     assert found["epsilon"]["4"]["noise multiplier"] > found["epsilon"]["8"]["noise multiplier"]
     assert (tmp_path / "figures" / "frontier.png").stat().st_size > 0
+    reference, = (tmp_path / "runs").glob("*-no-noise")  # no epsilon covers it, none is written
+    private = [p for p in (tmp_path / "runs").iterdir() if p != reference]
+    assert not (reference / "privacy_ledger.jsonl").exists()
+    assert "NOT private" in json.loads((reference / "summary.json").read_text())["path"]
+    assert len(private) == 2 and all((p / "privacy_ledger.jsonl").stat().st_size > 0 for p in private)
     clash = frontier(tmp_path, "--epsilons", "8", "--set", "server-dp-clip=2.0")
     assert clash.returncode == 2 and "variant 'baseline' was run with --set {}" in clash.stderr
     assert frontier(tmp_path, "--rounds", "2").returncode == 2  # another protocol: another --out
