@@ -125,7 +125,7 @@ def lift_kept(metrics: dict, population: dict) -> float | None:
     return (metrics["NDCG@10"] - floor) / lift if lift > 0 else None
 
 
-STYLES = ("-o", "--s", "-.^", ":v", "--D")  # one per variant, in the JSON's order
+STYLES = ("-o", "--s", "-.^", ":v", "--D", "-.x", ":*", "-P")  # one per variant, in the JSON's order (cycled)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -137,7 +137,8 @@ def plot(results: dict, path: Path) -> None:
                          key=lambda p: (p == "ml-100k", int(p) if p.isdigit() else 0))
     ndcg.set_xlim(0.35, 11.5)  # the default epsilons, whatever has run so far
     kept.set_xlim(0.35, 11.5)
-    for (variant, found_variant), style in zip(results["variants"].items(), STYLES):
+    for index, (variant, found_variant) in enumerate(results["variants"].items()):
+        style = STYLES[index % len(STYLES)]
         for population, found in found_variant["populations"].items():
             color = colors[populations.index(population) % len(colors)]
             points = sorted((float(e), r) for e, r in found["epsilon"].items())
