@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.metrics import evaluate_scores, item_counts  # noqa: E402
 from shared_model.privacy import noise_multiplier  # noqa: E402
-from shared_model.settings import RunSettings  # noqa: E402
+from shared_model.settings import RunSettings, SettingsError  # noqa: E402
 from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
 from simulations.flower_runner import app_run_config, parse_overrides  # noqa: E402
@@ -227,6 +227,11 @@ def main() -> None:
         parser.error(f"--chunk must be at least 1, not {args.chunk}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, not {args.jobs}")
+    try:  # a variant the run config refuses fails here, not after the first population
+        for population in populations:
+            settings_for(population, args, "check", 1.0, args.cohort)
+    except SettingsError as error:
+        parser.error(f"--set: {error}")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "frontier.json"

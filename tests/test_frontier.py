@@ -39,6 +39,8 @@ def test_frontier_parts_merge_and_a_variant_keeps_its_overrides(tmp_path):
     clash = frontier(tmp_path, "--epsilons", "8", "--set", "server-dp-clip=2.0")
     assert clash.returncode == 2 and "variant 'baseline' was run with --set {}" in clash.stderr
     assert frontier(tmp_path, "--rounds", "2").returncode == 2  # another protocol: another --out
+    refused = frontier(tmp_path, "--variant", "ids", "--set", "id-embeddings=true")  # before any federation
+    assert refused.returncode == 2 and "--set: run config 'id-embeddings' must be false" in refused.stderr
 
 
 def test_lift_kept_is_undefined_without_a_lift():
