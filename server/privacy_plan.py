@@ -40,14 +40,19 @@ class Plan:
     update_noise_multiplier: float  # z_delta: what the updates get (z without adaptive clipping)
     noise_std: float  # per coordinate of the mean update, in units of S: z_delta / C
     noise_norm: float  # expected L2 norm of the noise on the mean update, in units of S: z_delta sqrt(P) / C
+    signal: float  # the mean clipped update's L2 norm, in units of S (given: measured in simulation)
+    signal_to_noise: float  # signal / noise_norm: what decides quality
     relation: str = RELATION
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+SIGNAL = 0.11  # the mean clipped update in units of S, synthetic worlds, clip at a low quantile of the norms
+
+
 def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, delta: float, accountant: str,
-              parameters: int, count_noise: float | None = None) -> Plan:
+              parameters: int, count_noise: float | None = None, signal: float = SIGNAL) -> Plan:
     """The plan; ValueError if the numbers are no deployment (its message names the flag)."""
     if not 0 < cohort <= users:
         raise ValueError(f"--cohort {cohort:g} must be in (0, --users {users}]: the expected clients a round")
@@ -60,9 +65,10 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
         except ValueError:
             raise ValueError(f"--count-noise {count_noise:g} must exceed half the noise multiplier ({z / 2:g}): "
                              "the count alone would spend the whole budget") from None
+    noise_norm = update_noise * math.sqrt(parameters) / cohort
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
-                update_noise * math.sqrt(parameters) / cohort)
+                noise_norm, signal, signal / noise_norm)
 
 
 def format_plan(plan: Plan) -> str:
@@ -87,7 +93,9 @@ def format_plan(plan: Plan) -> str:
         f"                                {plan.noise_norm:.3g} S in L2 norm ({z} sqrt(P) / C, P = "
         f"{plan.parameters:,} parameters)",
     ]
-    verdict = ("below 1: the mean update survives the noise" if plan.noise_norm < 1 else
-               "above 1: the noise outweighs a round's mean update (a larger cohort, fewer rounds or a "
-               "larger epsilon lowers it)")
+    lines.append(f"  signal to noise               {plan.signal_to_noise:.3g}   (the mean clipped update, "
+                 f"{plan.signal:g} S, over that noise)")
+    verdict = ("at least 1: a round's mean update outweighs its noise" if plan.signal_to_noise >= 1 else
+               "below 1: the noise outweighs a round's mean update (a larger cohort, fewer rounds, a larger "
+               "epsilon, or a clip nearer the update norms raises it)")
     return "\n".join(lines + [f"  -> {verdict}"])

@@ -35,6 +35,15 @@ def test_the_printed_noise_reaches_the_budget_and_slightly_less_does_not(capsys)
     assert figures["round_epsilon"] == pytest.approx(epsilon([(z, 0.01, 1)], 1e-6))
 
 
+def test_signal_to_noise_is_the_given_mean_update_over_the_noise(capsys):
+    _, out, _ = plan(capsys, "--signal", "0.2", "--json")
+    figures = json.loads(out)
+    assert figures["signal_to_noise"] == pytest.approx(0.2 / figures["noise_norm"])
+    _, weak, _ = plan(capsys, "--signal", "0.01")  # noise norm ~0.2 S here
+    _, strong, _ = plan(capsys, "--signal", "1")
+    assert "below 1: the noise outweighs" in weak and "at least 1: a round's mean update outweighs" in strong
+
+
 def test_another_accountant_reaches_the_budget_too(capsys):
     code, out, _ = plan(capsys, "--accountant", "pld", "--cohort", "10000", "--rounds", "20", "--json")
     z = json.loads(out)["noise_multiplier"]
@@ -91,5 +100,5 @@ def test_help_explains_each_line(capsys):
         main(["privacy", "plan", "--help"])
     text = capsys.readouterr().out
     for words in ("noise multiplier z", "sampling rate q", "epsilon of one round", "noise on the mean update",
-                  "Poisson", "whole population", "z_delta"):
+                  "Poisson", "whole population", "z_delta", "signal to noise", "bench_update_norms"):
         assert words in text
