@@ -170,13 +170,16 @@ def main() -> None:
                         help="clients trained at once (default: 256,000 / catalog items, at most 256; memory grows "
                              "with it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--noise-free", action="store_true",
+                        help="a benchmark's reference: the same federation with the noise left out (sampling and "
+                             "clipping kept), NOT private: no ledger, and its summary says so")
     args = parser.parse_args()
     if args.chunk is not None and args.chunk < 1:
         parser.error(f"--chunk must be at least 1, not {args.chunk}")
     torch.set_num_threads(args.threads)
     try:
         settings = RunSettings.from_run_config(app_run_config(**parse_overrides(shlex.split(args.run_config))))
-        folder = run(settings, args.chunk)
+        folder = run(settings, args.chunk, noise_free=args.noise_free)
     except (KeyError, SettingsError) as error:
         parser.error(f"--run-config: {error}")
     print(f"results in {folder.path}")
