@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.dp_aggregation import clipped_sum, stacked_updates
+from server.dp_aggregation import clipped_sum, stacked_updates, update_norms
 from shared_model.settings import RunSettings, SettingsError
 from simulations.flower_runner import app_run_config, parse_overrides
 from simulations.population import Population
@@ -77,7 +77,7 @@ def main() -> None:
     population = Population(settings)
     step = len(population.train) // args.sample
     updates = update_matrix(population, list(range(0, step * args.sample, step)))
-    _, norms = clipped_sum(updates, 1.0)
+    norms = update_norms(updates)
     quantiles = {f"{q:g}": float(np.quantile(norms, q)) for q in QUANTILES}
     clips = [settings.server_dp_clip, *quantiles.values()]
     rows = [signal_to_noise(updates, clip, args.cohort) for clip in clips]
