@@ -40,13 +40,14 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shared_model.cli_options import positive_int  # noqa: E402
 from shared_model.metrics import evaluate_scores, item_counts  # noqa: E402
 from shared_model.privacy import noise_multiplier  # noqa: E402
 from shared_model.settings import RunSettings, SettingsError  # noqa: E402
 from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
 from simulations.flower_runner import app_run_config, parse_overrides  # noqa: E402
-from simulations.population import run  # noqa: E402
+from simulations.population import add_chunk_option, run  # noqa: E402
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 POPULATIONS = ("1000", "10000", "100000", "ml-100k")
@@ -189,9 +190,9 @@ def main() -> None:
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS),
                         help="user-level epsilons (default: %(default)s)")
     parser.add_argument("--delta", type=float, default=1e-6, help="delta of every epsilon (default: %(default)s)")
-    parser.add_argument("--cohort", type=int, default=1000,
+    parser.add_argument("--cohort", type=positive_int, default=1000,
                         help="expected clients per round, q N (capped at the population; default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=50, help="rounds per federation (default: %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=50, help="rounds per federation (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=1.0, help="L2 clip of a client's update (default: %(default)s)")
     parser.add_argument("--variant", default="baseline",
                         help="name under which these federations' results are kept (default: %(default)s)")
@@ -199,11 +200,8 @@ def main() -> None:
                         help="a run-config override for every federation of the variant (repeatable), e.g. "
                              "--variant adaptive-clip --set server-dp-adaptive-clip=true, or --variant "
                              "public-1pct --set public-users=0.01 (a consenting 1%% treated as public)")
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="clients trained at once (default: 256,000 / catalog items, at most 256: 25 over the "
-                             "100,000-user world's 10,000 items); memory grows with it and with the catalog: 256 "
-                             "clients over 10,000 items took 14.5 GB, 32 took 5 GB and ran faster")
-    parser.add_argument("--jobs", type=int, default=1,
+    add_chunk_option(parser)
+    parser.add_argument("--jobs", type=positive_int, default=1,
                         help="federations run at once, one process and one core each (default: %(default)s); "
                              "memory: about 5 GB each for the 100,000-user world")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run folders go")
@@ -223,10 +221,6 @@ def main() -> None:
     for population in populations:
         if population != "ml-100k" and not population.isdigit():
             parser.error(f"--populations: {population!r} is neither a user count nor 'ml-100k'")
-    if args.chunk is not None and args.chunk < 1:
-        parser.error(f"--chunk must be at least 1, not {args.chunk}")
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, not {args.jobs}")
     try:  # a variant the run config refuses fails here, not after the first population
         for population in populations:
             settings_for(population, args, "check", 1.0, args.cohort)

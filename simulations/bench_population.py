@@ -26,7 +26,8 @@ import torch
 
 from shared_model.settings import RunSettings
 from simulations.flower_runner import app_run_config, parse_overrides, run_flower
-from simulations.population import PATH, Population
+from shared_model.cli_options import positive_int
+from simulations.population import PATH, Population, add_chunk_option
 
 DP_FEDAVG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False}
 
@@ -70,9 +71,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000, help="synthetic population (default 100,000)")
     parser.add_argument("--cohorts", type=int, nargs="+", default=[1000, 10_000],
                         help="expected clients a round, each timed on its own (default 1000 10000)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds timed per cohort (default 2)")
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="clients trained at once in-process (default: 256,000 / catalog items, at most 256)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="rounds timed per cohort (default 2)")
+    add_chunk_option(parser)
     parser.add_argument("--flower-users", type=int, default=30,
                         help="users (SuperNodes) of the `flwr run` comparison; 0 skips it (default 30)")
     parser.add_argument("--flower-rounds", type=int, default=5,
@@ -84,8 +84,6 @@ def main() -> None:
     bad = [c for c in args.cohorts if not 0 < c <= args.users]
     if bad:
         parser.error(f"--cohorts must be between 1 and --users ({args.users}), not {bad}")
-    if args.rounds < 1 or (args.chunk is not None and args.chunk < 1):
-        parser.error(f"--rounds and --chunk must be at least 1, not {args.rounds} and {args.chunk}")
     if args.flower_users and args.flower_rounds < 3:
         parser.error(f"--flower-rounds must be at least 3 (the first and last are not timed), not {args.flower_rounds}")
     torch.set_num_threads(1)

@@ -36,6 +36,7 @@ from server.dp_aggregation import add_into, clipped_sum, stacked_updates
 from server.run_folder import RunFolder
 from server.server_app import (array_record, evaluation_rounds, finish, make_strategy, progress_line,
                                record_privacy, server_evaluation, stage_metrics, starting_model)
+from shared_model.cli_options import positive_int
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import leave_one_out
@@ -161,21 +162,25 @@ def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = Fals
     return folder
 
 
+def add_chunk_option(parser: argparse.ArgumentParser) -> None:
+    """--chunk, as every command that runs this driver takes it."""
+    parser.add_argument("--chunk", type=positive_int, default=None,
+                        help="clients trained at once (default: 256,000 / catalog items, at most 256: 25 over the "
+                             "100,000-user world's 10,000 items); memory grows with it and with the catalog: 256 "
+                             "clients over 10,000 items took 14.5 GB, 32 took 5 GB and ran faster")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", default="", metavar="'KEY=VALUE ...'",
                         help="overrides of pyproject.toml's [tool.flwr.app.config], as `flwr run --run-config` "
                              "takes them")
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="clients trained at once (default: 256,000 / catalog items, at most 256; memory grows "
-                             "with it)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_chunk_option(parser)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument("--noise-free", action="store_true",
                         help="a benchmark's reference: the same federation with the noise left out (sampling and "
                              "clipping kept), NOT private: no ledger, and its summary says so")
     args = parser.parse_args()
-    if args.chunk is not None and args.chunk < 1:
-        parser.error(f"--chunk must be at least 1, not {args.chunk}")
     torch.set_num_threads(args.threads)
     try:
         settings = RunSettings.from_run_config(app_run_config(**parse_overrides(shlex.split(args.run_config))))
