@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import time
 from collections.abc import Callable, Mapping
@@ -224,10 +225,16 @@ def privacy_line(settings: RunSettings, privacy: dict) -> str:
     return "fedrec: privacy: " + "; ".join(parts)
 
 
+def loss_text(loss: float) -> str:
+    """The round's mean training loss, where clients report one (private clients do not: it
+    would be an unaccounted release; the in-process driver does not compute it)."""
+    return "train loss not reported" if math.isnan(loss) else f"train loss {loss:.4f}"
+
+
 def progress_line(settings: RunSettings, line: dict, best: dict) -> str:
     text = (f"[round {line['round']}/{settings.num_server_rounds}] {line['clients'] - line['left out']}/"
             f"{line['clients']} clients ({line['left out']} left out: {line['errors']} errors, "
-            f"{line['timeouts']} timeouts, {line['declined']} declined), train loss {line['train loss']:.4f}, "
+            f"{line['timeouts']} timeouts, {line['declined']} declined), {loss_text(line['train loss'])}, "
             f"upload {line['upload bytes per client'] / 1024:.1f} KB/client, {line['seconds']:.1f} s")
     for key in ("client epsilon max", "user epsilon"):
         if key in line:

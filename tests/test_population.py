@@ -125,7 +125,7 @@ def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides,
                      share=1e-3)
 
 
-def test_a_flower_run_and_an_in_process_run_end_with_the_same_model(tmp_path):
+def test_a_flower_run_and_an_in_process_run_end_with_the_same_model(tmp_path, capsys):
     """`flwr run` (12 SuperNodes, 2 rounds) against the driver with the same run config.
     A run config cannot ask for zero noise (nor replay the server's fresh randomness), so
     both add noise with z = 1e-12 (std 1e-13 on the mean) and sample at rate 1 (every
@@ -137,6 +137,7 @@ def test_a_flower_run_and_an_in_process_run_end_with_the_same_model(tmp_path):
     flower = run_flower({**config, "run-name": "flower"}, num_supernodes=users)
     assert flower.ok, flower.log[-3000:]
     folder = run(RunSettings.from_run_config(app_run_config(**config, **{"run-name": "in-process"})))
+    assert "train loss not reported" in capsys.readouterr().out  # the driver computes no loss and says so
     got, _ = load_state(folder.path / "final_adapters.safetensors")
     want, _ = load_state(tmp_path / "flower" / "final_adapters.safetensors")
     start = {k: v.numpy() for k, v in starting_model(RunSettings.from_run_config(app_run_config(**config)))
