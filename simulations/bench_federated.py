@@ -7,8 +7,10 @@ quality: MovieLens-100K, one simulated SuperNode per user (943), ~10% of them a 
 
 default: the app's default run (`flwr run .`: private, user-level DP-SGD in 2 silos) beside
          the same run with dp = "none" and popularity on the same split: NDCG@10, the
-         share of the non-private lift over popularity it keeps, wall time, epsilon.
+         share of the non-private lift over popularity it keeps, wall time, epsilon. With
+         --epsilons, a user-level frontier (and silo_frontier.png), e.g. on MovieLens-100K:
     python -m simulations.bench_federated default
+    python -m simulations.bench_federated default --epsilons 0.5 1 2 4 8 --repeats 1 --set dataset=ml-100k
 
 privacy: MovieLens-100K as in quality, without DP and with example-level DP-SGD on every
          client at each epsilon (delta 1e-5 per client); the same config otherwise. With
@@ -37,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shared_model.cli_options import positive_float, positive_int  # noqa: E402
 from shared_model.data import ml100k_dir  # noqa: E402
 from shared_model.files import read_jsonl  # noqa: E402
 from simulations.flower_runner import parse_overrides, run_flower  # noqa: E402
@@ -96,30 +99,39 @@ def plot_quality(evaluated: list[dict], centralized: float, path: Path) -> None:
 
 
 def default(args: argparse.Namespace) -> dict:
-    """The default run, the same without DP, and popularity on the same split."""
+    """The default run (or the same at each of --epsilons, in --silos silos), the same
+    without DP, and popularity on the same split; each private run's share of the
+    non-private lift over popularity."""
     from shared_model.metrics import evaluate_scores, item_counts
     from shared_model.settings import RunSettings
     from shared_model.splits import leave_one_out
     from simulations.baselines import popularity_scores
+    from simulations.flower_runner import app_run_config
 
+    overrides = parse_overrides(args.set)
+    if overrides.get("dataset") == "ml-100k" and not overrides.get("data-dir"):
+        overrides["data-dir"] = str(ml100k_dir().resolve())  # the SuperNodes' working folder differs
+    settings = RunSettings.from_run_config(app_run_config(**overrides))
+    split = leave_one_out(settings.load_dataset())  # the runs' own data
+    if "dp-expected-batch" not in overrides:  # the noisy sum is divided by a silo's expected batch
+        overrides["dp-expected-batch"] = settings.dp_sample_rate * len(split.train) / args.silos
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    levels = [(f"epsilon {eps:g}", {"dp-epsilon": eps}) for eps in args.epsilons] or [("default", {})]
+    runs = [(f"private ({level}), run {i + 1}", dp) for level, dp in levels for i in range(args.repeats)]
     rows = {}
-    runs = [(f"private (default), run {i + 1}", {}) for i in range(args.repeats)] + [("non-private", {"dp": "none"})]
-    for index, (name, overrides) in enumerate(runs):
+    for index, (name, dp) in enumerate(runs + [("non-private", {"dp": "none"})]):
         run_name = f"bench-default-{index}-{stamp}"
         started = time.time()
-        run = run_flower({"output-dir": str(Path(args.out).resolve()), "run-name": run_name, **overrides,
-                          **parse_overrides(args.set)}, num_supernodes=2, echo=args.echo)
+        run = run_flower({"output-dir": str(Path(args.out).resolve()), "run-name": run_name, **overrides, **dp},
+                         num_supernodes=args.silos, echo=args.echo)
         wall = time.time() - started
         if not run.ok:
             raise SystemExit(f"run {run_name} failed ({run.status}):\n{run.log[-4000:]}")
         summary = json.loads((Path(args.out) / run_name / "summary.json").read_text())
-        config = summary["config"]
         rows[name] = {**{f"test {k}": v for k, v in summary["test"].items()},
                       "wall seconds (flwr run, start to end)": wall, "privacy": summary["privacy"],
                       "run folder": str(Path(args.out) / run_name)}
         print(name, json.dumps(rows[name]), flush=True)
-    split = leave_one_out(RunSettings.from_run_config(config).load_dataset())  # the runs' own data
     cases = split.cases("test")
     rows["popularity"] = {f"test {k}": v for k, v in
                           evaluate_scores(popularity_scores(split.train, split.n_items, cases), cases,
@@ -129,7 +141,30 @@ def default(args: argparse.Namespace) -> dict:
     for name, row in rows.items():
         if name.startswith("private"):  # each run draws fresh noise: the repeats show its spread
             row["share of the non-private lift over popularity"] = (row["test NDCG@10"] - base) / lift
-    return {"overrides": args.set, "runs": rows}
+    if len(args.epsilons) > 1:
+        plot_silo_frontier(rows, settings.dataset, args.silos, Path(args.out) / "silo_frontier.png")
+    return {"overrides": args.set, "silos": args.silos, "dp-expected-batch": overrides["dp-expected-batch"],
+            "runs": rows}
+
+
+def plot_silo_frontier(rows: dict, dataset: str, silos: int, path: Path) -> None:
+    """Test NDCG@10 of every private run against its user-level epsilon, with the
+    non-private run and popularity as lines."""
+    points = sorted((row["privacy"]["user"]["epsilon"], row["test NDCG@10"]) for name, row in rows.items()
+                    if name.startswith("private"))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*points), "o-", label="user-level DP-SGD in the silos")
+    ax.axhline(rows["non-private"]["test NDCG@10"], color="black", label="no DP (same run)")
+    ax.axhline(rows["popularity"]["test NDCG@10"], color="grey", linestyle=":", label="popularity")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("user-level epsilon spent (against the server)")
+    ax.set_ylabel("test NDCG@10, full ranking")
+    ax.set_title(f"{dataset}, {silos} silos")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def privacy(args: argparse.Namespace) -> dict:
@@ -222,7 +257,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     d = sub.add_parser("default", help="the default private run beside the same run without DP and popularity")
-    d.add_argument("--repeats", type=int, default=3, help="private runs (each with fresh noise; default 3)")
+    d.add_argument("--repeats", type=positive_int, default=3,
+                   help="private runs per epsilon (each with fresh noise; default 3)")
+    d.add_argument("--epsilons", type=positive_float, nargs="+", default=[],
+                   help="user-level epsilons, one set of private runs each (default: the run config's "
+                        "dp-epsilon); with several, also silo_frontier.png")
+    d.add_argument("--silos", type=positive_int, default=2,
+                   help="SuperNodes, the users split among them (default 2); dp-expected-batch follows "
+                        "unless --set gives it")
     q = sub.add_parser("quality", help="ml-100k, 943 per-user clients, against the centralized reference")
     q.add_argument("--centralized", required=True,
                    help="summary.json of `python -m simulations.centralized --dataset ml-100k`")
