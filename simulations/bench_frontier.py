@@ -147,15 +147,17 @@ STYLES = ("-o", "--s", "-.^", ":v", "--D", "-.x", ":*", "-P")  # one per variant
 
 
 def plot(results: dict, path: Path) -> None:
-    """One colour per population, one line style per variant (the baseline's no-noise and
-    popularity references as horizontal lines)."""
+    """One colour per population, one line style per variant; each population's no-noise
+    and popularity references as horizontal lines (the baseline's, else the first variant's)."""
     fig, (ndcg, kept) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     populations = sorted({p for v in results["variants"].values() for p in v["populations"]},
                          key=lambda p: (p == "ml-100k", int(p) if p.isdigit() else 0))
     ndcg.set_xlim(0.35, 11.5)  # the default epsilons, whatever has run so far
     kept.set_xlim(0.35, 11.5)
-    for index, (variant, found_variant) in enumerate(results["variants"].items()):
+    variants = sorted(results["variants"].items(), key=lambda item: item[0] != "baseline")
+    referenced = set()
+    for index, (variant, found_variant) in enumerate(variants):
         style = STYLES[index % len(STYLES)]
         for population, found in found_variant["populations"].items():
             color = colors[populations.index(population) % len(colors)]
@@ -167,7 +169,8 @@ def plot(results: dict, path: Path) -> None:
             ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], style, color=color, label=label)
             lifts = [(e, r["lift kept"]) for e, r in points if r["lift kept"] is not None]
             kept.plot([e for e, _ in lifts], [100 * k for _, k in lifts], style, color=color, label=label)
-            if variant == "baseline":
+            if population not in referenced:
+                referenced.add(population)
                 ndcg.axhline(found["no noise"]["NDCG@10"], color=color, linestyle="--", linewidth=0.8)
                 ndcg.axhline(found["popularity"]["NDCG@10"], color=color, linestyle=":", linewidth=0.8)
     for ax in (ndcg, kept):
