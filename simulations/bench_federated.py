@@ -103,7 +103,8 @@ def default(args: argparse.Namespace) -> dict:
     without DP, and popularity on the same split; each private run's share of the
     non-private lift over popularity."""
     from shared_model.metrics import evaluate_scores, item_counts
-    from shared_model.settings import RunSettings
+    from shared_model.data import DataError
+    from shared_model.settings import RunSettings, SettingsError
     from shared_model.splits import leave_one_out
     from simulations.baselines import popularity_scores
     from simulations.flower_runner import app_run_config
@@ -111,8 +112,11 @@ def default(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.set)
     if overrides.get("dataset") == "ml-100k" and not overrides.get("data-dir"):
         overrides["data-dir"] = str(ml100k_dir().resolve())  # the SuperNodes' working folder differs
-    settings = RunSettings.from_run_config(app_run_config(**overrides))
-    split = leave_one_out(settings.load_dataset())  # the runs' own data
+    try:
+        settings = RunSettings.from_run_config(app_run_config(**overrides))
+        split = leave_one_out(settings.load_dataset())  # the runs' own data
+    except (KeyError, SettingsError, DataError) as error:
+        raise SystemExit(f"bench_federated default: --set: {error}") from None
     if "dp-expected-batch" not in overrides:  # the noisy sum is divided by a silo's expected batch
         overrides["dp-expected-batch"] = settings.dp_sample_rate * len(split.train) / args.silos
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -148,12 +152,17 @@ def default(args: argparse.Namespace) -> dict:
 
 
 def plot_silo_frontier(rows: dict, dataset: str, silos: int, path: Path) -> None:
-    """Test NDCG@10 of every private run against its user-level epsilon, with the
-    non-private run and popularity as lines."""
-    points = sorted((row["privacy"]["user"]["epsilon"], row["test NDCG@10"]) for name, row in rows.items()
-                    if name.startswith("private"))
+    """Test NDCG@10 of every private run (and their mean) against its user-level epsilon,
+    with the non-private run and popularity as lines."""
+    runs: dict[float, list[float]] = {}
+    for name, row in rows.items():
+        if name.startswith("private"):
+            runs.setdefault(row["privacy"]["user"]["epsilon"], []).append(row["test NDCG@10"])
+    epsilons = sorted(runs)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*points), "o-", label="user-level DP-SGD in the silos")
+    ax.plot(epsilons, [sum(runs[e]) / len(runs[e]) for e in epsilons], "-", label="user-level DP-SGD in the silos (mean)")
+    ax.plot([e for e in epsilons for _ in runs[e]], [v for e in epsilons for v in runs[e]], "o", color="tab:blue",
+            markersize=4, label="each run (fresh noise)")
     ax.axhline(rows["non-private"]["test NDCG@10"], color="black", label="no DP (same run)")
     ax.axhline(rows["popularity"]["test NDCG@10"], color="grey", linestyle=":", label="popularity")
     ax.set_xscale("log", base=2)
@@ -161,7 +170,7 @@ def plot_silo_frontier(rows: dict, dataset: str, silos: int, path: Path) -> None
     ax.set_ylabel("test NDCG@10, full ranking")
     ax.set_title(f"{dataset}, {silos} silos")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

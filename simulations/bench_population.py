@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared_model.cli_options import positive_int
 from shared_model.settings import RunSettings
 from simulations.flower_runner import app_run_config, parse_overrides, run_flower
-from shared_model.cli_options import positive_int
 from simulations.population import PATH, Population, add_chunk_option
 
 DP_FEDAVG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False}
