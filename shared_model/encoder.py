@@ -239,6 +239,15 @@ class TextTower(nn.Module):
             self.train(self.training)  # the encoder's own dropout stays off; only LoRA weights train
         self._set_cache(cache)
 
+    def _apply(self, fn, recurse: bool = True) -> TextTower:
+        """`Module.to(device)` moves the cached sentence vectors with the parameters: with
+        lora-layers = 0 they are all a forward reads (a LoRA tower's token rows stay where
+        they were built: it runs on the CPU)."""
+        super()._apply(fn, recurse)
+        if self.cache.pooled is not None:
+            self.cache = CatalogCache(self.lora_layers, pooled=fn(self.cache.pooled))
+        return self
+
     def _read_hidden_size(self) -> int:
         config = json.loads((Path(self.encoder_path) / "config.json").read_text())
         return int(config["hidden_size"])

@@ -123,12 +123,12 @@ def ranking_sums(scores: torch.Tensor, cases: EvalCases, k: int = LIST_LENGTH, c
     for start in range(0, len(cases), chunk):
         stop = min(start + chunk, len(cases))
         rows, targets = scores[start:stop], cases.targets[start:stop]
-        excluded = exclusion_mask(cases.exclude[start:stop], targets, n_items)
-        ranks = target_ranks(rows, torch.from_numpy(targets), excluded)
+        excluded = exclusion_mask(cases.exclude[start:stop], targets, n_items).to(scores.device)
+        ranks = target_ranks(rows, torch.from_numpy(targets).to(scores.device), excluded)
         hit, ndcg = hit_and_ndcg(ranks, k)
         others = (~excluded).sum(dim=1) - 1  # candidates besides the target
         auc = (others - ranks.clamp(max=others)).double() / others.clamp(min=1)
-        exposure = top_k_members(rows, excluded, k).sum(dim=0).numpy()
+        exposure = top_k_members(rows, excluded, k).sum(dim=0).cpu().numpy()
         total += RankingSums(stop - start, float(hit.double().sum()), float(ndcg.double().sum()),
                              float(auc.sum()), exposure.astype(np.int64))
     return total

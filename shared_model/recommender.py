@@ -113,13 +113,13 @@ def rows_of(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def causal_mask(length: int) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool).tril()
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
 @functools.lru_cache(maxsize=64)
-def self_mask(length: int) -> torch.Tensor:
-    return torch.eye(length, dtype=torch.bool)
+def self_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(length, dtype=torch.bool, device=device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,8 +136,8 @@ class CausalSelfAttention(nn.Module):
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
-        allowed = causal_mask(length) & key_mask[:, None, None, :]  # [B, 1, L, L]
-        allowed = allowed | self_mask(length)  # a padded position reads itself
+        allowed = causal_mask(length, x.device) & key_mask[:, None, None, :]  # [B, 1, L, L]
+        allowed = allowed | self_mask(length, x.device)  # a padded position reads itself
         dropout = self.dropout.p if self.dropout.training else 0.0  # off with its Dropout module
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         return self.out(y.transpose(1, 2).reshape(batch, length, dim))
@@ -214,7 +214,7 @@ class Recommender(nn.Module):
     def catalog_vectors(self) -> torch.Tensor:
         """[n_items, dim]: every catalog item, computed once and shared by a whole batch."""
         vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
-        return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items))
+        return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items, device=vectors.device))
 
     def user_states(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """history_vectors [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
@@ -237,7 +237,7 @@ class Recommender(nn.Module):
 
     def _embed(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, length, _ = history_vectors.shape
-        positions = torch.arange(self.window + 1 - length, self.window + 1).expand(batch, -1)
+        positions = torch.arange(self.window + 1 - length, self.window + 1, device=mask.device).expand(batch, -1)
         return self.dropout(history_vectors * math.sqrt(self.config.dim) + self.position(positions)) * mask[..., None]
 
     def user_vectors(
@@ -322,7 +322,7 @@ def score_catalog(model: Recommender, histories: list, batch_size: int = 1024,
         catalog = model.catalog_vectors() if catalog is None else catalog
         out = []
         for start in range(0, len(histories), batch_size):
-            ids, mask = model.windows(histories[start : start + batch_size])
+            ids, mask = (t.to(catalog.device) for t in model.windows(histories[start : start + batch_size]))
             out.append(model.user_vectors(ids, mask, catalog) @ catalog.T)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.n_items)

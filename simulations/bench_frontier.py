@@ -47,7 +47,7 @@ from shared_model.settings import RunSettings, SettingsError  # noqa: E402
 from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
 from simulations.flower_runner import app_run_config, parse_overrides  # noqa: E402
-from simulations.population import add_chunk_option, run  # noqa: E402
+from simulations.population import add_driver_options, machine, run  # noqa: E402
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 POPULATIONS = ("1000", "10000", "100000", "ml-100k")
@@ -91,11 +91,12 @@ def popularity_metrics(split: LeaveOneOut) -> dict[str, float]:
                            item_counts(split.train, split.n_items))
 
 
-def federation(settings: RunSettings, chunk: int | None, noise_free: bool) -> tuple[dict[str, float], float]:
+def federation(settings: RunSettings, chunk: int | None, noise_free: bool,
+               device: str) -> tuple[dict[str, float], float]:
     """One federation in a worker process: (its final test metrics, seconds)."""
     torch.set_num_threads(1)
     started = time.time()
-    return final_test_metrics(run(settings, chunk, noise_free=noise_free).path), time.time() - started
+    return final_test_metrics(run(settings, chunk, noise_free, device).path), time.time() - started
 
 
 def run_population(population: str, args: argparse.Namespace, stamp: str, out: dict,
@@ -111,11 +112,11 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
     if "no noise" not in out:
         out.update(users=users, epsilon={}, popularity=popularity_metrics(split))
         out["sample rate"] = base.server_dp_sample_rate
-    work = {pool.submit(federation, base, args.chunk, True): ("no noise", None)} if "no noise" not in out else {}
+    work = {pool.submit(federation, base, args.chunk, True, args.device): ("no noise", None)} if "no noise" not in out else {}
     for eps in args.epsilons:
         z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
         settings = settings_for(population, args, f"{name}-eps{eps:g}", z, users)
-        work[pool.submit(federation, settings, args.chunk, False)] = (f"{eps:g}", z)
+        work[pool.submit(federation, settings, args.chunk, False, args.device)] = (f"{eps:g}", z)
     for done in as_completed(work):
         key, z = work[done]
         metrics, seconds = done.result()
@@ -181,7 +182,8 @@ def plot(results: dict, path: Path) -> None:
     kept.set_ylabel("lift over popularity kept (%)")
     kept.axhline(90, color="grey", linewidth=0.8)
     ndcg.legend(fontsize=7)
-    fig.suptitle(f"DP-FedAvg, expected cohort {results['cohort']}, {results['rounds']} rounds, 2 CPU cores")
+    fig.suptitle(f"DP-FedAvg, expected cohort {results['cohort']}, {results['rounds']} rounds, {results['machine']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -203,7 +205,7 @@ def main() -> None:
                         help="a run-config override for every federation of the variant (repeatable), e.g. "
                              "--variant adaptive-clip --set server-dp-adaptive-clip=true, or --variant "
                              "public-1pct --set public-users=0.01 (a consenting 1%% treated as public)")
-    add_chunk_option(parser)
+    add_driver_options(parser)
     parser.add_argument("--jobs", type=positive_int, default=1,
                         help="federations run at once, one process and one core each (default: %(default)s); "
                              "memory: about 5 GB each for the 100,000-user world")
@@ -240,7 +242,10 @@ def main() -> None:
     variant = results["variants"].setdefault(args.variant, {"set": args.set, "populations": {}})
     if variant["set"] != args.set:
         parser.error(f"{path}: variant {args.variant!r} was run with --set {variant['set']}, not {args.set}")
-    results.update(cohort=args.cohort, rounds=args.rounds, delta=args.delta, machine="2 CPU cores, no GPU",
+    if results["variants"] and results.get("machine", machine(args.device)) != machine(args.device):
+        parser.error(f"{path} holds a frontier measured on {results['machine']}, not {machine(args.device)}: "
+                     "use another --out")
+    results.update(cohort=args.cohort, rounds=args.rounds, delta=args.delta, machine=machine(args.device),
                    command=f"python -m simulations.bench_frontier --cohort {args.cohort} --rounds {args.rounds} "
                            f"--delta {args.delta:g} --clip {args.clip:g} (populations, epsilons and variants in "
                            f"parts: see each population's 'commands')")

@@ -27,16 +27,16 @@ import torch
 from shared_model.cli_options import positive_int
 from shared_model.settings import RunSettings
 from simulations.flower_runner import app_run_config, parse_overrides, run_flower
-from simulations.population import PATH, Population, add_chunk_option
+from simulations.population import PATH, Population, add_driver_options, machine
 
 DP_FEDAVG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False}
 
 
-def in_process(users: int, cohort: int, rounds: int, chunk: int | None, overrides: dict) -> dict:
+def in_process(users: int, cohort: int, rounds: int, chunk: int | None, overrides: dict, device: str) -> dict:
     config = app_run_config(**{**DP_FEDAVG, "synthetic-users": users, "server-dp-sample-rate": cohort / users,
                                **overrides})
     started = time.time()
-    population = Population(RunSettings.from_run_config(config), chunk)
+    population = Population(RunSettings.from_run_config(config), chunk, device=device)
     set_up = time.time() - started
     arrays, seconds, sampled = population.initial_arrays(), [], []
     for server_round in range(1, rounds + 1):
@@ -44,7 +44,7 @@ def in_process(users: int, cohort: int, rounds: int, chunk: int | None, override
         arrays, counts = population.train_round(server_round, arrays)
         seconds.append(time.time() - started)
         sampled.append(counts["clients"])
-    return {"path": PATH, "users": users, "expected cohort": cohort, "sampled per round": sampled,
+    return {"path": f"{PATH} on {device}", "users": users, "expected cohort": cohort, "sampled per round": sampled,
             "seconds per round": seconds, "ms per client": 1000 * sum(seconds) / sum(sampled),
             "set-up seconds (data, model, strategy)": set_up,
             "peak resident memory of the process so far (GB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--cohorts", type=int, nargs="+", default=[1000, 10_000],
                         help="expected clients a round, each timed on its own (default 1000 10000)")
     parser.add_argument("--rounds", type=positive_int, default=2, help="rounds timed per cohort (default 2)")
-    add_chunk_option(parser)
+    add_driver_options(parser)
     parser.add_argument("--flower-users", type=int, default=30,
                         help="users (SuperNodes) of the `flwr run` comparison; 0 skips it (default 30)")
     parser.add_argument("--flower-rounds", type=int, default=5,
@@ -90,8 +90,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = parse_overrides(args.set)
-    result = {"machine": "2 CPU cores (shared with other jobs, busy), no GPU; torch threads 1",
-              "in-process": [in_process(args.users, c, args.rounds, args.chunk, overrides) for c in args.cohorts]}
+    result = {"machine": f"{machine(args.device)}; torch threads 1",
+              "in-process": [in_process(args.users, c, args.rounds, args.chunk, overrides, args.device)
+                             for c in args.cohorts]}
     if args.flower_users:
         result["flwr run"] = flower(args.flower_users, args.flower_rounds, out, overrides)
     print(json.dumps(result, indent=2))

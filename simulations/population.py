@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -66,22 +67,26 @@ class Population:
     """The federation's server strategy, its model and every client's training data."""
 
     def __init__(self, settings: RunSettings, chunk: int | None = None,
-                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
+                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator, device: str = "cpu"):
         """chunk: clients trained at once (None: `default_chunk` of the catalog);
-        randomness: DPFedAvg's sampling and noise, OS entropy (a test may replay a round)."""
+        randomness: DPFedAvg's sampling and noise, OS entropy (a test may replay a round);
+        device: where the clients' training and the server's evaluation run (a GPU: the
+        strategy's aggregation and noise stay on the CPU, in numpy, as in `flwr run`)."""
         check_replicable(settings)
+        if device != "cpu" and settings.model.lora_layers:
+            raise SettingsError(f"device {device!r}: the in-process driver runs lora-layers > 0 on the CPU only")
         # the strategy hands FedAdam its step as a Flower Message, made inside a server task:
         # this process stands in for the ServerApp's runtime, which names the task
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         split = leave_one_out(settings.load_dataset())
         self.train = split.train  # client u's data: user u's train split
         self.settings, self.chunk = settings, chunk or default_chunk(split.n_items)
-        self.model = starting_model(settings)
+        self.model = starting_model(settings).to(device)  # initialised on the CPU: the same start anywhere
         keys = {u: u for u in range(len(self.train))}  # node id = sampling key = partition id = user
         self.optimizer, self.strategy = make_strategy(settings, keys, randomness)
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in self.model.trainable_state().items()}
+        return {k: v.cpu().numpy() for k, v in self.model.trainable_state().items()}
 
     def client_models(self, server_round: int, arrays: dict[str, np.ndarray],
                       users: list[int]) -> Iterator[dict[str, np.ndarray]]:
@@ -91,13 +96,13 @@ class Population:
         batch several chunks wide)."""
         s = self.settings
         params = self.model.trainable_parameters()  # a client copies the global arrays into these (fp32)
-        start = {k: torch.from_numpy(v).to(params[k].dtype) for k, v in arrays.items()}
+        start = {k: torch.from_numpy(v).to(params[k].device, params[k].dtype) for k, v in arrays.items()}
         work = [client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs,
                                s.batch_size, s.local_steps) for u in users]
         work.sort(key=lambda batches: (len(batches), *(tuple(batches[0][0].shape) if batches else ())))
         for first in range(0, len(work), self.chunk):
             trained = train_clients(self.model, start, work[first:first + self.chunk], s.learning_rate)
-            yield {k: v.numpy() for k, v in trained.items()}
+            yield {k: v.cpu().numpy() for k, v in trained.items()}
 
     def clipped_total(self, server_round: int, arrays: dict[str, np.ndarray]
                       ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
@@ -121,18 +126,18 @@ class Population:
         return {k: a.numpy() for k, a in stepped.items()}, counts | release
 
 
-def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = False) -> RunFolder:
+def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = False, device: str = "cpu") -> RunFolder:
     """The whole federation; writes the run folder as the ServerApp does (metrics, ledger,
     adapters, plot, summary), without checkpoints (an in-process run does not resume).
     noise_free: the same federation with the noise left out (sampling and clipping kept):
     a benchmark's reference for what the noise costs, NOT private: nothing is accounted,
-    and its summary's path says so. No run config reaches it."""
+    and its summary's path says so. No run config reaches it. device: see `Population`."""
     session_started = time.time()
     folder = RunFolder.open(settings)
     if folder.metrics_path.exists():
         raise SettingsError(f"{folder.path} holds a run already: the in-process driver does not resume; "
                             "choose another run-name")
-    population = Population(settings, chunk)
+    population = Population(settings, chunk, device=device)
     if noise_free:
         population.strategy.update_noise = 0.0
     evaluate = server_evaluation(settings, population.model, simulation=True)
@@ -158,12 +163,31 @@ def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = Fals
                 "test": stage_metrics(line, "test")}
         print(progress_line(settings, line, best), flush=True)
     finish(folder, settings, population.model, arrays, arrays, best, len(population.train), session_started,
-           path=PATH + (", noise-free reference: NOT private" if noise_free else ""))
+           path=f"{PATH} on {machine(device)}" + (", noise-free reference: NOT private" if noise_free else ""))
     return folder
 
 
-def add_chunk_option(parser: argparse.ArgumentParser) -> None:
-    """--chunk, as every command that runs this driver takes it."""
+def machine(device: str) -> str:
+    """The hardware a run's figures come from (a summary's path, a benchmark's JSON)."""
+    cores = f"{os.cpu_count()} CPU cores"
+    if device == "cpu":
+        return f"{cores}, {'GPU unused' if torch.cuda.is_available() else 'no GPU'}"
+    return f"{torch.cuda.get_device_name(device)} GPU ({device}), {cores}"
+
+
+def checked_device(text: str) -> str:
+    """--device: 'cpu', or a CUDA device this machine has."""
+    if text != "cpu" and not (text.split(":")[0] == "cuda" and torch.cuda.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: 'cpu', or 'cuda' / 'cuda:N' on a machine with a CUDA GPU "
+                                         f"(this one has {'one' if torch.cuda.is_available() else 'none'})")
+    return text
+
+
+def add_driver_options(parser: argparse.ArgumentParser) -> None:
+    """--chunk and --device, as every command that runs this driver takes them."""
+    parser.add_argument("--device", type=checked_device, default="cpu",
+                        help="where the clients' training and the evaluation run: 'cpu' (default) or 'cuda' (the "
+                             "server's aggregation and noise stay in numpy on the CPU; lora-layers = 0 only)")
     parser.add_argument("--chunk", type=positive_int, default=None,
                         help="clients trained at once (default: 256,000 / catalog items, at most 256: 25 over the "
                              "100,000-user world's 10,000 items); memory grows with it and with the catalog: 256 "
@@ -175,7 +199,7 @@ def main() -> None:
     parser.add_argument("--run-config", default="", metavar="'KEY=VALUE ...'",
                         help="overrides of pyproject.toml's [tool.flwr.app.config], as `flwr run --run-config` "
                              "takes them")
-    add_chunk_option(parser)
+    add_driver_options(parser)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument("--noise-free", action="store_true",
                         help="a benchmark's reference: the same federation with the noise left out (sampling and "
@@ -184,7 +208,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     try:
         settings = RunSettings.from_run_config(app_run_config(**parse_overrides(shlex.split(args.run_config))))
-        folder = run(settings, args.chunk, noise_free=args.noise_free)
+        folder = run(settings, args.chunk, noise_free=args.noise_free, device=args.device)
     except (KeyError, SettingsError) as error:
         parser.error(f"--run-config: {error}")
     print(f"results in {folder.path}")

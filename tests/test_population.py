@@ -12,20 +12,24 @@ have dropout 0 (a vectorised client draws its own dropout masks, not its ClientA
 import itertools
 import json
 
+import argparse
+import warnings
+
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.server_app import array_record, make_strategy, starting_model
+from server.server_app import array_record, make_strategy, server_evaluation, starting_model
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.state import load_state
 from shared_model.training import train_local
-from shared_model.vectorised_training import client_batches, train_clients
+from shared_model.vectorised_training import client_batches, train_clients, vectorised_attention
 from simulations.client_harness import client_context, deliver
 from simulations.flower_runner import app_run_config, run_flower
-from simulations.population import Population, check_replicable, run
+from simulations.population import Population, check_replicable, checked_device, run
 
 USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
@@ -180,3 +184,67 @@ def test_the_driver_refuses_what_it_does_not_replicate(key, value):
     settings = settings_of(**{key: value})
     with pytest.raises(SettingsError, match=f"'{key}'"):
         check_replicable(settings)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the driver's --device cuda)")
+def test_a_round_trained_on_the_gpu_equals_the_round_trained_on_the_cpu():
+    """--device cuda: the same replayed sample and noise, the clients trained on the GPU:
+    the same start, clipped sum, norms and step to float tolerance, and the server's
+    evaluation of the result gives the same metrics."""
+    settings = settings_of(**SEVERAL_STEPS, **{"server-dp-sample-rate": 0.5, "server-dp-clip": 0.3})
+    cpu, gpu = (Population(settings, chunk=7, randomness=seeded(5), device=d) for d in ("cpu", "cuda"))
+    arrays = cpu.initial_arrays()
+    assert all(np.array_equal(gpu.initial_arrays()[k], v) for k, v in arrays.items())
+    zeros = {k: np.zeros_like(v, dtype=np.float64) for k, v in arrays.items()}
+    total, norms, counts = cpu.clipped_total(1, arrays)
+    got_total, got_norms, got_counts = gpu.clipped_total(1, arrays)
+    assert got_counts == counts and counts["clients"] > 0
+    assert_close(got_total, total, zeros, rel=1e-3)
+    assert np.allclose(got_norms, norms, rtol=1e-3)
+    want = {k: a.numpy() for k, a in cpu.strategy.aggregate_clipped(1, total, norms)[0].items()}
+    got = {k: a.numpy() for k, a in gpu.strategy.aggregate_clipped(1, got_total, got_norms)[0].items()}
+    assert_same_step(got, want, arrays, share=1e-2)
+    on_cpu, on_gpu = (server_evaluation(settings, p.model, simulation=True) for p in (cpu, gpu))
+    want_metrics, got_metrics = on_cpu(want), on_gpu(want)
+    for key, value in want_metrics.items():
+        assert got_metrics[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_the_driver_names_the_devices_it_takes_when_a_machine_has_no_gpu():
+    assert checked_device("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda'.*has none"):
+        checked_device("cuda")
+
+
+def test_the_driver_refuses_lora_layers_off_the_cpu():
+    with pytest.raises(SettingsError, match="lora-layers > 0 on the CPU only"):
+        Population(settings_of(**{"lora-layers": 1}), device="cuda")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vectorised_attention_steps_on_the_gradient_of_its_own_dropout(device):
+    """Each client's gradient must be that of the dropout mask its forward drew. The loss
+    L = sum(w * attention(q, k, v)) is linear in v, so <dL/dv, v> = L exactly when the
+    backward replays the forward's mask (the fused CUDA kernels under vmap do not)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, w = (torch.randn(6, 3, 2, 7, 4, generator=generator).to(device) for _ in range(4))
+    causal = torch.ones(7, 7, dtype=torch.bool, device=device).tril()
+
+    def loss(v, q, k, w, dropout=0.5):
+        return (torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout)
+                * w).sum()
+
+    def dot_and_loss(v, q, k, w):
+        gradient, value = torch.func.grad_and_value(loss)(v, q, k, w)
+        return (gradient * v).sum(), value
+
+    with warnings.catch_warnings(), vectorised_attention(torch.device(device)):
+        warnings.simplefilter("ignore")  # "no batching rule": the per-client fallback is what is tested
+        dot, value = torch.func.vmap(dot_and_loss, randomness="different")(v, q, k, w)
+    assert torch.allclose(dot, value, rtol=1e-4, atol=1e-4)
+    without = torch.stack([loss(*(t[i] for t in (v, q, k, w)), dropout=0.0) for i in range(len(v))])
+    assert not torch.allclose(value, without)  # dropout did drop: the identity is not the no-dropout one
