@@ -8,7 +8,9 @@ the client, and it refuses to evaluate. With dp = "none" a reply carries the exa
 count and the training loss; an evaluation reply carries ranking sums and counts, each
 item's exposure in the users' top-10 lists and each item's training interactions (the
 catalog metrics need them; they say outright which items the users touched, which the
-exact update already reveals).
+exact update already reveals). With secure-aggregation = true a training reply goes through
+Flower's SecAgg+: the clipped update plus the client's noise share, masked
+(client/secure_update.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flwr.clientapp import ClientApp
 from client.local_data import ClientData, client_data, sampling_key
 from client.privacy_account import store_for
 from client.private_round import private_round
+from client.secure_update import instructions, private_vector, reply, secure_aggregation_guard
 from shared_model.metrics import RankingSums, item_counts, ranking_sums
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
@@ -82,20 +85,31 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": ConfigRecord({"sampling-key": key})}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    settings = settings_of(context)
-    server_round = int(msg.content["config"]["server-round"])
-    key = sampling_key(dict(context.node_config))
+def check_failure(settings: RunSettings, server_round: int, key: int) -> None:
     if simulated_failure(settings, server_round, key):
         raise RuntimeError(f"simulated device failure (simulated-failure-rate={settings.simulated_failure_rate})")
+
+
+def local_training(model: Recommender, data: ClientData, settings: RunSettings, server_round: int, key: int) -> dict:
+    """Plain local SGD (dp = "none"), seeded by round and client: train_local's result."""
+    seed = round_seed(settings, server_round, key, 0)  # data order and negatives
+    return train_local(model, data.split.train, epochs=settings.local_epochs, batch_size=settings.batch_size,
+                       lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
+
+
+@app.train(mods=[secure_aggregation_guard])
+def train(msg: Message, context: Context) -> Message:
+    settings = settings_of(context)
+    if settings.secure_aggregation:
+        return secure_train(msg, context, settings)
+    server_round = int(msg.content["config"]["server-round"])
+    key = sampling_key(dict(context.node_config))
+    check_failure(settings, server_round, key)
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
     content = RecordDict()
     if settings.dp == "none":
-        seed = round_seed(settings, server_round, key, 0)  # data order and negatives
-        result = train_local(model, data.split.train, epochs=settings.local_epochs, batch_size=settings.batch_size,
-                             lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
+        result = local_training(model, data, settings, server_round, key)
         content["arrays"] = ArrayRecord(model.trainable_state())
         content["metrics"] = MetricRecord({"weight": result["num-examples"], "train-loss": result["train-loss"]})
         return Message(content, reply_to=msg)
@@ -108,6 +122,19 @@ def train(msg: Message, context: Context) -> Message:
         content["metrics"] = MetricRecord({"weight": 1.0})  # equal weights: a count would reveal n
     content["ledger"] = ConfigRecord(entry.to_json())
     return Message(content, reply_to=msg)
+
+
+def secure_train(msg: Message, context: Context, settings: RunSettings) -> Message:
+    """Secure aggregation's third stage (client/secure_update.py): local training, then the
+    clipped update plus this client's noise share, for secaggplus_mod to mask."""
+    arrays, config = instructions(msg)
+    server_round, key = int(config["server-round"]), sampling_key(dict(context.node_config))
+    check_failure(settings, server_round, key)
+    data = data_of(settings, context)
+    model = model_with(settings, data.texts, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    local_training(model, data, settings, server_round, key)
+    update = {k: v.numpy() - arrays[k] for k, v in model.trainable_state().items()}
+    return reply(msg, private_vector(update, settings), list(arrays))
 
 
 @app.evaluate()

@@ -6,13 +6,15 @@ change nothing, and noise is added even when none replies), equal weights. The i
 strategy sees one reply, the noisy average, and only post-processes it (FedAdam's step).
 With adaptive clipping (server/adaptive_clip.py) the clip follows a quantile of the update
 norms; `noise` stays the accounted total and the updates get the larger `update_noise`.
-The mechanism's arithmetic is in server/dp_aggregation.py, shared with the in-process
+The mechanism's arithmetic is in shared_model/dp_aggregation.py, shared with the in-process
 population driver (simulations/population.py), which calls `aggregate_clipped` with the
 clipped sum of its own vectorised clients.
 
 The sampling and the noise come from OS entropy on every round, never from the run seed.
 It protects each user (all their data) against anyone who sees the models the server
-releases; the server itself sees every client's update.
+releases; the server itself sees every client's update, unless `secure` is set: then each
+sampled client clips its update and adds its share of the noise, SecAgg+ gives the server
+only the sum (server/secure_aggregation.py), and the server adds no noise of its own.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from server.adaptive_clip import AdaptiveClip
-from server.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
-from server.strategy import ResumableLoop, SeededFedAdam
+from shared_model.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
+from server.secure_aggregation import SecureAggregation, upload_bytes
+from server.strategy import ResumableLoop, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.privacy import update_noise_multiplier
 
@@ -47,6 +50,7 @@ class DPFedAvg(ResumableLoop):
         self.unclipped = float("nan")  # the last round's noisy unclipped fraction (adaptive clipping)
         self.update_noise = noise if adaptive is None else update_noise_multiplier(noise, adaptive.count_noise)
         self.current: dict[str, np.ndarray] = {}
+        self.secure: SecureAggregation | None = None  # set by the ServerApp (it needs the run's Context)
 
     @property
     def keys(self) -> dict[int, int]:
@@ -94,7 +98,8 @@ class DPFedAvg(ResumableLoop):
         with adaptive clipping, the noisy unclipped fraction, which sets the next round's
         clip (`self.clip`)."""
         rng = self.randomness()
-        average = noisy_average(total, self.update_noise * self.clip, self.expected_count, rng)
+        server_noise = 0.0 if self.secure is not None else self.update_noise * self.clip  # else in the clients' sum
+        average = noisy_average(total, server_noise, self.expected_count, rng)
         if self.adaptive is not None:
             self.unclipped = self.adaptive.unclipped_fraction(norms, self.clip, self.expected_count, rng)
             self.clip = self.adaptive.next_clip(self.clip, self.unclipped)
@@ -114,6 +119,22 @@ class DPFedAvg(ResumableLoop):
                         message_type=MessageType.TRAIN)
         stepped, _ = self.inner.aggregate_train(server_round, [noisy])
         return stepped, release
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+                    ) -> tuple[RoundStats, ArrayRecord | None, MetricRecord | None]:
+        """Under secure aggregation: the Poisson sample through SecAgg+, the sum stepped as
+        any other (no model released when fewer than m clients survive)."""
+        if self.secure is None:
+            return super().train_round(grid, server_round, arrays, config, timeout)
+        nodes = self.begin_round(arrays)
+        ran = len(nodes) >= self.secure.min_clients  # else the protocol cannot reach its threshold: not run
+        total, replies = self.secure.summed(grid, server_round, nodes, self.current) if ran else (None, [])
+        stats = RoundStats(len(nodes) if ran else 0, replies, self.keys, server_round, False, upload_bytes)
+        if total is None:
+            release = {"clip": self.clip, "update noise multiplier": self.update_noise}
+            return stats, None, MetricRecord({"aggregated": 0, **release})
+        stepped, release = self.aggregate_clipped(server_round, total, np.zeros(0))
+        return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -31,6 +31,7 @@ from server.adaptive_clip import AdaptiveClip
 from server.plots import plot_rounds
 from server.public_pretraining import pretrain_on_public_users
 from server.run_folder import Checkpoint, RunFolder
+from server.secure_aggregation import SecureAggregation
 from server.simulation_speedup import speed_up_in_memory_link_state
 from server.dp_strategy import DPFedAvg
 from server.strategy import STAGES, RoundStats, SeededFedAdam
@@ -181,14 +182,17 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
                                    noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
                                    accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name,
-                                   clip=release["clip"], **adaptive))
+                                   clip=release["clip"], **adaptive,
+                                   min_survivors=settings.secagg_min_clients if settings.secure_aggregation else None))
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
 
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
-           "dp-fedavg": "other clients and anyone who sees the model (not the server: it sees each update)"}
+           "dp-fedavg": "other clients and anyone who sees the model (not the server: it sees each update)",
+           "dp-fedavg+secagg": "an honest-but-curious server (it sees only SecAgg+ sums of at least {m} clients' "
+                               "clipped, noised updates), other clients and anyone who sees the model"}
 
 
 def privacy_summary(folder: RunFolder) -> dict:
@@ -203,8 +207,11 @@ def privacy_summary(folder: RunFolder) -> dict:
             of_unit = [e for e in mine if e.unit == unit]
             worst = max(of_unit, key=lambda e: e.epsilon)
             key = unit if unit not in out else f"{unit} (dp-fedavg)"
+            secure = [e.min_survivors for e in of_unit if e.min_survivors is not None]
+            shown = "dp-fedavg+secagg" if secure and len(secure) == len(of_unit) else mechanism  # every release
             out[key] = {"epsilon": worst.epsilon, "delta": worst.delta, "accountant": worst.accountant,
-                        "relation": RELATION, "mechanism": mechanism, "against": AGAINST[mechanism]}
+                        "relation": RELATION, "mechanism": shown,
+                        "against": AGAINST[shown].format(m=min(secure, default=0))}
             if mechanism == "dp-sgd":
                 out[key].update(clients=len({e.client for e in of_unit}),
                                 declined=sum(1 for e in of_unit if e.status == "declined"))
@@ -318,7 +325,7 @@ class RoundRecord:
         log(INFO, "%s", progress_line(settings, line, self.best))
 
 
-RELEASE_KEYS = ("clip", "update noise multiplier", "count noise", "unclipped fraction")  # DP-FedAvg's, public
+RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction")  # DP-FedAvg's
 
 
 def stage_metrics(line: dict, stage: str) -> dict:
@@ -376,6 +383,8 @@ def main(grid: Grid, context: Context) -> None:
                             "Start a new run (another run-name)")
     keys = sampling_keys(grid, settings.round_timeout)
     optimizer, strategy = make_strategy(settings, keys)
+    if settings.secure_aggregation:  # make_strategy's DPFedAvg: the validated settings say server-dp
+        strategy.secure = SecureAggregation(context, settings, len(keys))
     if not is_private(settings):
         log(WARNING, "%s", privacy_line(settings, {}))
     log(INFO, "fedrec: %d clients, %s a round, %d rounds, adapters %.1f KB", len(keys),

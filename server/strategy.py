@@ -49,19 +49,25 @@ def reply_sums(reply: Message, stage: str) -> RankingSums:
                        metrics[f"{stage}-AUC-sum"], reply.content["items"][f"{stage}-exposure"].numpy())
 
 
+def arrays_bytes(reply: Message) -> int:
+    return sum(a.numpy().nbytes for a in reply.content["arrays"].values())
+
+
 class RoundStats:
     """What happened to the training messages of one round, and which replies may be
     aggregated: under client DP only updates whose spend the ledger records."""
 
     def __init__(self, sent: int, replies: list[Message], keys: dict[int, int], server_round: int,
-                 accounted_only: bool):
+                 accounted_only: bool, upload_bytes: Callable[[Message], int] | None = None):
+        """upload_bytes: what a trained reply sent (default: its arrays; under secure
+        aggregation every answer is a masked vector, counted as trained)."""
         self.sent = sent
         self.errors = sum(1 for r in replies if r.has_error())
         self.timeouts = sent - len(replies)
         self.ok = [r for r in replies if not r.has_error()]
-        self.trained = [r for r in self.ok if "arrays" in r.content]
+        self.trained = [r for r in self.ok if "arrays" in r.content or upload_bytes is not None]
         self.declined = len(self.ok) - len(self.trained)  # clients whose privacy budget is spent
-        self.upload_bytes = [sum(a.numpy().nbytes for a in r.content["arrays"].values()) for r in self.trained]
+        self.upload_bytes = [(upload_bytes or arrays_bytes)(r) for r in self.trained]
         self.entries: dict[int, LedgerEntry] = {}  # parsed once: for aggregation and the ledger
         for reply in self.ok:
             if "ledger" in reply.content and (entry := client_entry(reply, keys, server_round)) is not None:
@@ -116,10 +122,7 @@ class ResumableLoop(Strategy):
             self.evaluate_round(grid, 0, arrays, evaluate_config, timeout, evaluate_fn, result)
         for server_round in range(first_round, num_rounds + 1):
             self.outcome = RoundOutcome(time.time())
-            messages = list(self.configure_train(server_round, arrays, train_config, grid))
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            stats = RoundStats(len(messages), replies, self.keys, server_round, self.accounted_only)
-            aggregated, train_metrics = self.aggregate_train(server_round, stats.aggregated)
+            stats, aggregated, train_metrics = self.train_round(grid, server_round, arrays, train_config, timeout)
             if aggregated is not None:
                 result.arrays = arrays = aggregated
             if train_metrics is not None:
@@ -127,6 +130,15 @@ class ResumableLoop(Strategy):
             self.outcome.stats, self.outcome.train_metrics = stats, train_metrics
             self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout, evaluate_fn, result)
         return result
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+                    ) -> tuple[RoundStats, ArrayRecord | None, MetricRecord | None]:
+        """One round's training: (what happened to its messages, the new model or None,
+        the training metrics)."""
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        stats = RoundStats(len(messages), replies, self.keys, server_round, self.accounted_only)
+        return stats, *self.aggregate_train(server_round, stats.aggregated)
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
                   evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None, result: Result) -> None:

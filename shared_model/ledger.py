@@ -47,6 +47,8 @@ class LedgerEntry:
     # noise_multiplier is the total z (privacy.total_noise_multiplier), which the audit recomputes
     update_noise_multiplier: float | None = None
     count_noise: float | None = None
+    # secure aggregation: the server saw only sums of at least this many clients' noised updates
+    min_survivors: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +77,8 @@ class LedgerEntry:
             problems.append(f"status {self.status!r} for client {self.client!r} (only the server aggregates)")
         if (self.update_noise_multiplier is None) != (self.count_noise is None):
             problems.append("update-noise-multiplier and count-noise come together (adaptive clipping)")
+        if self.min_survivors is not None and (self.client != "server" or self.min_survivors < 2):
+            problems.append(f"min-survivors {self.min_survivors} (secure aggregation: the server's, at least 2)")
         if self.client != "server" and self.budget is None:
             problems.append("a client's entry needs its budget")
         if self.unit == "example" and self.client != "server" and (self.window is None or self.window < 1):

@@ -71,6 +71,8 @@ class RunSettings:
     server_dp_target_quantile: float  # gamma: share of updates left unclipped
     server_dp_clip_learning_rate: float  # eta: geometric step of the clip
     server_dp_count_noise: float  # sigma_b: std of the noise on the count of unclipped updates
+    secure_aggregation: bool  # DP-FedAvg through Flower's SecAgg+: the server holds only the sum
+    secagg_min_clients: int  # m: each client adds noise std z S / sqrt(m); fewer survivors, no release
     public_users: float  # simulation: share of users who consent to give the server their data (no DP for them)
     public_epochs: int  # centralized epochs on the consenting users' data before round 1
     # model: its keys are RecommenderConfig's fields, kebab-cased (dim, lora-rank, ...)
@@ -143,6 +145,13 @@ class RunSettings:
              "server-dp-adaptive-clip: the update's noise multiplier is (z^-2 - (2 sigma_b)^-2)^-1/2, finite only then"),
             (0 <= self.public_users < 1, "public-users", "must be in [0, 1) (a share of the users)"),
             (self.public_epochs >= 1, "public-epochs", "must be at least 1"),
+            (self.server_dp or not self.secure_aggregation, "secure-aggregation",
+             "needs server-dp = true (the clients add DP-FedAvg's noise to what SecAgg+ sums)"),
+            (self.dp == "none" or not self.secure_aggregation, "secure-aggregation",
+             "works with dp = 'none' only so far (a client's DP-SGD ledger would travel beside its masked update)"),
+            (not (self.secure_aggregation and self.server_dp_adaptive_clip), "secure-aggregation",
+             "does not adapt the clip yet (server-dp-adaptive-clip reads each update's norm)"),
+            (self.secagg_min_clients >= 2, "secagg-min-clients", "must be at least 2"),
             (not (self.dp == "user" and self.partitioning == "per-user"), "dp",
              "'user' is for silos; with one client per user use dp='example' and server-dp"),
         ]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.dp_aggregation import clipped_sum, stacked_updates, update_norms
+from shared_model.dp_aggregation import clipped_sum, stacked_updates, update_norms
 from shared_model.settings import RunSettings, SettingsError
 from simulations.flower_runner import app_run_config, parse_overrides
 from simulations.population import Population

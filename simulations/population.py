@@ -4,7 +4,7 @@
 2 cores (docs/benchmarks.md); a cohort of thousands a round takes minutes. This driver
 runs the same computation without Flower's messages and processes:
 - the server's own strategy objects (`make_strategy`): DPFedAvg's Poisson sampling and
-  noise from fresh randomness, its clipped sum and noisy average (server/dp_aggregation.py)
+  noise from fresh randomness, its clipped sum and noisy average (shared_model/dp_aggregation.py)
   and SeededFedAdam's step; the round's privacy ledger entry and epsilon (`record_privacy`);
   the server's evaluation on the held-out split; the run folder, metrics and summary;
 - each sampled client's `train_local`, vectorised over clients (shared_model.vectorised_training)
@@ -33,7 +33,7 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import round_seed, simulated_failure
-from server.dp_aggregation import add_into, clipped_sum, stacked_updates
+from shared_model.dp_aggregation import add_into, clipped_sum, stacked_updates
 from server.run_folder import RunFolder
 from server.server_app import (array_record, evaluation_rounds, finish, make_strategy, progress_line,
                                record_privacy, server_evaluation, stage_metrics, starting_model)
@@ -57,7 +57,8 @@ def default_chunk(n_items: int) -> int:
 def check_replicable(settings: RunSettings) -> None:
     """The configuration this driver computes as `flwr run` does, or a SettingsError."""
     for key, value, wanted in (("server-dp", settings.server_dp, True), ("dp", settings.dp, "none"),
-                               ("partitioning", settings.partitioning, "per-user")):
+                               ("partitioning", settings.partitioning, "per-user"),
+                               ("secure-aggregation", settings.secure_aggregation, False)):
         if value != wanted:
             raise SettingsError(f"run config '{key}' must be {json.dumps(wanted)} for the in-process population driver "
                                 f"(user-level DP-FedAvg over one-user clients), not {json.dumps(value)}")

@@ -5,16 +5,20 @@ std z S on the sum, divided by the expected count q N.
 DPFedAvg (server/dp_strategy.py) feeds them the replies of a Flower round; the in-process
 population driver (simulations/population.py) feeds them the updates of its vectorised
 clients. Both add the sums of chunks of clients, so neither holds every update at once.
-The noise's generator is passed in: DPFedAvg's comes from OS entropy.
+Under secure aggregation each client clips its own update and adds its share of the noise
+(client/secure_update.py) and the server only sums. The noise's generator is passed in:
+it comes from OS entropy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
+NAMES_KEY = "names"  # secure aggregation: the FitIns config's names of its parameters, comma-separated, in order
 
 
 def stacked_updates(current: Arrays, models: Arrays) -> dict[str, np.ndarray]:
@@ -47,3 +51,10 @@ def noisy_average(total: Arrays, noise_std: float, expected_count: float,
     """(total + N(0, noise_std^2) per coordinate) / expected_count, names in `total`'s order
     (the draws' order: a generator seeded alike gives the same noise)."""
     return {k: (t + rng.normal(0.0, noise_std, size=t.shape)) / expected_count for k, t in total.items()}
+
+
+def noise_share_std(noise_multiplier: float, clip: float, min_clients: int) -> float:
+    """Under secure aggregation, the std of the noise each client adds to its clipped
+    update: z S / sqrt(m), so that the sum of any m or more clients' vectors carries at
+    least the accounted N(0, (z S)^2) (n survivors: n / m times its variance)."""
+    return noise_multiplier * clip / math.sqrt(min_clients)

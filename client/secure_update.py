@@ -1,0 +1,66 @@
+"""A client's part of DP-FedAvg under secure aggregation (`secure-aggregation = true`).
+
+Flower's `secaggplus_mod` runs the SecAgg+ protocol around the ClientApp: it calls the
+ClientApp once, in the protocol's third stage, with the round's instructions in the legacy
+FitIns shape, quantises and masks what the ClientApp returns in the FitRes shape, and sends
+only the masked vector. What the ClientApp returns is already private on its own: the
+update (trained minus global model) clipped to L2 norm S and its share of DP-FedAvg's
+noise, N(0, (z S)^2 / m) per coordinate from fresh OS entropy (z, S and m from the run
+config, not from the server's message: a server cannot ask for less noise). The sum of
+m or more such vectors carries the accounted noise; the server learns only that sum.
+
+`secure_aggregation_guard` is the ClientApp's training mod: with secure aggregation on, a
+training message that does not come through the protocol is refused (an honest client
+never sends a plain update), and otherwise it hands over to `secaggplus_mod`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+from shared_model.dp_aggregation import NAMES_KEY, clipped_sum, noise_share_std
+from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.settings import RunSettings
+
+
+def secure_aggregation_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+                             ) -> Message:
+    """Training goes through SecAgg+ when the run config asks for it, and never around it."""
+    if not RunSettings.from_run_config(context.run_config).secure_aggregation:
+        return call_next(msg, context)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        raise RuntimeError("secure-aggregation = true: this client sends its update only through SecAgg+, and this "
+                           "training message did not come through the protocol")
+    return secaggplus_mod(msg, context, call_next)
+
+
+def instructions(msg: Message) -> tuple[dict[str, np.ndarray], dict]:
+    """(the global arrays by name, the FitIns config) of a SecAgg+ training message."""
+    fitins = recorddict_to_fitins(msg.content, keep_input=True)
+    names = str(fitins.config[NAMES_KEY]).split(",")
+    return dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True)), dict(fitins.config)
+
+
+def private_vector(update: dict[str, np.ndarray], settings: RunSettings,
+                   rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """The update clipped to server-dp-clip plus this client's share of the noise (rng:
+    fresh OS entropy; a test may pass a seeded one)."""
+    rng = rng or fresh_numpy_generator()
+    clipped, _ = clipped_sum({k: np.asarray(v, dtype=np.float64)[None] for k, v in update.items()},
+                             settings.server_dp_clip)
+    std = noise_share_std(settings.server_dp_noise, settings.server_dp_clip, settings.secagg_min_clients)
+    return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in clipped.items()}
+
+
+def reply(msg: Message, vector: dict[str, np.ndarray], names: list[str]) -> Message:
+    """The FitRes-shaped reply `secaggplus_mod` masks: the vector, weight 1, no metrics."""
+    parameters = ndarrays_to_parameters([vector[k] for k in names])
+    return Message(fitres_to_recorddict(FitRes(Status(Code.OK, ""), parameters, 1, {}), keep_input=False),
+                   reply_to=msg)

@@ -1,0 +1,155 @@
+"""One DP-FedAvg round through Flower's SecAgg+ (`secure-aggregation = true`).
+
+Flower 1.42 ships SecAgg+ for its legacy strategy API only: `SecAggPlusWorkflow` runs the
+protocol's four stages over a `LegacyContext` and hands a legacy `Strategy` the weighted
+mean of the survivors' vectors. This module drives it once per round from our own loop:
+`_Cohort` is the smallest legacy strategy that offers the workflow our Poisson sample and
+keeps what it aggregates; nothing else of the legacy API is used.
+
+What the server holds: the sum, over the n clients that survive the protocol, of each
+one's clipped update plus its noise share (client/secure_update.py), never one client's
+vector. The sum carries the accounted noise when n >= m (`secagg-min-clients`); the
+protocol's reconstruction threshold is m, so fewer than m survivors reveal nothing (the
+round releases nothing). Parameters: full graph (every client shares with every other),
+weight 1 (max_weight 1: no precision lost to weights), clipping range S + 8 sigma per
+coordinate (beyond it the quantiser would clip), quantisation range T with N T < 2^32 for
+a population of N (no cohort can wrap the modulus).
+
+Security: Flower's SecAgg+ has no consistency check and derives masks from 32-bit seeds;
+it protects against an honest-but-curious server (docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat import LegacyContext
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from shared_model.dp_aggregation import NAMES_KEY, noise_share_std
+from shared_model.settings import RunSettings
+
+MODULUS = 2**32
+CLIPPING_SIGMAS = 8.0  # the quantiser's range: the clip plus this many noise-share stds
+
+
+def clipping_range(settings: RunSettings) -> float:
+    """Per coordinate, what a client's vector can hold: |clipped update| <= S, plus noise."""
+    std = noise_share_std(settings.server_dp_noise, settings.server_dp_clip, settings.secagg_min_clients)
+    return settings.server_dp_clip + CLIPPING_SIGMAS * std
+
+
+def quantization_range(population: int) -> int:
+    """T = 2^32 / 2^ceil(log2(N + 1)): the sum of any cohort's quantised values (each at
+    most T) stays below the modulus."""
+    return MODULUS >> max(1, math.ceil(math.log2(population + 1)))
+
+
+class _Cohort(Strategy):
+    """The legacy strategy SecAggPlusWorkflow calls: the round's sample in, the sum out."""
+
+    def __init__(self, nodes: list[int], grid: Grid, config: dict):
+        self.nodes, self.grid, self.config = nodes, grid, config
+        self.mean: list[np.ndarray] | None = None
+        self.survivors = 0
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager
+                      ) -> list[tuple[ClientProxy, FitIns]]:
+        run_id = self.grid.run.run_id
+        return [(GridClientProxy(node, self.grid, run_id), FitIns(parameters, dict(self.config)))
+                for node in self.nodes]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
+                      ) -> tuple[Parameters | None, dict]:
+        if results:  # every result holds the same aggregate: the survivors' mean
+            self.mean, self.survivors = parameters_to_ndarrays(results[0][1].parameters), len(results)
+        return None, {}  # the workflow writes nothing back: our loop steps the model
+
+    def initialize_parameters(self, client_manager) -> None:
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, except that a client lost before it handed out its key shares
+    (stages 0 and 1) leaves the round instead of breaking it. Flower 1.42 keeps such a node
+    among the sampled ones and, at unmasking, asks every survivor for its share of a key the
+    node never shared: each survivor fails and the round halts (tests/test_secure_aggregation.py
+    measured it). No client derived a mask with such a node (masks are made with the nodes
+    whose shares arrived), so the round goes on with the others."""
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state) -> bool:
+        if not super().share_keys_stage(grid, context, state):
+            return False
+        alive = set(state.active_node_ids)
+        state.sampled_node_ids = alive
+        state.nid_to_neighbours = {nid: nbrs & alive for nid, nbrs in state.nid_to_neighbours.items() if nid in alive}
+        return True
+
+
+class _RecordingGrid:
+    """The grid, with each stage's replies kept (the round's statistics read stage 2's)."""
+
+    def __init__(self, grid: Grid):
+        self.grid, self.replies = grid, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.replies.append(replies)
+        return replies
+
+
+class SecureAggregation:
+    """DP-FedAvg's sum through SecAgg+, one round at a time."""
+
+    workflow = _SecAggPlus  # (a test runs Flower's own beside it)
+
+    def __init__(self, context: Context, settings: RunSettings, population: int):
+        self.context, self.min_clients, self.timeout = context, settings.secagg_min_clients, settings.round_timeout
+        self.clipping_range = clipping_range(settings)
+        self.quantization_range = quantization_range(population)
+
+    def summed(self, grid: Grid, server_round: int, nodes: list[int], arrays: dict[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray] | None, list[Message]]:
+        """(the sum of the survivors' vectors, None when fewer than m survived or the
+        protocol halted; the replies of the stage that carried the masked vectors)."""
+        names = list(arrays)
+        cohort = _Cohort(nodes, grid, {"server-round": server_round, NAMES_KEY: ",".join(names)})
+        legacy = LegacyContext(self.context, strategy=cohort, client_manager=SimpleClientManager())
+        legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
+        legacy.state.array_records["parameters"] = ArrayRecord({str(i): Array(v) for i, v in enumerate(arrays.values())})
+        recording = _RecordingGrid(grid)
+        workflow = self.workflow(num_shares=1.0, reconstruction_threshold=self.min_clients, max_weight=1.0,
+                                      clipping_range=self.clipping_range, quantization_range=self.quantization_range,
+                                      modulus_range=MODULUS, timeout=self.timeout)
+        workflow(recording, legacy)
+        masked = recording.replies[2] if len(recording.replies) > 2 else []
+        if cohort.mean is None or cohort.survivors < self.min_clients:
+            return None, masked
+        return {k: v.astype(np.float64) * cohort.survivors for k, v in zip(names, cohort.mean, strict=True)}, masked
+
+
+def upload_bytes(reply: Message) -> int:
+    """What a client sent in the masked-vector stage: its masked vector's bytes."""
+    return sum(len(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
