@@ -140,11 +140,13 @@ def secure_train(msg: Message, context: Context, settings: RunSettings) -> Messa
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Ranking sums and top-10 exposure over this client's users, for validation and test
-    (not under a private mode: a one-user client's sums give the rank of its held-out item)."""
+    (not under a private mode, DP-FedAvg included: a one-user client's sums give the rank of
+    its held-out item, and its training interactions are in the reply)."""
     settings = settings_of(context)
-    if settings.dp != "none":
-        raise RuntimeError(f"dp = {settings.dp!r}: federated evaluation would release per-user ranks, so this "
-                           "client does not evaluate (the server evaluates on data that is not the clients')")
+    if settings.dp != "none" or settings.server_dp:
+        raise RuntimeError(f"dp = {settings.dp!r}, server-dp = {str(settings.server_dp).lower()}: federated evaluation "
+                           "would release per-user ranks and the items a user trained on, so this client does not "
+                           "evaluate (the server evaluates on data that is not the clients')")
     data = data_of(settings, context)
     model = model_with(settings, data.texts, msg.content["arrays"])
     catalog = catalog_vectors(model, msg.content["arrays"])

@@ -16,16 +16,18 @@ never sends a plain update), and otherwise it hands over to `secaggplus_mod`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from shared_model.dp_aggregation import NAMES_KEY, clipped_sum, noise_share_std
+from shared_model import secure_masks
+from shared_model.dp_aggregation import MODULUS, NAMES_KEY, clipped_sum, clipping_range, noise_share_std
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings
 
@@ -38,7 +40,26 @@ def secure_aggregation_guard(msg: Message, context: Context, call_next: Callable
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         raise RuntimeError("secure-aggregation = true: this client sends its update only through SecAgg+, and this "
                            "training message did not come through the protocol")
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) == Stage.SETUP:
+        check_setup(configs, RunSettings.from_run_config(context.run_config))
+    secure_masks.install()  # masks from the whole key, not Flower's 32-bit seeds
     return secaggplus_mod(msg, context, call_next)
+
+
+def check_setup(configs: ConfigRecord, settings: RunSettings) -> None:
+    """Refuse a round whose protocol settings would weaken what this client sends: a weight
+    or range that rescales or clips its noise share away, a threshold below a majority of
+    its neighbourhood (fewer colluding shares would unmask it), a sample smaller than m."""
+    problems = [f"{key} {configs[key]!r}, expected {wanted!r}" for key, wanted in
+                ((Key.MAX_WEIGHT, 1.0), (Key.MOD_RANGE, MODULUS), (Key.CLIPPING_RANGE, clipping_range(settings)))
+                if not math.isclose(float(configs[key]), float(wanted), rel_tol=1e-9)]
+    if int(configs[Key.THRESHOLD]) < int(configs[Key.SHARE_NUMBER]) // 2 + 1:
+        problems.append(f"threshold {configs[Key.THRESHOLD]} below a majority of {configs[Key.SHARE_NUMBER]} shares")
+    if int(configs[Key.SAMPLE_NUMBER]) < settings.secagg_min_clients:
+        problems.append(f"{configs[Key.SAMPLE_NUMBER]} clients sampled, fewer than secagg-min-clients")
+    if problems:
+        raise RuntimeError("secure aggregation refused: " + "; ".join(problems))
 
 
 def instructions(msg: Message) -> tuple[dict[str, np.ndarray], dict]:

@@ -19,6 +19,7 @@ only the sum (server/secure_aggregation.py), and the server adds no noise of its
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -27,7 +28,7 @@ from flwr.serverapp import Grid
 
 from server.adaptive_clip import AdaptiveClip
 from shared_model.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
-from server.secure_aggregation import SecureAggregation, upload_bytes
+from server.secure_aggregation import SecureAggregation
 from server.strategy import ResumableLoop, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.privacy import update_noise_multiplier
@@ -51,6 +52,8 @@ class DPFedAvg(ResumableLoop):
         self.update_noise = noise if adaptive is None else update_noise_multiplier(noise, adaptive.count_noise)
         self.current: dict[str, np.ndarray] = {}
         self.secure: SecureAggregation | None = None  # set by the ServerApp (it needs the run's Context)
+        self.participations: Counter[int] = Counter()  # secure: rounds each node's masked vector was summed in
+        self.participation_floor = 0  # a resumed run's earlier maximum, counted for every node (an upper bound)
 
     @property
     def keys(self) -> dict[int, int]:
@@ -128,13 +131,16 @@ class DPFedAvg(ResumableLoop):
             return super().train_round(grid, server_round, arrays, config, timeout)
         nodes = self.begin_round(arrays)
         ran = len(nodes) >= self.secure.min_clients  # else the protocol cannot reach its threshold: not run
-        total, replies = self.secure.summed(grid, server_round, nodes, self.current) if ran else (None, [])
-        stats = RoundStats(len(nodes) if ran else 0, replies, self.keys, server_round, False, upload_bytes)
+        total, replies, sent = self.secure.summed(grid, server_round, nodes, self.current) if ran else (None, [], {})
+        stats = RoundStats(len(nodes) if ran else 0, replies, self.keys, server_round, False,
+                           lambda reply: sent[reply.metadata.src_node_id])  # all the protocol's stages
+        self.participations.update(r.metadata.src_node_id for r in stats.trained)  # released or not: counted
+        counted = {"most rounds of one client": self.participation_floor + max(self.participations.values(), default=0)}
         if total is None:
             release = {"clip": self.clip, "update noise multiplier": self.update_noise}
-            return stats, None, MetricRecord({"aggregated": 0, **release})
+            return stats, None, MetricRecord({"aggregated": 0, **release, **counted})
         stepped, release = self.aggregate_clipped(server_round, total, np.zeros(0))
-        return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release})
+        return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release, **counted})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -73,7 +73,29 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
                                             "recomputed": float("nan"), "problem": "changed since the client's first entry"})
     summary_path = Path(folder) / "summary.json"
     audit.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    check_against_the_server(audit, tolerance)
     return audit
+
+
+def check_against_the_server(audit: RunAudit, tolerance: float) -> None:
+    """Secure aggregation: the summary's epsilon against the server (no amplification: a
+    Gaussian at rate 1 over the most rounds one client took part in, from the last server
+    entry) recomputed with the twin accountant."""
+    claim = audit.summary.get("privacy", {}).get("user", {}).get("against the server")
+    server = [(n, e) for n, e in enumerate(audit.entries, start=1) if e.client == "server"]
+    if claim is None or not server:
+        return
+    line_no, last = server[-1]
+    rounds = last.max_participations or 0
+    twin = TWIN[last.accountant]
+    recomputed = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, twin) if rounds else 0.0
+    audit.checked += 1
+    if rounds != claim["rounds of the most-sampled client"] or not (
+            abs(recomputed - claim["epsilon"]) <= tolerance * max(abs(claim["epsilon"]), 1e-12)):
+        audit.disagreements.append({"line": line_no, "client": "server", "round": last.round,
+                                    "field": "epsilon against the server", "claimed": claim["epsilon"],
+                                    "recomputed": recomputed,
+                                    "problem": f"recomputed with {twin} at rate 1 over {rounds} rounds"})
 
 
 def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, tolerance: float) -> None:

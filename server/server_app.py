@@ -151,11 +151,17 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
     return optimizer, optimizer
 
 
-def resume(checkpoint: Checkpoint, optimizer: SeededFedAdam, strategy: SeededFedAdam | DPFedAvg) -> None:
-    """Restore what the rounds carry over: FedAdam's state and DP-FedAvg's (adaptive) clip."""
+def resume(checkpoint: Checkpoint, optimizer: SeededFedAdam, strategy: SeededFedAdam | DPFedAvg,
+           ledger: list[LedgerEntry]) -> None:
+    """Restore what the rounds carry over: FedAdam's state, DP-FedAvg's (adaptive) clip and,
+    under secure aggregation, the most rounds one client took part in (from the ledger:
+    counted again for every client, an upper bound)."""
     optimizer.load_optimizer_state(checkpoint.optimizer)
     if isinstance(strategy, DPFedAvg) and checkpoint.dp_clip is not None:
         strategy.clip = checkpoint.dp_clip
+    if isinstance(strategy, DPFedAvg):
+        strategy.participation_floor = max((e.max_participations for e in ledger if e.max_participations is not None),
+                                           default=0)
 
 
 def is_private(settings: RunSettings) -> bool:
@@ -182,17 +188,25 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
                                    noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
                                    accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name,
-                                   clip=release["clip"], **adaptive,
-                                   min_survivors=settings.secagg_min_clients if settings.secure_aggregation else None))
+                                   clip=release["clip"], **adaptive, **secure_fields(settings, release)))
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
 
 
+def secure_fields(settings: RunSettings, release: Mapping[str, float]) -> dict:
+    """A secure round's ledger fields: m, and the most rounds one client took part in."""
+    if not settings.secure_aggregation:
+        return {}
+    return {"min_survivors": settings.secagg_min_clients,
+            "max_participations": int(release["most rounds of one client"])}
+
+
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
            "dp-fedavg": "other clients and anyone who sees the model (not the server: it sees each update)",
-           "dp-fedavg+secagg": "an honest-but-curious server (it sees only SecAgg+ sums of at least {m} clients' "
-                               "clipped, noised updates), other clients and anyone who sees the model"}
+           "dp-fedavg+secagg": "other clients and anyone who sees the model, if the number of survivors is public "
+                               "(the noise's variance reveals it: docs/privacy.md); the server knows whom it sampled: "
+                               "see 'against the server'"}
 
 
 def privacy_summary(folder: RunFolder) -> dict:
@@ -210,8 +224,9 @@ def privacy_summary(folder: RunFolder) -> dict:
             secure = [e.min_survivors for e in of_unit if e.min_survivors is not None]
             shown = "dp-fedavg+secagg" if secure and len(secure) == len(of_unit) else mechanism  # every release
             out[key] = {"epsilon": worst.epsilon, "delta": worst.delta, "accountant": worst.accountant,
-                        "relation": RELATION, "mechanism": shown,
-                        "against": AGAINST[shown].format(m=min(secure, default=0))}
+                        "relation": RELATION, "mechanism": shown, "against": AGAINST[shown]}
+            if shown == "dp-fedavg+secagg":
+                out[key]["against the server"] = against_the_server(of_unit[-1], min(secure))
             if mechanism == "dp-sgd":
                 out[key].update(clients=len({e.client for e in of_unit}),
                                 declined=sum(1 for e in of_unit if e.status == "declined"))
@@ -221,6 +236,18 @@ def privacy_summary(folder: RunFolder) -> dict:
     return out
 
 
+def against_the_server(last: LedgerEntry, min_survivors: int) -> dict:
+    """Secure aggregation's guarantee against an honest-but-curious server: it sees only
+    SecAgg+ sums of at least m clients' noised updates, but it drew the sample, so no
+    amplification: each round a client took part in is a Gaussian with multiplier z at
+    rate 1, over the most rounds any client took part in."""
+    rounds = last.max_participations or 0
+    eps = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, last.accountant) if rounds else 0.0
+    return {"epsilon": eps, "delta": last.delta, "rounds of the most-sampled client": rounds,
+            "adversary": f"an honest-but-curious server (it sees only SecAgg+ sums of at least {min_survivors} "
+                         "clients' clipped, noised updates, and knows whom it sampled)"}
+
+
 def privacy_line(settings: RunSettings, privacy: dict) -> str:
     if not is_private(settings):
         return ("fedrec: NOT PRIVATE (dp = \"none\", server-dp = false): the server saw every client's exact update, "
@@ -228,7 +255,9 @@ def privacy_line(settings: RunSettings, privacy: dict) -> str:
     if not privacy:
         return "fedrec: privacy: nothing was spent (no client trained)"
     parts = [f"{unit}-level epsilon {p['epsilon']:.3g} at delta {p['delta']:g} ({p['accountant']}, {p['relation']}, "
-             f"{p['mechanism']}, against {p['against']})" for unit, p in privacy.items()]
+             f"{p['mechanism']}, against {p['against']})" + (
+                 f"; against {p['against the server']['adversary']}: epsilon {p['against the server']['epsilon']:.3g}"
+                 if "against the server" in p else "") for unit, p in privacy.items()]
     return "fedrec: privacy: " + "; ".join(parts)
 
 
@@ -325,7 +354,8 @@ class RoundRecord:
         log(INFO, "%s", progress_line(settings, line, self.best))
 
 
-RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction")  # DP-FedAvg's
+RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction",
+                "most rounds of one client")  # DP-FedAvg's
 
 
 def stage_metrics(line: dict, stage: str) -> dict:
@@ -395,7 +425,7 @@ def main(grid: Grid, context: Context) -> None:
     first_round = 1
     if checkpoint is not None:
         arrays, first_round = checkpoint.arrays, checkpoint.server_round + 1
-        resume(checkpoint, optimizer, strategy)
+        resume(checkpoint, optimizer, strategy, read_ledger(folder.ledger_path))
         log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
     result = strategy.start(grid, array_record(arrays), settings.num_server_rounds, settings.round_timeout,

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from shared_model.settings import RunSettings
+
 Arrays = Mapping[str, np.ndarray]
+MODULUS = 2**32  # secure aggregation's: the masked sums are taken modulo it
+CLIPPING_SIGMAS = 8.0  # secure aggregation's quantiser range: the clip plus this many noise-share stds
 NAMES_KEY = "names"  # secure aggregation: the FitIns config's names of its parameters, comma-separated, in order
 
 
@@ -58,3 +64,10 @@ def noise_share_std(noise_multiplier: float, clip: float, min_clients: int) -> f
     update: z S / sqrt(m), so that the sum of any m or more clients' vectors carries at
     least the accounted N(0, (z S)^2) (n survivors: n / m times its variance)."""
     return noise_multiplier * clip / math.sqrt(min_clients)
+
+
+def clipping_range(settings: RunSettings) -> float:
+    """Secure aggregation: per coordinate, what a client's vector can hold (|clipped update|
+    <= S, plus its noise share), the range the quantiser keeps."""
+    std = noise_share_std(settings.server_dp_noise, settings.server_dp_clip, settings.secagg_min_clients)
+    return settings.server_dp_clip + CLIPPING_SIGMAS * std

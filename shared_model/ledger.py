@@ -47,8 +47,11 @@ class LedgerEntry:
     # noise_multiplier is the total z (privacy.total_noise_multiplier), which the audit recomputes
     update_noise_multiplier: float | None = None
     count_noise: float | None = None
-    # secure aggregation: the server saw only sums of at least this many clients' noised updates
+    # secure aggregation: the server saw only sums of at least this many clients' noised updates,
+    # and the most rounds any one client's vector was in so far (the server knows who took part:
+    # against it, no amplification by sampling)
     min_survivors: int | None = None
+    max_participations: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,6 +82,8 @@ class LedgerEntry:
             problems.append("update-noise-multiplier and count-noise come together (adaptive clipping)")
         if self.min_survivors is not None and (self.client != "server" or self.min_survivors < 2):
             problems.append(f"min-survivors {self.min_survivors} (secure aggregation: the server's, at least 2)")
+        if (self.min_survivors is None) != (self.max_participations is None) or (self.max_participations or 0) < 0:
+            problems.append("min-survivors and max-participations come together (secure aggregation), the latter >= 0")
         if self.client != "server" and self.budget is None:
             problems.append("a client's entry needs its budget")
         if self.unit == "example" and self.client != "server" and (self.window is None or self.window < 1):

@@ -6,6 +6,7 @@ own Context, as a SuperNode keeps it). What a client hands the mod is recorded b
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import uuid
 from types import SimpleNamespace
@@ -14,15 +15,20 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.client_app as client_app
 from client.client_app import simulated_failure
+from server.privacy_audit import audit_run
 from server.server_app import array_record, starting_model
-from server.secure_aggregation import SecureAggregation, clipping_range, quantization_range
-from shared_model.dp_aggregation import noise_share_std
+from server.secure_aggregation import SecureAggregation, quantization_range
+from shared_model import secure_masks
+from shared_model.dp_aggregation import clipping_range, noise_share_std
+from shared_model.privacy import epsilon
+from shared_model.secure_masks import keyed_masks
 from shared_model.settings import RunSettings, SettingsError
 from simulations.client_harness import client_context, deliver
 from simulations.flower_runner import app_run_config, run_flower
@@ -85,9 +91,9 @@ def one_round(nodes: int, dead: dict[int, int] | None = None, workflow: type | N
     arrays = {k: v.numpy() for k, v in starting_model(settings).trainable_state().items()}
     secure = SecureAggregation(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config),
                                settings, USERS)
-    secure.workflow = workflow or secure.workflow
+    secure.workflow = workflow or secure.workflow  # Flower's own, as a control
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the ServerApp's task
-    total, masked = secure.summed(grid, 1, list(contexts), arrays)
+    total, masked, _ = secure.summed(grid, 1, list(contexts), arrays)
     return settings, grid, total, masked
 
 
@@ -141,18 +147,22 @@ def test_a_client_lost_before_it_shares_its_keys_leaves_the_round(recorded, stag
     assert total is None and all(r.has_error() for r in grid.replies[3])
 
 
-def test_fewer_survivors_than_the_threshold_release_nothing(recorded):
-    _, _, total, _ = one_round(5, dead={0: 2, 1: 2})  # 3 survive, m = 4
-    assert total is None
+def test_fewer_survivors_than_m_release_nothing(recorded):
+    """3 masked vectors, m = 4: the protocol halts before unmasking (no key share is asked for)."""
+    _, grid, total, _ = one_round(5, dead={0: 2, 1: 2})
+    assert total is None and len(grid.replies) == 3
 
 
-def test_a_client_refuses_to_send_a_plain_update_when_secure_aggregation_is_on():
+@pytest.mark.parametrize("message_type, refusal", [(MessageType.TRAIN, "only through SecAgg"),
+                                                    (MessageType.EVALUATE, "does not evaluate")],
+                         ids=["a plain update", "an evaluation (its reply names the items the user trained on)"])
+def test_a_client_refuses_what_would_leave_it_in_plain_text(message_type, refusal):
     context = client_context(0, USERS, **CONFIG)
     model = starting_model(RunSettings.from_run_config(app_run_config(**CONFIG)))
     content = RecordDict({"arrays": array_record({k: v.numpy() for k, v in model.trainable_state().items()}),
                           "config": ConfigRecord({"server-round": 1})})
-    with pytest.raises(RuntimeError, match="only through SecAgg"):
-        deliver(MessageType.TRAIN, context, content)
+    with pytest.raises(RuntimeError, match=refusal):
+        deliver(message_type, context, content)
 
 
 def test_a_flower_run_aggregates_securely_and_says_against_whom(tmp_path):
@@ -175,10 +185,24 @@ def test_a_flower_run_aggregates_securely_and_says_against_whom(tmp_path):
         assert line["upload bytes per client"] > 0
     assert [line["aggregated"] for line in lines[1:]] == [0, 6]
     assert "test NDCG@10" in lines[-1]
-    summary = json.loads((tmp_path / "secure" / "summary.json").read_text())
-    assert summary["privacy"]["user"]["mechanism"] == "dp-fedavg+secagg"
-    assert "honest-but-curious server" in summary["privacy"]["user"]["against"]
-    assert "at least 6 clients" in summary["privacy"]["user"]["against"]
+    # every client was sampled in both rounds; the 6 of round 2 took part once, the 5 of round 1 too
+    assert [line["most rounds of one client"] for line in lines[1:]] == [1, 2 if took_part_twice(settings) else 1]
+    privacy = json.loads((tmp_path / "secure" / "summary.json").read_text())["privacy"]["user"]
+    assert privacy["mechanism"] == "dp-fedavg+secagg" and "server" not in privacy["against"].split("(")[0]
+    server = privacy["against the server"]
+    assert "honest-but-curious server" in server["adversary"] and "at least 6 clients" in server["adversary"]
+    rounds = lines[-1]["most rounds of one client"]
+    assert server["rounds of the most-sampled client"] == rounds
+    assert server["epsilon"] == pytest.approx(epsilon([(settings.server_dp_noise, 1.0, rounds)], settings.dp_delta,
+                                                      settings.dp_accountant))
+    assert server["epsilon"] > privacy["epsilon"] or settings.server_dp_sample_rate == 1.0
+    audit = audit_run(tmp_path / "secure")  # both epsilons recomputed by the twin accountant
+    assert audit.checked == 3 and not audit.disagreements
+
+
+def took_part_twice(settings: RunSettings) -> bool:
+    """Whether some client survived both rounds' training stage (took part twice)."""
+    return any(not simulated_failure(settings, 1, k) and not simulated_failure(settings, 2, k) for k in range(10))
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -190,3 +214,41 @@ def test_a_flower_run_aggregates_securely_and_says_against_whom(tmp_path):
 def test_what_secure_aggregation_does_not_cover_is_refused_by_name(overrides, key):
     with pytest.raises(SettingsError, match=f"run config '{key}'"):
         RunSettings.from_run_config(app_run_config(**{**CONFIG, **overrides}))
+
+
+def test_masks_come_from_the_whole_key_not_a_32_bit_fold_of_it():
+    """Flower 1.42's generator (the control) gives the same mask for two keys whose 4-byte
+    words XOR alike (it seeds MT19937 with that XOR: 2^32 seeds to search); ours does not,
+    and draws over the whole range. Both SecAgg+ modules use ours once installed (the
+    in-process tests above run with it on both sides)."""
+    key = bytes(range(32))
+    swapped = key[4:8] + key[:4] + key[8:]  # words 0 and 1 exchanged: the same XOR
+    shapes = [(3, 5), (1000,)]
+    assert all(np.array_equal(a, b) for a, b in zip(pseudo_rand_gen(key, 2**32, shapes),
+                                                     pseudo_rand_gen(swapped, 2**32, shapes)))
+    ours, other = keyed_masks(key, 2**32, shapes), keyed_masks(swapped, 2**32, shapes)
+    assert [m.shape for m in ours] == shapes and not np.array_equal(ours[1], other[1])
+    assert all(np.array_equal(a, b) for a, b in zip(ours, keyed_masks(key, 2**32, shapes)))  # a function of the key
+    assert 0 <= ours[1].min() and ours[1].max() < 2**32 and abs(np.median(ours[1]) / 2**31 - 1) < 0.1
+    secure_masks.install()
+    for module in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
+                   "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
+        assert importlib.import_module(module).pseudo_rand_gen is keyed_masks
+
+
+SETUP = {Key.SAMPLE_NUMBER: 6, Key.SHARE_NUMBER: 5, Key.THRESHOLD: 3, Key.TARGET_RANGE: 2**27, Key.MOD_RANGE: 2**32,
+         Key.MAX_WEIGHT: 1.0}
+
+
+@pytest.mark.parametrize("change", [{Key.THRESHOLD: 2}, {Key.CLIPPING_RANGE: 0.01}, {Key.MAX_WEIGHT: 1000.0},
+                                    {Key.SAMPLE_NUMBER: 3}, {Key.MOD_RANGE: 2**20}],
+                         ids=["threshold below a majority", "clipping range", "weight", "sample below m", "modulus"])
+def test_a_client_refuses_protocol_settings_that_would_weaken_what_it_sends(change):
+    settings = RunSettings.from_run_config(app_run_config(**CONFIG))
+    setup = {Key.STAGE: Stage.SETUP, **SETUP, Key.CLIPPING_RANGE: clipping_range(settings)}
+    answer = deliver(MessageType.TRAIN, client_context(0, USERS, **CONFIG),
+                     RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}))
+    assert Key.PUBLIC_KEY_1 in answer.content.config_records[RECORD_KEY_CONFIGS]  # the honest setup: keys back
+    with pytest.raises(RuntimeError, match="secure aggregation refused"):
+        deliver(MessageType.TRAIN, client_context(0, USERS, **CONFIG),
+                RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({**setup, **change})}))

@@ -1,0 +1,100 @@
+"""What secure aggregation costs a DP-FedAvg round: seconds and bytes a client sends, with
+and without Flower's SecAgg+, through `flwr run` (one simulated SuperNode per user, every
+user every round), at several cohort sizes.
+
+    python -m simulations.bench_secure_aggregation --cohorts 10 50 100 --rounds 4
+
+For each cohort, two runs with the same run config but `secure-aggregation`: the plain
+DP-FedAvg round (the server clips and adds the noise) and the secure one (each client clips
+and adds its noise share; four protocol stages). Rounds 2 .. rounds-1 are timed (the first
+starts the simulation's workers, the last also evaluates). Bytes: what a client sends in a
+round, as payload without message framing: the adapters (fp32) in a plain round; public
+keys, encrypted key shares, the masked vector (int64) and key shares in a secure one.
+Writes bench_secure_aggregation.json and .png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from shared_model.cli_options import positive_int  # noqa: E402
+from simulations.flower_runner import run_flower  # noqa: E402
+
+CONFIG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False,
+          "server-dp-sample-rate": 1.0, "server-dp-noise": 1.0, "server-dp-clip": 0.5}
+
+
+def one_run(cohort: int, secure: bool, rounds: int, out: Path) -> dict:
+    name = f"bench-secagg-{cohort}-{'secure' if secure else 'plain'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {**CONFIG, "synthetic-users": cohort, "num-server-rounds": rounds, "eval-every": rounds,
+              "secure-aggregation": secure, "secagg-min-clients": max(2, cohort // 2),
+              "output-dir": str(out.resolve()), "run-name": name}
+    run = run_flower(config, num_supernodes=cohort)
+    if not run.ok:
+        raise SystemExit(f"flwr run failed ({run.status}):\n{run.log[-4000:]}")
+    lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    timed = [m for m in lines if 1 < m["round"] < rounds]
+    return {"seconds a round": [m["seconds"] for m in timed],
+            "bytes a client sends": float(np.mean([m["upload bytes per client"] for m in timed])),
+            "aggregated": [m.get("aggregated") for m in timed], "run": name}
+
+
+def plot(result: dict, path: Path) -> None:
+    fig, (seconds, sent) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for mode, style in (("plain", "-o"), ("secure", "--s")):
+        rows = result[mode]
+        cohorts = [r["cohort"] for r in rows]
+        seconds.plot(cohorts, [np.mean(r["seconds a round"]) for r in rows], style, label=mode)
+        sent.plot(cohorts, [r["bytes a client sends"] / 1024 for r in rows], style, label=mode)
+    seconds.set_ylabel("seconds a round (mean of the timed rounds)")
+    sent.set_ylabel("KB a client sends a round")
+    for ax in (seconds, sent):
+        ax.set_xlabel("clients a round (one user each)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"DP-FedAvg with and without SecAgg+, flwr run, {result['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cohorts", type=positive_int, nargs="+", default=[10, 50, 100],
+                        help="clients a round (= users: everyone every round; at least 10; default 10 50 100)")
+    parser.add_argument("--rounds", type=positive_int, default=4,
+                        help="rounds a run, the first and last untimed (at least 3; default 4)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="where the runs and the results go")
+    args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error(f"--rounds must be at least 3 (the first and last are not timed), not {args.rounds}")
+    if min(args.cohorts) < 10:
+        parser.error(f"--cohorts must be at least 10 (the synthetic world's smallest), not {min(args.cohorts)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"machine": "2 CPU cores, no GPU", "rounds": args.rounds, "plain": [], "secure": [],
+                    "command": f"python -m simulations.bench_secure_aggregation --cohorts "
+                               f"{' '.join(map(str, args.cohorts))} --rounds {args.rounds}"}
+    for cohort in args.cohorts:
+        for mode in ("plain", "secure"):
+            found = {"cohort": cohort, **one_run(cohort, mode == "secure", args.rounds, args.out)}
+            result[mode].append(found)
+            print(f"{cohort} clients, {mode}: {np.mean(found['seconds a round']):.2f} s a round, "
+                  f"{found['bytes a client sends'] / 1024:.1f} KB a client", flush=True)
+        plain, secure = result["plain"][-1], result["secure"][-1]
+        print(f"{cohort} clients: secure / plain: time x{np.mean(secure['seconds a round']) / np.mean(plain['seconds a round']):.2f}, "
+              f"bytes x{secure['bytes a client sends'] / plain['bytes a client sends']:.2f}", flush=True)
+        (args.out / "bench_secure_aggregation.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / "bench_secure_aggregation.png")
+    print(f"results in {args.out / 'bench_secure_aggregation.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
