@@ -27,7 +27,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from shared_model import secure_masks
-from shared_model.dp_aggregation import MODULUS, NAMES_KEY, clipped_sum, clipping_range, noise_share_std
+from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipped_sum, clipping_range, noise_share_std,
+                                         reconstruction_threshold)
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings
 
@@ -49,13 +50,14 @@ def secure_aggregation_guard(msg: Message, context: Context, call_next: Callable
 
 def check_setup(configs: ConfigRecord, settings: RunSettings) -> None:
     """Refuse a round whose protocol settings would weaken what this client sends: a weight
-    or range that rescales or clips its noise share away, a threshold below a majority of
-    its neighbourhood (fewer colluding shares would unmask it), a sample smaller than m."""
+    or range that rescales or clips its noise share away, a threshold below the one for the
+    neighbourhood the server announces, a sample smaller than m."""
     problems = [f"{key} {configs[key]!r}, expected {wanted!r}" for key, wanted in
                 ((Key.MAX_WEIGHT, 1.0), (Key.MOD_RANGE, MODULUS), (Key.CLIPPING_RANGE, clipping_range(settings)))
                 if not math.isclose(float(configs[key]), float(wanted), rel_tol=1e-9)]
-    if int(configs[Key.THRESHOLD]) < int(configs[Key.SHARE_NUMBER]) // 2 + 1:
-        problems.append(f"threshold {configs[Key.THRESHOLD]} below a majority of {configs[Key.SHARE_NUMBER]} shares")
+    least = reconstruction_threshold(int(configs[Key.SHARE_NUMBER]))
+    if int(configs[Key.THRESHOLD]) < least:
+        problems.append(f"threshold {configs[Key.THRESHOLD]} below {least} for {configs[Key.SHARE_NUMBER]} shares")
     if int(configs[Key.SAMPLE_NUMBER]) < settings.secagg_min_clients:
         problems.append(f"{configs[Key.SAMPLE_NUMBER]} clients sampled, fewer than secagg-min-clients")
     if problems:

@@ -10,7 +10,7 @@ What the server holds: the sum, over the n clients that survive the protocol, of
 clipped update plus its noise share (client/secure_update.py), never one client's vector.
 The sum carries the accounted noise when n >= m (`secagg-min-clients`): with fewer than m
 masked vectors the round halts before unmasking and releases nothing. Parameters: SecAgg+
-neighbourhoods of 2 ceil(log2 n) + 1 clients with a majority threshold, weight 1
+neighbourhoods of 2 ceil(log2 n) + 1 clients with a threshold of a third, weight 1
 (max_weight 1: no precision lost to weights), clipping range S + 8 sigma per coordinate
 (beyond it the quantiser would clip), quantisation range T with N T < 2^32 for a population
 of N (no cohort can wrap the modulus).
@@ -38,7 +38,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from shared_model import secure_masks
-from shared_model.dp_aggregation import MODULUS, NAMES_KEY, clipping_range
+from shared_model.dp_aggregation import MODULUS, NAMES_KEY, clipping_range, reconstruction_threshold
 from shared_model.settings import RunSettings
 
 def quantization_range(population: int) -> int:
@@ -48,8 +48,8 @@ def quantization_range(population: int) -> int:
 
 
 def neighbourhood(cohort: int) -> int:
-    """SecAgg+'s neighbourhood: each client shares keys with 2 ceil(log2 n) + 1 others
-    (all of them in a smaller cohort); its key shares reconstruct with a majority of it.
+    """SecAgg+'s neighbourhood k: each client with the 2 ceil(log2 n) clients around it on a
+    shuffled ring (the whole cohort when smaller).
     A full graph costs each client n Shamir shares and the server n reconstructions from
     n / 2 shares each: 31 s a round at 50 clients on 2 cores, against 1.1 s unsecured."""
     return min(cohort, 2 * math.ceil(math.log2(max(cohort, 2))) + 1)
@@ -88,10 +88,26 @@ class _Cohort(Strategy):
         return None
 
 
+def connected(nodes: set[int], neighbours: dict[int, set[int]]) -> bool:
+    """Whether the nodes' neighbour graph, restricted to them, is one piece. Unmasking
+    reveals the sum of each piece (no pairwise mask joins it to the rest), so two pieces
+    would give the server two partial sums."""
+    seen, todo = set(), [next(iter(nodes))] if nodes else []
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(neighbours[node] & nodes - seen)
+    return seen == set(nodes)
+
+
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's workflow, except that
-    - it halts before unmasking when fewer than `min_survivors` sent a masked vector (the
-      reconstruction threshold bounds each neighbourhood, not the round);
+    - it halts before unmasking unless at least `min_survivors` sent a masked vector and
+      their neighbour graph is connected (the reconstruction threshold bounds each
+      neighbourhood, not the round; after dropouts that cut the ring, unmasking would
+      reveal the sum of each arc: an attacker's review of this code rebuilt two 10-client
+      arc sums of a 20-survivor round with m = 20);
     - a client lost before it handed out its key shares (stages 0 and 1) leaves the round
       instead of breaking it. Flower 1.42 keeps such a node among the sampled ones and, at
       unmasking, asks every survivor for its share of a key the node never shared: each
@@ -105,7 +121,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state) -> bool:
         return (super().collect_masked_vectors_stage(grid, context, state)
-                and len(state.active_node_ids) >= self.min_survivors)
+                and len(state.active_node_ids) >= self.min_survivors
+                and connected(state.active_node_ids, state.nid_to_neighbours))
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state) -> bool:
         if not super().share_keys_stage(grid, context, state):
@@ -151,10 +168,12 @@ class SecureAggregation:
         cohort = _Cohort(nodes, grid, {"server-round": server_round, NAMES_KEY: ",".join(names)})
         legacy = LegacyContext(self.context, strategy=cohort, client_manager=SimpleClientManager())
         legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
-        legacy.state.array_records["parameters"] = ArrayRecord({str(i): Array(v) for i, v in enumerate(arrays.values())})
+        legacy.state.array_records["parameters"] = ArrayRecord({str(i): Array(v)
+                                                                for i, v in enumerate(arrays.values())})
         recording = _RecordingGrid(grid)
         shares = neighbourhood(len(nodes))
-        protocol = {"num_shares": 1.0 if shares >= len(nodes) else shares, "reconstruction_threshold": shares // 2 + 1,
+        protocol = {"num_shares": 1.0 if shares >= len(nodes) else shares,
+                    "reconstruction_threshold": reconstruction_threshold(shares),
                     "max_weight": 1.0, "clipping_range": self.clipping_range,
                     "quantization_range": self.quantization_range, "modulus_range": MODULUS, "timeout": self.timeout}
         self.workflow(**protocol)(recording, legacy)

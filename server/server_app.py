@@ -321,6 +321,10 @@ class RoundRecord:
         line: dict = {"round": server_round}
         if outcome.stats is not None:
             line.update(training_line(outcome.stats, outcome.train_metrics, self.optimizer.eta))
+            # the round's spend reaches the ledger before anything else runs: a crash during the
+            # evaluation must not leave a release (which the server has seen) unaccounted
+            line.update(record_privacy(self.folder, self.settings, server_round, list(outcome.stats.entries.values()),
+                                       self.server_events, line))
         line.update(dict(outcome.evaluate_metrics or {}))
         on_server = self.on_server(arrays) if self.on_server and server_round in self.eval_rounds else {}
         line.update(on_server)
@@ -330,18 +334,16 @@ class RoundRecord:
                 log(INFO, "[round 0] valid NDCG@10 %.4f, test NDCG@10 %.4f before training",
                     line["valid NDCG@10"], line["test NDCG@10"])
         else:
-            self.record_round(line, outcome.stats, arrays, outcome.started)
+            self.record_round(line, arrays, outcome.started)
         numbers = {k: float(v) for k, v in on_server.items() if not isinstance(v, str)}
         return MetricRecord(numbers) if numbers else None  # the server's own evaluation, for Flower's Result
 
-    def record_round(self, line: dict, stats: RoundStats, arrays: dict[str, np.ndarray], started: float) -> None:
+    def record_round(self, line: dict, arrays: dict[str, np.ndarray], started: float) -> None:
         settings, server_round = self.settings, line["round"]
         if not is_private(settings) and line.get("valid NDCG@10", -1.0) > self.best["valid NDCG@10"]:
             self.best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
                          "test": stage_metrics(line, "test")}
             self.best_arrays = arrays
-        line.update(record_privacy(self.folder, settings, server_round, list(stats.entries.values()),
-                                   self.server_events, line))
         line["seconds"] = time.time() - started
         self.folder.append_metrics(line)
         if is_private(settings):  # the final model is kept: no round is picked on the clients' data

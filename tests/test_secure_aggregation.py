@@ -147,6 +147,21 @@ def test_a_client_lost_before_it_shares_its_keys_leaves_the_round(recorded, stag
     assert total is None and all(r.has_error() for r in grid.replies[3])
 
 
+def test_a_ring_cut_in_two_by_dropouts_releases_nothing(recorded, monkeypatch):
+    """30 clients on the SecAgg+ ring (neighbourhoods of 11, in node order here), m = 10;
+    two runs of 5 ring neighbours die while training: 20 survivors in two arcs of 10 that
+    share no mask, each client still with enough live neighbours. Unmasking would give the
+    server each arc's sum (an attacker's review rebuilt both from the transcript), so the
+    round halts before it. Flower's own workflow, the control, unmasks and releases."""
+    monkeypatch.setattr(importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"),
+                        "random", SimpleNamespace(shuffle=list.sort))
+    dead = {u: 2 for u in (*range(10, 15), *range(25, 30))}
+    _, grid, total, masked = one_round(30, dead=dead, **{"secagg-min-clients": 10})
+    assert sum(not r.has_error() for r in masked) == 20 and total is None and len(grid.replies) == 3
+    _, grid, total, _ = one_round(30, dead=dead, workflow=SecAggPlusWorkflow, **{"secagg-min-clients": 10})
+    assert total is not None and len(grid.replies) == 4
+
+
 def test_fewer_survivors_than_m_release_nothing(recorded):
     """3 masked vectors, m = 4: the protocol halts before unmasking (no key share is asked for)."""
     _, grid, total, _ = one_round(5, dead={0: 2, 1: 2})
@@ -236,13 +251,13 @@ def test_masks_come_from_the_whole_key_not_a_32_bit_fold_of_it():
         assert importlib.import_module(module).pseudo_rand_gen is keyed_masks
 
 
-SETUP = {Key.SAMPLE_NUMBER: 6, Key.SHARE_NUMBER: 5, Key.THRESHOLD: 3, Key.TARGET_RANGE: 2**27, Key.MOD_RANGE: 2**32,
+SETUP = {Key.SAMPLE_NUMBER: 6, Key.SHARE_NUMBER: 9, Key.THRESHOLD: 3, Key.TARGET_RANGE: 2**27, Key.MOD_RANGE: 2**32,
          Key.MAX_WEIGHT: 1.0}
 
 
 @pytest.mark.parametrize("change", [{Key.THRESHOLD: 2}, {Key.CLIPPING_RANGE: 0.01}, {Key.MAX_WEIGHT: 1000.0},
                                     {Key.SAMPLE_NUMBER: 3}, {Key.MOD_RANGE: 2**20}],
-                         ids=["threshold below a majority", "clipping range", "weight", "sample below m", "modulus"])
+                         ids=["threshold below a third", "clipping range", "weight", "sample below m", "modulus"])
 def test_a_client_refuses_protocol_settings_that_would_weaken_what_it_sends(change):
     settings = RunSettings.from_run_config(app_run_config(**CONFIG))
     setup = {Key.STAGE: Stage.SETUP, **SETUP, Key.CLIPPING_RANGE: clipping_range(settings)}
