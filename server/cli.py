@@ -252,6 +252,12 @@ the sum is divided by C. How to read the output:
                            benchmarks.md). Below 1, a round's update is mostly noise: grow
                            the cohort, train fewer rounds or fewer parameters, put the clip
                            nearer the update norms, or spend more epsilon.
+  against the server       the server draws the sample, so against it there is no
+                           amplification: with secure-aggregation = true it sees only sums of
+                           noised updates, and a user's epsilon is a Gaussian's at rate 1 over
+                           the rounds it took part in (here: 99.9% of users take part in at
+                           most the number shown); without secure aggregation the server
+                           reads every update and no epsilon holds against it.
 Example: fedrec privacy plan --users 100000 --cohort 1000 --rounds 1000 --epsilon 1 --delta 1e-6"""
 
 

@@ -7,12 +7,20 @@ adds N(0, z^2 S^2) per coordinate to the sum of the clipped updates and divides 
 noise on the mean then has std z S / C per coordinate and an expected L2 norm of about
 z S sqrt(P) / C over P parameters, while a clipped update has norm <= S: the mean of the
 updates is buried in noise when that ratio is well above 1.
+
+Against the server the amplification by sampling does not hold: it draws the sample and
+knows who took part. With secure aggregation it sees only sums of noised updates, and a
+user's epsilon against it is that of a Gaussian at rate 1 over the rounds the user took
+part in: about q T of them, more for an unlucky user (the plan gives the 99.9% quantile of
+Binomial(T, q)). Without secure aggregation the server reads every update: no guarantee.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+
+from scipy.stats import binom
 
 from shared_model.privacy import RELATION, epsilon, noise_multiplier, update_noise_multiplier
 
@@ -42,12 +50,15 @@ class Plan:
     noise_norm: float  # expected L2 norm of the noise on the mean update, in units of S: z_delta sqrt(P) / C
     signal: float  # the mean clipped update's L2 norm, in units of S (given: measured in simulation)
     signal_to_noise: float  # signal / noise_norm: what decides quality
+    server_rounds: int  # secure aggregation: the rounds a user takes part in, the 99.9% quantile of Binomial(T, q)
+    server_epsilon: float  # against the server: a Gaussian at rate 1 over server_rounds rounds
     relation: str = RELATION
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+SERVER_QUANTILE = 0.999  # of the rounds one user takes part in, for the epsilon against the server
 SIGNAL = 0.11  # the mean clipped update in units of S, synthetic worlds, clip at a low quantile of the norms
 
 
@@ -66,9 +77,11 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
             raise ValueError(f"--count-noise {count_noise:g} must exceed half the noise multiplier ({z / 2:g}): "
                              "the count alone would spend the whole budget") from None
     noise_norm = update_noise * math.sqrt(parameters) / cohort
+    taken_part = int(binom.ppf(SERVER_QUANTILE, rounds, q))
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
-                noise_norm, signal, signal / noise_norm)
+                noise_norm, signal, signal / noise_norm, taken_part,
+                epsilon([(z, 1.0, taken_part)], delta, accountant) if taken_part else 0.0)
 
 
 def format_plan(plan: Plan) -> str:
@@ -98,4 +111,10 @@ def format_plan(plan: Plan) -> str:
     verdict = ("at least 1: a round's mean update outweighs its noise" if plan.signal_to_noise >= 1 else
                "below 1: the noise outweighs a round's mean update (a larger cohort, fewer rounds, a larger "
                "epsilon, or a clip nearer the update norms raises it)")
-    return "\n".join(lines + [f"  -> {verdict}"])
+    lines += [f"  -> {verdict}",
+              f"  against the server            epsilon {plan.server_epsilon:.4g} with secure-aggregation = true, for a "
+              f"user in {plan.server_rounds} rounds",
+              "                                (99.9% of users take part in at most that many; it knows whom it "
+              "samples: no amplification)",
+              "                                (without secure aggregation it reads every update: no guarantee)"]
+    return "\n".join(lines)
