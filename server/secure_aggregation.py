@@ -41,6 +41,7 @@ from shared_model import secure_masks
 from shared_model.dp_aggregation import MODULUS, NAMES_KEY, clipping_range, reconstruction_threshold
 from shared_model.settings import RunSettings
 
+
 def quantization_range(population: int) -> int:
     """T = 2^32 / 2^ceil(log2(N + 1)): the sum of any cohort's quantised values (each at
     most T) stays below the modulus."""
