@@ -36,14 +36,15 @@ from shared_model.settings import RunSettings
 def secure_aggregation_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
                              ) -> Message:
     """Training goes through SecAgg+ when the run config asks for it, and never around it."""
-    if not RunSettings.from_run_config(context.run_config).secure_aggregation:
+    settings = RunSettings.from_run_config(context.run_config)
+    if not settings.secure_aggregation:
         return call_next(msg, context)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         raise RuntimeError("secure-aggregation = true: this client sends its update only through SecAgg+, and this "
                            "training message did not come through the protocol")
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     if configs.get(Key.STAGE) == Stage.SETUP:
-        check_setup(configs, RunSettings.from_run_config(context.run_config))
+        check_setup(configs, settings)
     secure_masks.install()  # masks from the whole key, not Flower's 32-bit seeds
     return secaggplus_mod(msg, context, call_next)
 

@@ -27,9 +27,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from server.adaptive_clip import AdaptiveClip
-from shared_model.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
 from server.secure_aggregation import SecureAggregation
 from server.strategy import ResumableLoop, RoundStats, SeededFedAdam
+from shared_model.dp_aggregation import add_into, clipped_sum, noisy_average, stacked_updates
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.privacy import update_noise_multiplier
 
@@ -112,7 +112,7 @@ class DPFedAvg(ResumableLoop):
                           ) -> tuple[ArrayRecord | None, dict[str, float]]:
         """Everything after the clipped sum (noise, average, next clip, the inner step):
         (the stepped model, the round's public release figures: clip and noise split)."""
-        release = {"clip": self.clip, "update noise multiplier": self.update_noise}  # noisy_average moves the clip
+        release = self.release_figures()  # before noisy_average moves the clip
         average = self.noisy_average(total, norms)
         if self.adaptive is not None:
             release |= {"count noise": self.adaptive.count_noise, "unclipped fraction": self.unclipped}
@@ -122,6 +122,10 @@ class DPFedAvg(ResumableLoop):
                         message_type=MessageType.TRAIN)
         stepped, _ = self.inner.aggregate_train(server_round, [noisy])
         return stepped, release
+
+    def release_figures(self) -> dict[str, float]:
+        """The round's public DP figures: its clip and the updates' noise multiplier."""
+        return {"clip": self.clip, "update noise multiplier": self.update_noise}
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
                     ) -> tuple[RoundStats, ArrayRecord | None, MetricRecord | None]:
@@ -137,8 +141,7 @@ class DPFedAvg(ResumableLoop):
         self.participations.update(r.metadata.src_node_id for r in stats.trained)  # released or not: counted
         counted = {"most rounds of one client": self.participation_floor + max(self.participations.values(), default=0)}
         if total is None:
-            release = {"clip": self.clip, "update noise multiplier": self.update_noise}
-            return stats, None, MetricRecord({"aggregated": 0, **release, **counted})
+            return stats, None, MetricRecord({"aggregated": 0, **self.release_figures(), **counted})
         stepped, release = self.aggregate_clipped(server_round, total, np.zeros(0))
         return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release, **counted})
 

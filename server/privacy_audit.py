@@ -88,7 +88,7 @@ def check_against_the_server(audit: RunAudit, tolerance: float) -> None:
     line_no, last = server[-1]
     rounds = last.max_participations or 0
     twin = TWIN[last.accountant]
-    recomputed = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, twin) if rounds else 0.0
+    recomputed = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, twin)
     audit.checked += 1
     if rounds != claim["rounds of the most-sampled client"] or not (
             abs(recomputed - claim["epsilon"]) <= tolerance * max(abs(claim["epsilon"]), 1e-12)):

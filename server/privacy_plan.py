@@ -80,8 +80,7 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
     taken_part = int(binom.ppf(SERVER_QUANTILE, rounds, q))
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
-                noise_norm, signal, signal / noise_norm, taken_part,
-                epsilon([(z, 1.0, taken_part)], delta, accountant) if taken_part else 0.0)
+                noise_norm, signal, signal / noise_norm, taken_part, epsilon([(z, 1.0, taken_part)], delta, accountant))
 
 
 def format_plan(plan: Plan) -> str:
@@ -112,8 +111,8 @@ def format_plan(plan: Plan) -> str:
                "below 1: the noise outweighs a round's mean update (a larger cohort, fewer rounds, a larger "
                "epsilon, or a clip nearer the update norms raises it)")
     lines += [f"  -> {verdict}",
-              f"  against the server            epsilon {plan.server_epsilon:.4g} with secure-aggregation = true, for a "
-              f"user in {plan.server_rounds} rounds",
+              f"  against the server            epsilon {plan.server_epsilon:.4g} with secure-aggregation = true, "
+              f"for a user in {plan.server_rounds} rounds",
               "                                (99.9% of users take part in at most that many; it knows whom it "
               "samples: no amplification)",
               "                                (without secure aggregation it reads every update: no guarantee)"]

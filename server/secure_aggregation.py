@@ -152,7 +152,6 @@ class _RecordingGrid:
 class SecureAggregation:
     """DP-FedAvg's sum through SecAgg+, one round at a time."""
 
-
     def __init__(self, context: Context, settings: RunSettings, population: int):
         self.context, self.min_clients, self.timeout = context, settings.secagg_min_clients, settings.round_timeout
         self.clipping_range = clipping_range(settings)

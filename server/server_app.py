@@ -242,7 +242,7 @@ def against_the_server(last: LedgerEntry, min_survivors: int) -> dict:
     amplification: each round a client took part in is a Gaussian with multiplier z at
     rate 1, over the most rounds any client took part in."""
     rounds = last.max_participations or 0
-    eps = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, last.accountant) if rounds else 0.0
+    eps = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, last.accountant)  # 0 rounds: 0
     return {"epsilon": eps, "delta": last.delta, "rounds of the most-sampled client": rounds,
             "adversary": f"an honest-but-curious server (it sees only SecAgg+ sums of at least {min_survivors} "
                          "clients' clipped, noised updates, and knows whom it sampled)"}

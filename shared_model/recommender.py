@@ -214,7 +214,9 @@ class Recommender(nn.Module):
     def catalog_vectors(self) -> torch.Tensor:
         """[n_items, dim]: every catalog item, computed once and shared by a whole batch."""
         vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
-        return vectors if self.item_ids is None else vectors + self.item_ids(torch.arange(self.n_items, device=vectors.device))
+        if self.item_ids is None:
+            return vectors
+        return vectors + self.item_ids(torch.arange(self.n_items, device=vectors.device))
 
     def user_states(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """history_vectors [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].

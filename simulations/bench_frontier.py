@@ -112,7 +112,8 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
     if "no noise" not in out:
         out.update(users=users, epsilon={}, popularity=popularity_metrics(split))
         out["sample rate"] = base.server_dp_sample_rate
-    work = {pool.submit(federation, base, args.chunk, True, args.device): ("no noise", None)} if "no noise" not in out else {}
+    work = ({pool.submit(federation, base, args.chunk, True, args.device): ("no noise", None)}
+            if "no noise" not in out else {})
     for eps in args.epsilons:
         z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
         settings = settings_for(population, args, f"{name}-eps{eps:g}", z, users)
