@@ -256,7 +256,8 @@ def privacy_line(settings: RunSettings, privacy: dict) -> str:
         return "fedrec: privacy: nothing was spent (no client trained)"
     parts = [f"{unit}-level epsilon {p['epsilon']:.3g} at delta {p['delta']:g} ({p['accountant']}, {p['relation']}, "
              f"{p['mechanism']}, against {p['against']})" + (
-                 f"; against {p['against the server']['adversary']}: epsilon {p['against the server']['epsilon']:.3g}"
+                 f"; against {p['against the server']['adversary']}: epsilon {p['against the server']['epsilon']:.3g} "
+                 f"at delta {p['delta']:g} ({p['accountant']}, {p['relation']}, no amplification)"
                  if "against the server" in p else "") for unit, p in privacy.items()]
     return "fedrec: privacy: " + "; ".join(parts)
 
