@@ -96,24 +96,26 @@ class DPFedAvg(ResumableLoop):
             norms.append(chunk_norms)
         return total, np.concatenate(norms)
 
-    def noisy_average(self, total: dict[str, np.ndarray], norms: np.ndarray) -> dict[str, np.ndarray]:
+    def noisy_average(self, total: dict[str, np.ndarray], norms: np.ndarray, survivors: int = 0
+                      ) -> dict[str, np.ndarray]:
         """The round's release: the clipped sum plus noise over the expected count q N and,
         with adaptive clipping, the noisy unclipped fraction, which sets the next round's
-        clip (`self.clip`)."""
+        clip (`self.clip`). Under secure aggregation the sum of `survivors` vectors holds
+        their noise shares, and the server adds only the top-up to the cohort cap's noise."""
         rng = self.randomness()
-        server_noise = 0.0 if self.secure is not None else self.update_noise * self.clip  # else in the clients' sum
+        server_noise = self.update_noise * self.clip if self.secure is None else self.secure.top_up_std(survivors)
         average = noisy_average(total, server_noise, self.expected_count, rng)
         if self.adaptive is not None:
             self.unclipped = self.adaptive.unclipped_fraction(norms, self.clip, self.expected_count, rng)
             self.clip = self.adaptive.next_clip(self.clip, self.unclipped)
         return average
 
-    def aggregate_clipped(self, server_round: int, total: dict[str, np.ndarray], norms: np.ndarray
-                          ) -> tuple[ArrayRecord | None, dict[str, float]]:
+    def aggregate_clipped(self, server_round: int, total: dict[str, np.ndarray], norms: np.ndarray,
+                          survivors: int = 0) -> tuple[ArrayRecord | None, dict[str, float]]:
         """Everything after the clipped sum (noise, average, next clip, the inner step):
         (the stepped model, the round's public release figures: clip and noise split)."""
         release = self.release_figures()  # before noisy_average moves the clip
-        average = self.noisy_average(total, norms)
+        average = self.noisy_average(total, norms, survivors)
         if self.adaptive is not None:
             release |= {"count noise": self.adaptive.count_noise, "unclipped fraction": self.unclipped}
         arrays = ArrayRecord({k: Array((self.current[k] + average[k]).astype(self.current[k].dtype))
@@ -124,17 +126,20 @@ class DPFedAvg(ResumableLoop):
         return stepped, release
 
     def release_figures(self) -> dict[str, float]:
-        """The round's public DP figures: its clip and the updates' noise multiplier."""
-        return {"clip": self.clip, "update noise multiplier": self.update_noise}
+        """The round's public DP figures: its clip and the updates' noise multiplier (and,
+        under secure aggregation, the cohort cap and the delta its tail spends)."""
+        capped = {} if self.secure is None else {"cohort cap": self.secure.cap, "cap tail": self.secure.cap_tail}
+        return {"clip": self.clip, "update noise multiplier": self.update_noise, **capped}
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
                     ) -> tuple[RoundStats, ArrayRecord | None, MetricRecord | None]:
         """Under secure aggregation: the Poisson sample through SecAgg+, the sum stepped as
-        any other (no model released when fewer than m clients survive)."""
+        any other (no model released when fewer than m clients survive; no round run when
+        fewer than m or more than the cohort cap are sampled)."""
         if self.secure is None:
             return super().train_round(grid, server_round, arrays, config, timeout)
         nodes = self.begin_round(arrays)
-        ran = len(nodes) >= self.secure.min_clients  # else the protocol cannot reach its threshold: not run
+        ran = self.secure.runs(len(nodes))
         total, replies, sent = self.secure.summed(grid, server_round, nodes, self.current) if ran else (None, [], {})
         stats = RoundStats(len(nodes) if ran else 0, replies, self.keys, server_round, False,
                            lambda reply: sent[reply.metadata.src_node_id])  # all the protocol's stages
@@ -142,7 +147,7 @@ class DPFedAvg(ResumableLoop):
         counted = {"most rounds of one client": self.participation_floor + max(self.participations.values(), default=0)}
         if total is None:
             return stats, None, MetricRecord({"aggregated": 0, **self.release_figures(), **counted})
-        stepped, release = self.aggregate_clipped(server_round, total, np.zeros(0))
+        stepped, release = self.aggregate_clipped(server_round, total, np.zeros(0), len(stats.trained))
         return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release, **counted})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared_model.ledger import LedgerEntry, LedgerError, read_ledger  # noqa: E402
+from shared_model.ledger import LedgerEntry, LedgerError, accountant_delta, read_ledger  # noqa: E402
 from shared_model.privacy import TWIN, epsilon, interaction_epsilon, total_noise_multiplier  # noqa: E402
 
 TOLERANCE = 0.01
@@ -62,10 +62,10 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
     for entries in by_client.values():
         events: list = []
         first = entries[0][1]
-        for line_no, entry in entries:  # ledger order is the client's own order
+        for n, (line_no, entry) in enumerate(entries, start=1):  # ledger order is the client's own order
             if entry.status != "declined":
                 events.append(entry.step())
-            check(audit, line_no, entry, events, tolerance)
+            check(audit, line_no, entry, events, accountant_delta([e for _, e in entries[:n]]), tolerance)
             changed = [k for k in ("unit", "delta", "accountant", "budget") if getattr(entry, k) != getattr(first, k)]
             if changed:  # one client, one calibration: anything else restarts an account
                 audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
@@ -98,9 +98,11 @@ def check_against_the_server(audit: RunAudit, tolerance: float) -> None:
                                     "problem": f"recomputed with {twin} at rate 1 over {rounds} rounds"})
 
 
-def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, tolerance: float) -> None:
+def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, delta: float, tolerance: float) -> None:
+    """One entry's epsilons recomputed by the twin accountant (at `delta`: the entry's, less
+    what secure aggregation's cohort caps spent)."""
     twin = TWIN[entry.accountant]
-    claims = [("epsilon", entry.epsilon, epsilon(events, entry.delta, twin))]
+    claims = [("epsilon", entry.epsilon, epsilon(events, delta, twin))]
     if entry.unit == "example" and entry.client != "server":  # a missing figure (NaN) never agrees
         claimed = float("nan") if entry.interaction_epsilon is None else entry.interaction_epsilon
         claims.append(("interaction-epsilon", claimed, interaction_epsilon(events, entry.window, entry.delta, twin)))

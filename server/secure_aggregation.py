@@ -9,7 +9,9 @@ keeps what it aggregates; nothing else of the legacy API is used.
 What the server holds: the sum, over the n clients that survive the protocol, of each one's
 clipped update plus its noise share (client/secure_update.py), never one client's vector.
 The sum carries the accounted noise when n >= m (`secagg-min-clients`): with fewer than m
-masked vectors the round halts before unmasking and releases nothing. Parameters: SecAgg+
+masked vectors the round halts before unmasking and releases nothing. The server tops the
+noise up to that of a cohort cap n_max and runs no round whose sample exceeds it, so the
+released noise does not reveal n (shared_model/dp_aggregation.py's cohort_cap). Parameters: SecAgg+
 neighbourhoods of 2 ceil(log2 n) + 1 clients with a threshold of a third, weight 1
 (max_weight 1: no precision lost to weights), clipping range S + 8 sigma per coordinate
 (beyond it the quantiser would clip), quantisation range T with N T < 2^32 for a population
@@ -38,7 +40,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from shared_model import secure_masks
-from shared_model.dp_aggregation import MODULUS, NAMES_KEY, clipping_range, reconstruction_threshold
+from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipping_range, cohort_cap, reconstruction_threshold,
+                                         top_up_std)
 from shared_model.settings import RunSettings
 
 
@@ -149,15 +152,33 @@ class _RecordingGrid:
         return replies
 
 
+CAP_TAIL_SHARE = 1e-3  # of delta, over the run's rounds: what the cohort caps' tails may spend
+
+
 class SecureAggregation:
     """DP-FedAvg's sum through SecAgg+, one round at a time."""
 
     def __init__(self, context: Context, settings: RunSettings, population: int):
         self.context, self.min_clients, self.timeout = context, settings.secagg_min_clients, settings.round_timeout
+        self.noise, self.clip = settings.server_dp_noise, settings.server_dp_clip
+        tail = CAP_TAIL_SHARE * settings.dp_delta / settings.num_server_rounds
+        self.cap, self.cap_tail = cohort_cap(population, settings.server_dp_sample_rate, tail)
+        if self.cap < self.min_clients:
+            raise ValueError(f"run config 'secagg-min-clients' {self.min_clients} exceeds the largest cohort secure "
+                             f"aggregation runs ({self.cap} of {population} users at server-dp-sample-rate "
+                             f"{settings.server_dp_sample_rate:g}): no round could release a model")
         self.clipping_range = clipping_range(settings)
         self.quantization_range = quantization_range(population)
         secure_masks.install()  # the clients' masks: from the whole key, not Flower's 32-bit seeds
         self.workflow: Callable[..., SecAggPlusWorkflow] = functools.partial(_SecAggPlus, self.min_clients)
+
+    def runs(self, sampled: int) -> bool:
+        """Whether a round with this sample runs: m could survive, and it is within the cap."""
+        return self.min_clients <= sampled <= self.cap
+
+    def top_up_std(self, survivors: int) -> float:
+        """The server's noise on the survivors' sum: up to the cap's variance, cap / m (z S)^2."""
+        return top_up_std(self.cap, survivors, self.noise, self.clip, self.min_clients)
 
     def summed(self, grid: Grid, server_round: int, nodes: list[int], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, np.ndarray] | None, list[Message], dict[int, int]]:

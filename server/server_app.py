@@ -36,7 +36,7 @@ from server.simulation_speedup import speed_up_in_memory_link_state
 from server.dp_strategy import DPFedAvg
 from server.strategy import STAGES, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
-from shared_model.ledger import LedgerEntry, events_of, read_ledger
+from shared_model.ledger import LedgerEntry, accountant_delta, events_of, read_ledger
 from shared_model.metrics import item_counts, metrics_from_sums, ranking_sums
 from shared_model.privacy import RELATION, epsilon
 from shared_model.recommender import Recommender, build_recommender, score_catalog
@@ -169,37 +169,40 @@ def is_private(settings: RunSettings) -> bool:
 
 
 def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, received: list[LedgerEntry],
-                   server_events: list, release: Mapping[str, float]) -> dict:
-    """Write the clients' ledger entries and the round's DP-FedAvg event (its epsilon
-    computed here, over every aggregation so far: `server_events`, extended in place; its
-    clip and, with adaptive clipping, the noise split, from `release`: the round's metrics
-    line, which holds DPFedAvg's RELEASE_KEYS) to the server's ledger; return the round's
-    privacy figures for the metrics line."""
+                   server_entries: list[LedgerEntry], release: Mapping[str, float]) -> dict:
+    """Write the clients' ledger entries and the round's DP-FedAvg entry (its epsilon
+    computed here, over every aggregation so far: `server_entries`, extended in place; its
+    clip and, with adaptive clipping, the noise split, or under secure aggregation the cohort
+    cap, from `release`: the round's metrics line, which holds DPFedAvg's release figures)
+    to the server's ledger; return the round's privacy figures for the metrics line."""
     out: dict = {}
     entries = [dataclasses.replace(entry, run=folder.path.name) for entry in received]
     if entries:
         out["client epsilon max"] = max(e.epsilon for e in entries)
     if settings.server_dp:
-        step = (settings.server_dp_noise, settings.server_dp_sample_rate, 1)
         adaptive = {"update_noise_multiplier": release["update noise multiplier"],
                     "count_noise": release["count noise"]} if "count noise" in release else {}
-        server_events.append(step)
-        eps = epsilon(server_events, settings.dp_delta, settings.dp_accountant)
-        entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
-                                   noise_multiplier=step[0], sample_rate=step[1], steps=1, delta=settings.dp_delta,
-                                   accountant=settings.dp_accountant, epsilon=eps, run=folder.path.name,
-                                   clip=release["clip"], **adaptive, **secure_fields(settings, release)))
+        entry = LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
+                            noise_multiplier=settings.server_dp_noise, sample_rate=settings.server_dp_sample_rate,
+                            steps=1, delta=settings.dp_delta, accountant=settings.dp_accountant, epsilon=0.0,
+                            run=folder.path.name, clip=release["clip"], **adaptive, **secure_fields(settings, release))
+        server_entries.append(entry)
+        eps = epsilon(events_of(server_entries), accountant_delta(server_entries), settings.dp_accountant)
+        server_entries[-1] = entry = dataclasses.replace(entry, epsilon=eps)
+        entries.append(entry)
         out["user epsilon"] = eps
     folder.append_ledger(entries)
     return out
 
 
 def secure_fields(settings: RunSettings, release: Mapping[str, float]) -> dict:
-    """A secure round's ledger fields: m, and the most rounds one client took part in."""
+    """A secure round's ledger fields: m, the most rounds one client took part in, the
+    cohort cap and its tail."""
     if not settings.secure_aggregation:
         return {}
     return {"min_survivors": settings.secagg_min_clients,
-            "max_participations": int(release["most rounds of one client"])}
+            "max_participations": int(release["most rounds of one client"]),
+            "cohort_cap": int(release["cohort cap"]), "cap_tail": float(release["cap tail"])}
 
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
@@ -315,7 +318,7 @@ class RoundRecord:
         if checkpoint is not None:
             self.best, self.best_arrays = checkpoint.best, checkpoint.best_arrays
         # DP-FedAvg's aggregations so far (a resumed run's included), read once, then kept here
-        self.server_events = events_of([e for e in read_ledger(folder.ledger_path) if e.client == "server"])
+        self.server_entries = [e for e in read_ledger(folder.ledger_path) if e.client == "server"]
 
     def __call__(self, server_round: int, record: ArrayRecord) -> MetricRecord | None:
         outcome, arrays = self.strategy.outcome, numpy_arrays(record)
@@ -325,7 +328,7 @@ class RoundRecord:
             # the round's spend reaches the ledger before anything else runs: a crash during the
             # evaluation must not leave a release (which the server has seen) unaccounted
             line.update(record_privacy(self.folder, self.settings, server_round, list(outcome.stats.entries.values()),
-                                       self.server_events, line))
+                                       self.server_entries, line))
         line.update(dict(outcome.evaluate_metrics or {}))
         on_server = self.on_server(arrays) if self.on_server and server_round in self.eval_rounds else {}
         line.update(on_server)
@@ -358,7 +361,7 @@ class RoundRecord:
 
 
 RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction",
-                "most rounds of one client")  # DP-FedAvg's
+                "most rounds of one client", "cohort cap", "cap tail")  # DP-FedAvg's
 
 
 def stage_metrics(line: dict, stage: str) -> dict:

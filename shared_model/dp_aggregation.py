@@ -66,6 +66,37 @@ def noise_share_std(noise_multiplier: float, clip: float, min_clients: int) -> f
     return noise_multiplier * clip / math.sqrt(min_clients)
 
 
+def cohort_cap(population: int, sample_rate: float, tail: float) -> tuple[int, float]:
+    """Secure aggregation's cap on a round's cohort: (n_max, beta), n_max the smallest count
+    with beta = P[the other N - 1 users' Poisson sample holds n_max or more] <= tail.
+
+    Why: the n survivors' noise shares sum to variance n / m (z S)^2, so the noise would
+    reveal n, and n depends on who took part. The server tops the noise up to n_max / m
+    (z S)^2 (`top_up_std`) and runs no round whose sample exceeds n_max: the release's
+    noise no longer depends on n. Given the others' sample, a user's round is then the
+    accounted Poisson-sampled Gaussian (more noise, data-independent) unless the others
+    alone reach n_max, with probability beta: the guarantee is (epsilon, delta) with the
+    accountant run at delta minus the rounds' betas (ledger: `cap-tail`)."""
+    from scipy.stats import binom
+
+    others = population - 1
+    cap = int(binom.isf(tail, others, sample_rate)) + 1  # P[others > cap - 1] <= tail
+    while cap > 1 and binom.sf(cap - 2, others, sample_rate) <= tail:  # isf's float rounding, either way
+        cap -= 1
+    while binom.sf(cap - 1, others, sample_rate) > tail:
+        cap += 1
+    return cap, float(binom.sf(cap - 1, others, sample_rate))
+
+
+def top_up_std(cap: int, survivors: int, noise_multiplier: float, clip: float, min_clients: int) -> float:
+    """The std of the noise the server adds to the sum of `survivors` clients' vectors
+    (each with its share, `noise_share_std`) so that the sum carries cap / m (z S)^2,
+    whatever the number of survivors (see cohort_cap)."""
+    if not min_clients <= survivors <= cap:
+        raise ValueError(f"{survivors} survivors outside [m, n_max] = [{min_clients}, {cap}]")
+    return noise_share_std(noise_multiplier, clip, min_clients) * math.sqrt(cap - survivors)
+
+
 def clipping_range(settings: RunSettings) -> float:
     """Secure aggregation: per coordinate, what a client's vector can hold (|clipped update|
     <= S, plus its noise share), the range the quantiser keeps."""

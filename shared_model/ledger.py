@@ -52,6 +52,11 @@ class LedgerEntry:
     # against it, no amplification by sampling)
     min_survivors: int | None = None
     max_participations: int | None = None
+    # secure aggregation: the round's cohort cap n_max and beta, the chance that the others' sample
+    # alone reached it, which the guarantee's delta pays for (dp_aggregation.cohort_cap); epsilon is
+    # computed at `accountant_delta`: delta minus every beta up to and including this round
+    cohort_cap: int | None = None
+    cap_tail: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,7 +69,7 @@ class LedgerEntry:
         if self.relation != RELATION:
             problems.append(f"relation {self.relation!r}: every epsilon here is for {RELATION!r}")
         for name in ("noise_multiplier", "sample_rate", "delta", "epsilon", "budget", "interaction_epsilon", "clip",
-                     "update_noise_multiplier", "count_noise"):
+                     "update_noise_multiplier", "count_noise", "cap_tail"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 problems.append(f"{name.replace('_', '-')} {value!r} is not a finite number >= 0")
@@ -84,6 +89,12 @@ class LedgerEntry:
             problems.append(f"min-survivors {self.min_survivors} (secure aggregation: the server's, at least 2)")
         if (self.min_survivors is None) != (self.max_participations is None) or (self.max_participations or 0) < 0:
             problems.append("min-survivors and max-participations come together (secure aggregation), the latter >= 0")
+        if (self.cohort_cap is None) != (self.min_survivors is None) or (self.cap_tail is None) != (
+                self.min_survivors is None):
+            problems.append("cohort-cap and cap-tail come with min-survivors (secure aggregation)")
+        elif self.cohort_cap is not None and (self.cohort_cap < self.min_survivors or not self.cap_tail < self.delta):
+            problems.append(f"cohort-cap {self.cohort_cap} below min-survivors, or cap-tail {self.cap_tail} not below "
+                            f"delta {self.delta}")
         if self.client != "server" and self.budget is None:
             problems.append("a client's entry needs its budget")
         if self.unit == "example" and self.client != "server" and (self.window is None or self.window < 1):
@@ -139,6 +150,15 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
 def append_entries(path: Path, entries: list[LedgerEntry]) -> None:
     """Append and fsync (the file and, for a new file, its folder) before anything is sent."""
     append_lines(path, [json.dumps(e.to_json()) for e in entries])
+
+
+def accountant_delta(entries: list[LedgerEntry]) -> float:
+    """The delta the accountant gets after these entries (one client's, in order): the
+    last entry's delta minus what secure aggregation's cohort caps spent (their tails)."""
+    left = entries[-1].delta - sum(e.cap_tail or 0.0 for e in entries)
+    if not left > 0:
+        raise ValueError(f"the cohort caps' tails spent all of delta {entries[-1].delta}")
+    return left
 
 
 def events_of(entries: list[LedgerEntry]) -> Events:

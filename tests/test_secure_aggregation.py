@@ -26,7 +26,8 @@ from server.privacy_audit import audit_run
 from server.server_app import array_record, starting_model
 from server.secure_aggregation import SecureAggregation, quantization_range
 from shared_model import secure_masks
-from shared_model.dp_aggregation import clipping_range, noise_share_std
+from shared_model.dp_aggregation import clipping_range, cohort_cap, noise_share_std
+from shared_model.ledger import LedgerEntry, append_entries, read_ledger
 from shared_model.privacy import epsilon
 from shared_model.secure_masks import keyed_masks
 from shared_model.settings import RunSettings, SettingsError
@@ -168,6 +169,67 @@ def test_fewer_survivors_than_m_release_nothing(recorded):
     assert total is None and len(grid.replies) == 3
 
 
+def secure_aggregation(**overrides) -> SecureAggregation:
+    config = {**CONFIG, **overrides}
+    settings = RunSettings.from_run_config(app_run_config(**config))
+    return SecureAggregation(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config),
+                             settings, USERS)
+
+
+@pytest.mark.parametrize("capped", [True, False], ids=["noise topped up to the cap", "control: no top-up"])
+def test_the_released_noise_does_not_say_whether_a_user_took_part(capped):
+    """The model users' adversary, made strong: it knows which 6 others took part and that
+    every update is 0 (only the noise can speak), and reads the released sum's variance to
+    tell whether user u took part too (7 vectors, each with its share from the client's
+    own private_vector) or not (6). The control, the sum as it was before the cap (no
+    top-up: variance n / m (z S)^2), gives u away in every trial; with the server's top-up
+    to the cap's variance, the guesses are no better than chance."""
+    secure, settings = secure_aggregation(), RunSettings.from_run_config(app_run_config(**CONFIG))
+    share = noise_share_std(settings.server_dp_noise, settings.server_dp_clip, settings.secagg_min_clients)
+    rng, others, zero = np.random.default_rng(0), 6, {"w": np.zeros(20_000)}
+    right = []
+    for trial in range(40):
+        took_part = trial % 2 == 0
+        n = others + took_part
+        total = sum(client_app.private_vector(zero, settings, rng)["w"] for _ in range(n))
+        top_up = secure.top_up_std(n) if capped else 0.0
+        released = total + rng.normal(0.0, top_up, size=total.shape)
+        estimate = np.mean(released ** 2) / share ** 2  # vectors' worth of noise
+        right.append((abs(estimate - (others + 1)) < abs(estimate - others)) == took_part)
+    assert np.mean(right) <= 0.6 if capped else np.mean(right) == 1.0
+
+
+def test_the_cohort_cap_is_the_smallest_the_tail_allows_and_rounds_beyond_it_do_not_run():
+    from scipy.stats import binom
+
+    for users, rate, tail in ((30, 0.2, 1e-9), (100_000, 0.02, 1e-11), (10, 1.0, 1e-9), (943, 0.1, 1e-8)):
+        cap, beta = cohort_cap(users, rate, tail)
+        assert beta == pytest.approx(binom.sf(cap - 1, users - 1, rate)) and beta <= tail
+        assert binom.sf(cap - 2, users - 1, rate) > tail and cap <= users
+    secure = secure_aggregation()
+    assert secure.cap_tail <= 1e-3 * 1e-5 / 30  # CAP_TAIL_SHARE of delta over the run's 30 rounds
+    assert [secure.runs(n) for n in (3, 4, secure.cap, secure.cap + 1)] == [False, True, True, False]
+    with pytest.raises(ValueError, match="'secagg-min-clients' 30 exceeds the largest cohort"):
+        secure_aggregation(**{"secagg-min-clients": 30})
+
+
+@pytest.mark.parametrize("claimed_at", ["delta less the tails", "the whole delta"])
+def test_the_audit_charges_the_cohort_caps_tails_to_delta(tmp_path, claimed_at):
+    """Three secure rounds whose caps' tails each spend a quarter of delta (far more than a
+    run's, to be visible): the epsilon is the accountant's at delta minus the tails so far;
+    a ledger that claims the smaller epsilon of the whole delta is caught."""
+    delta, tail, entries = 1e-5, 2.5e-6, []
+    for server_round in (1, 2, 3):
+        at = delta - tail * server_round if claimed_at == "delta less the tails" else delta
+        entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
+                                   noise_multiplier=1.0, sample_rate=0.2, steps=1, delta=delta, accountant="rdp",
+                                   epsilon=epsilon([(1.0, 0.2, server_round)], at), min_survivors=4,
+                                   max_participations=server_round, cohort_cap=21, cap_tail=tail))
+    append_entries(tmp_path / "privacy_ledger.jsonl", entries)
+    audit = audit_run(tmp_path)
+    assert audit.checked == 3 and len(audit.disagreements) == (0 if claimed_at == "delta less the tails" else 3)
+
+
 @pytest.mark.parametrize("message_type, refusal", [(MessageType.TRAIN, "only through SecAgg"),
                                                     (MessageType.EVALUATE, "does not evaluate")],
                          ids=["a plain update", "an evaluation (its reply names the items the user trained on)"])
@@ -211,6 +273,8 @@ def test_a_flower_run_aggregates_securely_and_says_against_whom(tmp_path):
     assert server["epsilon"] == pytest.approx(epsilon([(settings.server_dp_noise, 1.0, rounds)], settings.dp_delta,
                                                       settings.dp_accountant))
     assert server["epsilon"] > privacy["epsilon"] or settings.server_dp_sample_rate == 1.0
+    server_entries = [e for e in read_ledger(tmp_path / "secure" / "privacy_ledger.jsonl") if e.client == "server"]
+    assert [(e.cohort_cap, e.cap_tail) for e in server_entries] == [(users, 0.0)] * 2  # every user sampled: n = N
     audit = audit_run(tmp_path / "secure")  # both epsilons recomputed by the twin accountant
     assert audit.checked == 3 and not audit.disagreements
 
