@@ -207,8 +207,8 @@ def secure_fields(settings: RunSettings, release: Mapping[str, float]) -> dict:
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
            "dp-fedavg": "other clients and anyone who sees the model (not the server: it sees each update)",
-           "dp-fedavg+secagg": "other clients and anyone who sees the model, if the number of survivors is public "
-                               "(the noise's variance reveals it: docs/privacy.md); the server knows whom it sampled: "
+           "dp-fedavg+secagg": "other clients and anyone who sees the model (the server tops the noise up to a cohort "
+                               "cap's, so it does not reveal how many took part); the server knows whom it sampled: "
                                "see 'against the server'"}
 
 

@@ -94,13 +94,13 @@ def test_the_ledger_accounts_the_total_and_the_audit_recomputes_the_split(tmp_pa
                                                                            "run-name": "adaptive"}))
     folder = RunFolder.open(settings)
     _, strategy = make_strategy(settings, {n: n for n in range(1, NODES + 1)})
-    events, releases = [], []
+    server_entries, releases = [], []
     for server_round in (1, 2):
         strategy.configure_train(server_round, ArrayRecord({"w": Array(np.zeros(SHAPE, dtype=np.float32))}),
                                  ConfigRecord(), None)
         _, metrics = strategy.aggregate_train(server_round, [reply(np.full(SHAPE, 1e-2)) for _ in range(10)])
         releases.append(dict(metrics))
-        record_privacy(folder, settings, server_round, [], events, releases[-1])
+        record_privacy(folder, settings, server_round, [], server_entries, releases[-1])
     first, second = read_ledger(folder.ledger_path)
     assert first.noise_multiplier == 1.0 and first.count_noise == 2.0  # the total z is what is accounted
     assert first.update_noise_multiplier == pytest.approx(update_noise_multiplier(1.0, 2.0))
