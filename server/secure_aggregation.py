@@ -27,10 +27,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.common.logger import log
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat import LegacyContext
@@ -134,6 +136,7 @@ class _SecAggPlus(SecAggPlusWorkflow):
         alive = set(state.active_node_ids)
         state.sampled_node_ids = alive
         state.nid_to_neighbours = {nid: nbrs & alive for nid, nbrs in state.nid_to_neighbours.items() if nid in alive}
+        log(INFO, "SecAgg+: %d clients handed out their key shares; they train and send masked vectors", len(alive))
         return True
 
 
