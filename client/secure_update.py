@@ -26,7 +26,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from shared_model import secure_masks
+from shared_model import secagg_patches
 from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipped_sum, clipping_range, noise_share_std,
                                          reconstruction_threshold)
 from shared_model.fresh_randomness import fresh_numpy_generator
@@ -45,7 +45,7 @@ def secure_aggregation_guard(msg: Message, context: Context, call_next: Callable
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     if configs.get(Key.STAGE) == Stage.SETUP:
         check_setup(configs, settings)
-    secure_masks.install()  # masks from the whole key, not Flower's 32-bit seeds
+    secagg_patches.install()  # masks from the whole key, masked vectors as uint32: as the server
     return secaggplus_mod(msg, context, call_next)
 
 

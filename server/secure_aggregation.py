@@ -19,7 +19,8 @@ of N (no cohort can wrap the modulus).
 
 Security: Flower's SecAgg+ has no consistency check: it protects against an
 honest-but-curious server (docs/privacy.md). Its masks come from 32-bit seeds, which such a
-server can search: both sides use masks from the whole key instead (shared_model/secure_masks.py).
+server can search: both sides use masks from the whole key instead, and send masked vectors
+in 4 bytes a coordinate where Flower uses 8 (shared_model/secagg_patches.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from shared_model import secure_masks
+from shared_model import secagg_patches
 from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipping_range, cohort_cap, reconstruction_threshold,
                                          top_up_std)
 from shared_model.settings import RunSettings
@@ -172,7 +173,7 @@ class SecureAggregation:
                              f"{settings.server_dp_sample_rate:g}): no round could release a model")
         self.clipping_range = clipping_range(settings)
         self.quantization_range = quantization_range(population)
-        secure_masks.install()  # the clients' masks: from the whole key, not Flower's 32-bit seeds
+        secagg_patches.install()  # masks from the whole key, masked vectors as uint32: as the clients
         self.workflow: Callable[..., SecAggPlusWorkflow] = functools.partial(_SecAggPlus, self.min_clients)
 
     def runs(self, sampled: int) -> bool:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -26,6 +26,7 @@ from server.privacy_audit import audit_run
 from server.server_app import array_record, starting_model
 from server.secure_aggregation import SecureAggregation, quantization_range
 from shared_model import secure_masks
+from shared_model.secagg_patches import packed_bytes, widened_array
 from shared_model.dp_aggregation import clipping_range, cohort_cap, noise_share_std
 from shared_model.ledger import LedgerEntry, append_entries, read_ledger
 from shared_model.privacy import epsilon
@@ -124,8 +125,9 @@ def test_no_reply_at_any_stage_holds_a_clients_vector(recorded):
         for reply in stage:
             assert not reply.has_error() and not any(len(r) for r in reply.content.array_records.values())
     for reply in grid.replies[2]:
-        values = np.concatenate([bytes_to_ndarray(b).ravel() for b in
-                                 reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]])
+        arrays = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+        assert {a.dtype for a in arrays} == {np.dtype(np.uint32)}  # 4 bytes a coordinate (Flower's: int64)
+        values = np.concatenate([a.ravel() for a in arrays])
         # uniform over [0, 2^32): masked (a quantised vector alone would sit near T / 2 = 2^26)
         assert abs(np.median(values[1:]) / 2**31 - 1) < 0.05 and values.max() > 0.99 * 2**32
 
@@ -313,6 +315,17 @@ def test_masks_come_from_the_whole_key_not_a_32_bit_fold_of_it():
     for module in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
                    "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
         assert importlib.import_module(module).pseudo_rand_gen is keyed_masks
+
+
+def test_masked_vectors_travel_in_half_the_bytes_and_only_within_the_modulus():
+    """What Flower's mod would send for a masked vector (int64, the control) against ours
+    (uint32): half the bytes, the same values back on the server's side as int64."""
+    masked = np.random.default_rng(0).integers(0, 2**32, size=10_000, dtype=np.int64)
+    ours, flowers = packed_bytes(masked), ndarray_to_bytes(masked)
+    assert len(flowers) > 1.95 * len(ours) and np.array_equal(widened_array(ours), masked)
+    assert widened_array(ours).dtype == np.int64
+    with pytest.raises(ValueError, match="modulus must be 2"):
+        packed_bytes(np.array([2**32], dtype=np.int64))
 
 
 SETUP = {Key.SAMPLE_NUMBER: 6, Key.SHARE_NUMBER: 9, Key.THRESHOLD: 3, Key.TARGET_RANGE: 2**27, Key.MOD_RANGE: 2**32,
