@@ -16,8 +16,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared_model.ledger import LedgerEntry, LedgerError, accountant_delta, read_ledger  # noqa: E402
-from shared_model.privacy import TWIN, epsilon, interaction_epsilon, total_noise_multiplier  # noqa: E402
+from shared_model.ledger import (LedgerEntry, LedgerError, accountant_delta, read_ledger,  # noqa: E402
+                                 tree_lengths)
+from shared_model.privacy import (TWIN, epsilon, interaction_epsilon, total_noise_multiplier,  # noqa: E402
+                                  tree_epsilon)
 
 TOLERANCE = 0.01
 
@@ -65,7 +67,15 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
         for n, (line_no, entry) in enumerate(entries, start=1):  # ledger order is the client's own order
             if entry.status != "declined":
                 events.append(entry.step())
-            check(audit, line_no, entry, events, accountant_delta([e for _, e in entries[:n]]), tolerance)
+            so_far = [e for _, e in entries[:n]]
+            try:
+                trees = tree_lengths(so_far)
+            except ValueError as error:  # a tree that skips rounds: its depth cannot be read
+                audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
+                                            "field": "tree-round", "claimed": entry.epsilon,
+                                            "recomputed": float("nan"), "problem": str(error)})
+                continue
+            check(audit, line_no, entry, events, accountant_delta(so_far), tolerance, trees)
             changed = [k for k in ("unit", "delta", "accountant", "budget") if getattr(entry, k) != getattr(first, k)]
             if changed:  # one client, one calibration: anything else restarts an account
                 audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
@@ -98,11 +108,15 @@ def check_against_the_server(audit: RunAudit, tolerance: float) -> None:
                                     "problem": f"recomputed with {twin} at rate 1 over {rounds} rounds"})
 
 
-def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, delta: float, tolerance: float) -> None:
+def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, delta: float, tolerance: float,
+          trees: list[int]) -> None:
     """One entry's epsilons recomputed by the twin accountant (at `delta`: the entry's, less
-    what secure aggregation's cohort caps spent)."""
+    what secure aggregation's cohort caps spent); a DP-FTRL entry's by RDP also from
+    dp-accounting's own tree aggregation events (`trees`: the rounds of each tree so far)."""
     twin = TWIN[entry.accountant]
     claims = [("epsilon", entry.epsilon, epsilon(events, delta, twin))]
+    if entry.tree_round is not None and entry.accountant == "rdp":
+        claims.append(("epsilon (tree aggregation)", entry.epsilon, tree_epsilon(trees, entry.noise_multiplier, delta)))
     if entry.unit == "example" and entry.client != "server":  # a missing figure (NaN) never agrees
         claimed = float("nan") if entry.interaction_epsilon is None else entry.interaction_epsilon
         claims.append(("interaction-epsilon", claimed, interaction_epsilon(events, entry.window, entry.delta, twin)))

@@ -33,12 +33,13 @@ from server.public_pretraining import pretrain_on_public_users
 from server.run_folder import Checkpoint, RunFolder
 from server.secure_aggregation import SecureAggregation
 from server.simulation_speedup import speed_up_in_memory_link_state
+from server.dp_ftrl import DPFTRL
 from server.dp_strategy import DPFedAvg
 from server.strategy import STAGES, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.ledger import LedgerEntry, accountant_delta, events_of, read_ledger
 from shared_model.metrics import item_counts, metrics_from_sums, ranking_sums
-from shared_model.privacy import RELATION, epsilon
+from shared_model.privacy import RELATION, epsilon, tree_steps
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import LeaveOneOut, leave_one_out
@@ -146,6 +147,9 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
     if settings.server_dp:
         adaptive = AdaptiveClip(settings.server_dp_target_quantile, settings.server_dp_clip_learning_rate,
                                 settings.server_dp_count_noise) if settings.server_dp_adaptive_clip else None
+        if settings.server_dp_mechanism == "dp-ftrl":
+            return optimizer, DPFTRL(optimizer, settings.server_dp_noise, settings.server_dp_clip,
+                                     settings.clients_per_round, randomness)
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                    settings.server_dp_sample_rate, adaptive, randomness)
     return optimizer, optimizer
@@ -182,10 +186,15 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
     if settings.server_dp:
         adaptive = {"update_noise_multiplier": release["update noise multiplier"],
                     "count_noise": release["count noise"]} if "count noise" in release else {}
+        if "tree round" in release:  # DP-FTRL: no sampling, the steps its tree's depth grew by
+            tree = int(release["tree round"])
+            spend = {"sample_rate": 1.0, "steps": tree_steps(tree), "tree_round": tree}
+        else:
+            spend = {"sample_rate": settings.server_dp_sample_rate, "steps": 1}
         entry = LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
-                            noise_multiplier=settings.server_dp_noise, sample_rate=settings.server_dp_sample_rate,
-                            steps=1, delta=settings.dp_delta, accountant=settings.dp_accountant, epsilon=0.0,
-                            run=folder.path.name, clip=release["clip"], **adaptive, **secure_fields(settings, release))
+                            noise_multiplier=settings.server_dp_noise, **spend, delta=settings.dp_delta,
+                            accountant=settings.dp_accountant, epsilon=0.0, run=folder.path.name, clip=release["clip"],
+                            **adaptive, **secure_fields(settings, release))
         server_entries.append(entry)
         eps = epsilon(events_of(server_entries), accountant_delta(server_entries), settings.dp_accountant)
         server_entries[-1] = entry = dataclasses.replace(entry, epsilon=eps)
@@ -207,6 +216,8 @@ def secure_fields(settings: RunSettings, release: Mapping[str, float]) -> dict:
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
            "dp-fedavg": "other clients and anyone who sees the model (not the server: it sees each update)",
+           "dp-ftrl": "other clients and anyone who sees the model, with no sampling assumed (each client in at most "
+                      "one round of a tree); not the server: it sees each update",
            "dp-fedavg+secagg": "other clients and anyone who sees the model (the server tops the noise up to a cohort "
                                "cap's, so it does not reveal how many took part); the server knows whom it sampled: "
                                "see 'against the server'"}
@@ -226,6 +237,8 @@ def privacy_summary(folder: RunFolder) -> dict:
             key = unit if unit not in out else f"{unit} (dp-fedavg)"
             secure = [e.min_survivors for e in of_unit if e.min_survivors is not None]
             shown = "dp-fedavg+secagg" if secure and len(secure) == len(of_unit) else mechanism  # every release
+            if mechanism == "dp-fedavg" and all(e.tree_round is not None for e in of_unit):
+                shown = "dp-ftrl"
             out[key] = {"epsilon": worst.epsilon, "delta": worst.delta, "accountant": worst.accountant,
                         "relation": RELATION, "mechanism": shown, "against": AGAINST[shown]}
             if shown == "dp-fedavg+secagg":
@@ -361,7 +374,7 @@ class RoundRecord:
 
 
 RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction",
-                "most rounds of one client", "cohort cap", "cap tail")  # DP-FedAvg's
+                "most rounds of one client", "cohort cap", "cap tail", "tree round")  # DP-FedAvg's, DP-FTRL's
 
 
 def stage_metrics(line: dict, stage: str) -> dict:
@@ -424,7 +437,8 @@ def main(grid: Grid, context: Context) -> None:
     if not is_private(settings):
         log(WARNING, "%s", privacy_line(settings, {}))
     log(INFO, "fedrec: %d clients, %s a round, %d rounds, adapters %.1f KB", len(keys),
-        f"Poisson q={settings.server_dp_sample_rate}" if settings.server_dp else optimizer.clients_per_round,
+        (f"DP-FTRL {strategy.cohort}, each once a tree" if isinstance(strategy, DPFTRL) else
+         f"Poisson q={settings.server_dp_sample_rate}") if settings.server_dp else optimizer.clients_per_round,
         settings.num_server_rounds, model.trainable_bytes() / 1024)
     record = RoundRecord(folder, settings, optimizer, strategy, server_evaluation(settings, model, simulation),
                          checkpoint, arrays)

@@ -50,6 +50,9 @@ class Dataset:
         return len(self.catalog)
 
 
+ML100K_USERS = 943  # MovieLens-100K's users: one simulated SuperNode each
+
+
 def ml100k_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The MovieLens-100K folder: the argument, else $FEDREC_ML100K, else ../shared/datasets."""
     if data_dir:

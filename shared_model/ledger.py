@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from shared_model.files import JsonLinesError, append_lines, read_jsonl
-from shared_model.privacy import ACCOUNTANTS, RELATION, Events
+from shared_model.privacy import ACCOUNTANTS, RELATION, Events, tree_steps
 
 UNITS = ("example", "user")
 STATUSES = ("trained", "declined", "aggregated")
@@ -57,6 +57,9 @@ class LedgerEntry:
     # computed at `accountant_delta`: delta minus every beta up to and including this round
     cohort_cap: int | None = None
     cap_tail: float | None = None
+    # DP-FTRL: the round's place in its tree (1 starts a tree); steps is what it adds to the tree's
+    # depth (privacy.tree_steps), at rate 1: no amplification
+    tree_round: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,7 +82,13 @@ class LedgerEntry:
             problems.append(f"sample-rate {self.sample_rate} is not in (0, 1]")
         if not 0 < self.delta < 1:
             problems.append(f"delta {self.delta} is not in (0, 1)")
-        if (self.status == "declined") != (self.steps == 0) or self.steps < 0:
+        if self.tree_round is not None:
+            if self.tree_round < 1 or self.client != "server" or self.sample_rate != 1.0 or (
+                    self.steps != tree_steps(self.tree_round)):
+                problems.append(f"tree-round {self.tree_round} (DP-FTRL: the server's, from 1, at rate 1, "
+                                f"with the steps it adds to the tree's depth), not steps {self.steps} at rate "
+                                f"{self.sample_rate}")
+        elif (self.status == "declined") != (self.steps == 0) or self.steps < 0:
             problems.append(f"steps {self.steps} with status {self.status!r} (a decline spends none, a spend some)")
         if (self.client == "server") != (self.status == "aggregated"):
             problems.append(f"status {self.status!r} for client {self.client!r} (only the server aggregates)")
@@ -159,6 +168,19 @@ def accountant_delta(entries: list[LedgerEntry]) -> float:
     if not left > 0:
         raise ValueError(f"the cohort caps' tails spent all of delta {entries[-1].delta}")
     return left
+
+
+def tree_lengths(entries: list[LedgerEntry]) -> list[int]:
+    """DP-FTRL: the rounds of each tree so far (a tree-round of 1 starts a tree)."""
+    trees: list[int] = []
+    for e in entries:
+        if e.tree_round == 1:
+            trees.append(0)
+        if e.tree_round is not None:
+            if not trees or e.tree_round != trees[-1] + 1:
+                raise ValueError(f"round {e.round}: tree-round {e.tree_round} does not follow {trees[-1:] or 'nothing'}")
+            trees[-1] = e.tree_round
+    return trees
 
 
 def events_of(entries: list[LedgerEntry]) -> Events:

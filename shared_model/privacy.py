@@ -102,6 +102,31 @@ def _epsilon(events: tuple[tuple[float, float, int], ...], delta: float, account
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, not {accountant!r}")
 
 
+def tree_steps(tree_round: int) -> int:
+    """What round t of a DP-FTRL tree adds to its accountant events: Gaussian steps at rate
+    1 and the tree's noise multiplier. A tree of T rounds, one client in at most one round,
+    is one Gaussian mechanism on ceil(log2(T + 1)) node sums (shared_model/tree_aggregation.py),
+    RDP alpha ceil(log2(T + 1)) / (2 z^2): that many Gaussian steps at rate 1 (same RDP
+    curve), one more each time t reaches a power of two, none otherwise."""
+    if tree_round < 1:
+        raise ValueError(f"a tree's rounds count from 1, not {tree_round}")
+    return int(tree_round).bit_length() - int(tree_round - 1).bit_length()
+
+
+def tree_epsilon(trees: list[int], noise: float, delta: float) -> float:
+    """Epsilon of DP-FTRL trees of these many rounds each, from dp-accounting's own tree
+    aggregation event (RDP, zero-out neighbours: a user's updates replaced by none, which is
+    add/remove for sums over a fixed normaliser): the audit's independent twin of the
+    ledger's `tree_steps` events."""
+    import dp_accounting
+    from dp_accounting import rdp as dp_rdp
+
+    acc = dp_rdp.RdpAccountant(RDP_ORDERS, dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+    for rounds in trees:
+        acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(noise, rounds))
+    return float(acc.get_epsilon(delta))
+
+
 def independent_epsilon(events: Events, delta: float, accountant: str) -> float:
     """The same epsilon from a second implementation (for audits)."""
     return epsilon(events, delta, TWIN[accountant])

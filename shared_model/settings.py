@@ -19,6 +19,7 @@ from shared_model.recommender import ConfigError, RecommenderConfig
 
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+SERVER_MECHANISMS = ("dp-fedavg", "dp-ftrl")
 
 
 class SettingsError(ValueError):
@@ -64,6 +65,7 @@ class RunSettings:
     dp_negatives: int  # uniform catalog negatives per sample
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
+    server_dp_mechanism: str  # "dp-fedavg" (Poisson sampling, amplified) or "dp-ftrl" (tree noise, no sampling)
     server_dp_noise: float  # noise multiplier z, accounted (std z * clip on the sum; more under adaptive clipping)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
@@ -132,6 +134,10 @@ class RunSettings:
             (not (self.server_dp and self.dp == "none" and self.model.id_embeddings), "id-embeddings",
              "must be false with server-dp and dp = 'none': each client's exact update reaches the server, and an "
              "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),
+            (self.server_dp_mechanism in SERVER_MECHANISMS, "server-dp-mechanism", f"must be one of {SERVER_MECHANISMS}"),
+            (self.server_dp_mechanism == "dp-fedavg" or not (self.secure_aggregation or self.server_dp_adaptive_clip),
+             "server-dp-mechanism", "'dp-ftrl' adds the tree's noise on the server (no secure-aggregation) with a "
+             "fixed clip (no server-dp-adaptive-clip)"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (self.server_dp or not self.server_dp_adaptive_clip, "server-dp-adaptive-clip",

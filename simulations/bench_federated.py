@@ -40,11 +40,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.cli_options import positive_float, positive_int  # noqa: E402
-from shared_model.data import ml100k_dir  # noqa: E402
+from shared_model.data import ML100K_USERS, ml100k_dir  # noqa: E402
 from shared_model.files import read_jsonl  # noqa: E402
 from simulations.flower_runner import parse_overrides, run_flower  # noqa: E402
 
-ML100K_USERS = 943
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -1,16 +1,24 @@
 """What secure aggregation costs a DP-FedAvg round: seconds and bytes a client sends, with
-and without Flower's SecAgg+, through `flwr run` (one simulated SuperNode per user, every
-user every round), at several cohort sizes.
+and without Flower's SecAgg+, through `flwr run` (one simulated SuperNode per user), at
+several cohort sizes.
 
     python -m simulations.bench_secure_aggregation --cohorts 10 50 100 --rounds 4
+    python -m simulations.bench_secure_aggregation --dataset ml-100k --cohorts 50 --rounds 4
+
+Synthetic (the default): as many users as the cohort, every user every round; a client's
+training is tiny (a few short histories), so the protocol's own work dominates. ml-100k:
+the 943 MovieLens users, each sampled with probability cohort / 943 (the cohort varies
+round to round), with their real histories: the product's own workload.
 
 For each cohort, two runs with the same run config but `secure-aggregation`: the plain
 DP-FedAvg round (the server clips and adds the noise) and the secure one (each client clips
 and adds its noise share; four protocol stages). Rounds 2 .. rounds-1 are timed (the first
 starts the simulation's workers, the last also evaluates). Bytes: what a client sends in a
 round, as payload without message framing: the adapters (fp32) in a plain round; public
-keys, encrypted key shares, the masked vector (int64) and key shares in a secure one.
-Writes bench_secure_aggregation.json and .png to --out.
+keys, encrypted key shares, the masked vector (uint32: shared_model/secagg_patches.py) and key
+shares in a secure one.
+Writes bench_secure_aggregation.json and .png to --out (bench_secure_aggregation_ml-100k.* for
+ml-100k).
 """
 
 from __future__ import annotations
@@ -27,23 +35,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.cli_options import positive_int  # noqa: E402
+from shared_model.data import ML100K_USERS, ml100k_dir  # noqa: E402
 from simulations.flower_runner import run_flower  # noqa: E402
 
 CONFIG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False,
-          "server-dp-sample-rate": 1.0, "server-dp-noise": 1.0, "server-dp-clip": 0.5}
+          "server-dp-noise": 1.0, "server-dp-clip": 0.5}
 
 
-def one_run(cohort: int, secure: bool, rounds: int, out: Path) -> dict:
-    name = f"bench-secagg-{cohort}-{'secure' if secure else 'plain'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = {**CONFIG, "synthetic-users": cohort, "num-server-rounds": rounds, "eval-every": rounds,
-              "secure-aggregation": secure, "secagg-min-clients": max(2, cohort // 2),
-              "output-dir": str(out.resolve()), "run-name": name}
-    run = run_flower(config, num_supernodes=cohort)
+def one_run(cohort: int, secure: bool, rounds: int, out: Path, dataset: str) -> dict:
+    name = f"bench-secagg-{dataset}-{cohort}-{'secure' if secure else 'plain'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    users = cohort if dataset == "synthetic" else ML100K_USERS
+    config = {**CONFIG, "dataset": dataset, "synthetic-users": max(users, 10), "server-dp-sample-rate": cohort / users,
+              "num-server-rounds": rounds, "eval-every": rounds, "secure-aggregation": secure,
+              "secagg-min-clients": max(2, cohort // 2), "output-dir": str(out.resolve()), "run-name": name}
+    if dataset == "ml-100k":
+        config["data-dir"] = str(ml100k_dir().resolve())  # the SuperNodes' working folder is not this one
+    run = run_flower(config, num_supernodes=users)
     if not run.ok:
         raise SystemExit(f"flwr run failed ({run.status}):\n{run.log[-4000:]}")
     lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     timed = [m for m in lines if 1 < m["round"] < rounds]
-    return {"seconds a round": [m["seconds"] for m in timed],
+    return {"seconds a round": [m["seconds"] for m in timed], "clients a round": [m["clients"] for m in timed],
             "bytes a client sends": float(np.mean([m["upload bytes per client"] for m in timed])),
             "aggregated": [m.get("aggregated") for m in timed], "run": name}
 
@@ -61,15 +73,18 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("clients a round (one user each)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"DP-FedAvg with and without SecAgg+, flwr run, {result['machine']}", fontsize=9)
+    fig.suptitle(f"DP-FedAvg with and without SecAgg+, flwr run, {result['dataset']}, {result['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("synthetic", "ml-100k"), default="synthetic",
+                        help="synthetic: as many users as the cohort, all every round; ml-100k: 943 users, each sampled "
+                             "with probability cohort / 943 (default synthetic)")
     parser.add_argument("--cohorts", type=positive_int, nargs="+", default=[10, 50, 100],
-                        help="clients a round (= users: everyone every round; at least 10; default 10 50 100)")
+                        help="clients a round, expected (at least 10; default 10 50 100)")
     parser.add_argument("--rounds", type=positive_int, default=4,
                         help="rounds a run, the first and last untimed (at least 3; default 4)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="where the runs and the results go")
@@ -78,13 +93,17 @@ def main() -> None:
         parser.error(f"--rounds must be at least 3 (the first and last are not timed), not {args.rounds}")
     if min(args.cohorts) < 10:
         parser.error(f"--cohorts must be at least 10 (the synthetic world's smallest), not {min(args.cohorts)}")
+    if args.dataset == "ml-100k" and max(args.cohorts) > ML100K_USERS:
+        parser.error(f"--cohorts must be at most {ML100K_USERS} with --dataset ml-100k, not {max(args.cohorts)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"machine": "2 CPU cores, no GPU", "rounds": args.rounds, "plain": [], "secure": [],
-                    "command": f"python -m simulations.bench_secure_aggregation --cohorts "
+    result: dict = {"machine": "2 CPU cores, no GPU", "rounds": args.rounds, "dataset": args.dataset,
+                    "plain": [], "secure": [],
+                    "command": f"python -m simulations.bench_secure_aggregation --dataset {args.dataset} --cohorts "
                                f"{' '.join(map(str, args.cohorts))} --rounds {args.rounds}"}
+    stem = "bench_secure_aggregation" + ("" if args.dataset == "synthetic" else f"_{args.dataset}")
     for cohort in args.cohorts:
         for mode in ("plain", "secure"):
-            found = {"cohort": cohort, **one_run(cohort, mode == "secure", args.rounds, args.out)}
+            found = {"cohort": cohort, **one_run(cohort, mode == "secure", args.rounds, args.out, args.dataset)}
             result[mode].append(found)
             print(f"{cohort} clients, {mode}: {np.mean(found['seconds a round']):.2f} s a round, "
                   f"{found['bytes a client sends'] / 1024:.1f} KB a client", flush=True)
@@ -92,9 +111,9 @@ def main() -> None:
         slower = np.mean(secure["seconds a round"]) / np.mean(plain["seconds a round"])
         print(f"{cohort} clients: secure / plain: time x{slower:.2f}, "
               f"bytes x{secure['bytes a client sends'] / plain['bytes a client sends']:.2f}", flush=True)
-        (args.out / "bench_secure_aggregation.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / "bench_secure_aggregation.png")
-    print(f"results in {args.out / 'bench_secure_aggregation.json'} and .png")
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / f"{stem}.png")
+    print(f"results in {args.out / stem}.json and .png")
 
 
 if __name__ == "__main__":

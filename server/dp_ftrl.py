@@ -1,0 +1,74 @@
+"""User-level DP-FTRL (`server-dp-mechanism = "dp-ftrl"`): DP-FedAvg's clipping and
+aggregation without sampling, the noise from tree aggregation (Kairouz et al. 2021), for
+deployments where clients cannot be Poisson-sampled (devices check in when they can).
+
+Each round takes `clients-per-round` C clients that have not yet taken part in the current
+tree (chosen among them at random: the guarantee does not rest on the choice), clips each
+update to S, and releases (sum + the round's tree noise) / C to the inner optimiser. A tree
+ends when fewer than C clients are left that it has not had (about N / C rounds: an epoch
+over the population) and a new one starts, with all clients and fresh noise; a resumed run
+starts a new tree too (the old tree's noises are not kept). So a client is in at most one
+round of a tree, and a tree of T rounds is a Gaussian mechanism on ceil(log2(T + 1)) node
+sums at once: per tree, RDP alpha ceil(log2(T + 1)) / (2 z^2), with no amplification.
+The ledger records each round's place in its tree (`tree-round`) and what it added to that
+depth (shared_model/privacy.py's `tree_steps`).
+
+Like DP-FedAvg, it protects each user against anyone who sees the models the server
+releases, not against the server: it sees every update (secure aggregation is refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from server.dp_strategy import DPFedAvg
+from server.strategy import SeededFedAdam
+from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.tree_aggregation import TreeNoise
+
+
+class DPFTRL(DPFedAvg):
+    def __init__(self, inner: SeededFedAdam, noise: float, clip: float, cohort: int,
+                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
+        """cohort: C, the clients a round (all of them if 0 or more than there are)."""
+        population = len(inner.nodes)
+        self.cohort = min(cohort, population) if cohort > 0 else population
+        super().__init__(inner, noise, clip, self.cohort / population, None, randomness)
+        self.tree_round = 0  # the last round's place in the current tree (0: a new tree starts)
+        self.had: set[int] = set()  # the clients the current tree has taken
+        self.tree: TreeNoise | None = None
+
+    @property
+    def expected_count(self) -> float:
+        return float(self.cohort)
+
+    def train_sample(self) -> list[int]:
+        """C clients the current tree has not had; a new tree when fewer are left."""
+        left = [n for n in self.inner.nodes if n not in self.had]
+        if len(left) < self.cohort or self.tree is None:
+            self.tree_round, self.had, left = 0, set(), list(self.inner.nodes)
+            self.tree = None
+        chosen = self.randomness().choice(len(left), size=self.cohort, replace=False)
+        nodes = [left[i] for i in sorted(chosen)]
+        self.had.update(nodes)
+        self.tree_round += 1
+        return nodes
+
+    def begin_round(self, arrays: ArrayRecord) -> list[int]:
+        nodes = super().begin_round(arrays)
+        if self.tree is None:
+            shapes = {k: v.shape for k, v in self.current.items()}
+            self.tree = TreeNoise(shapes, self.noise * self.clip, self.randomness)
+        return nodes
+
+    def noisy_average(self, total: dict[str, np.ndarray], norms: np.ndarray, survivors: int = 0
+                      ) -> dict[str, np.ndarray]:
+        """(the round's clipped sum + its tree noise) / C."""
+        noise = self.tree.round_noise(self.tree_round)
+        return {k: (t + noise[k]) / self.expected_count for k, t in total.items()}
+
+    def release_figures(self) -> dict[str, float]:
+        return {**super().release_figures(), "tree round": self.tree_round}

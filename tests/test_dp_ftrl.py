@@ -1,0 +1,118 @@
+"""DP-FTRL (`server-dp-mechanism = "dp-ftrl"`): the tree's noise, each client at most once
+a tree, the accounting against dp-accounting's own tree aggregation event, the ledger and
+the audit, and a `flwr run`."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.dp_ftrl import DPFTRL
+from server.privacy_audit import audit_run
+from server.strategy import SeededFedAdam
+from shared_model.ledger import LedgerEntry, LedgerError, read_ledger
+from shared_model.privacy import epsilon, tree_epsilon, tree_steps
+from shared_model.settings import RunSettings, SettingsError
+from shared_model.tree_aggregation import TreeNoise, intervals
+from simulations.flower_runner import app_run_config, run_flower
+
+SHAPE = (100, 100)  # 10,000 coordinates: a variance is measured to about 3%
+
+
+@pytest.fixture(autouse=True)
+def server_task():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def counted_generators():
+    """A fresh generator per use, each from its own seed (a replayable stand-in for OS entropy)."""
+    seeds = itertools.count()
+    return lambda: np.random.default_rng(next(seeds))
+
+
+def test_a_prefix_sum_is_read_from_popcount_t_nodes_each_drawn_once():
+    for t in range(1, 40):
+        covered = [r for level, index in intervals(t) for r in range(index * 2**level + 1, (index + 1) * 2**level + 1)]
+        assert covered == list(range(1, t + 1)) and len(intervals(t)) == bin(t).count("1")
+    tree = TreeNoise({"w": SHAPE}, 2.0, counted_generators())
+    released = sum(tree.round_noise(t)["w"] for t in range(1, 8))  # what seven rounds' releases add up to
+    assert np.allclose(released, tree.prefix(7)["w"]) and len(tree.nodes) == 7  # 4 leaves, 2 pairs, 1 quad: drawn once
+    # the model after 7 rounds carries 3 nodes' noise (4 std^2 each), not 7 rounds' worth (the independent control)
+    assert np.var(released) == pytest.approx(3 * 4.0, rel=0.05)
+    assert np.var(tree.prefix(8)["w"]) == pytest.approx(4.0, rel=0.05)
+
+
+def ftrl(nodes: int, cohort: int, noise: float = 1.0) -> DPFTRL:
+    inner = SeededFedAdam({n: n for n in range(1, nodes + 1)}, 0, seed=0, server_lr=0.1, half_life=1e9)
+    return DPFTRL(inner, noise, 1.0, cohort, counted_generators())
+
+
+def test_each_client_once_a_tree_and_a_new_tree_when_too_few_are_left():
+    strategy, zeros = ftrl(10, 3), ArrayRecord({"w": Array(np.zeros(SHAPE, dtype=np.float32))})
+    trees: list[list[int]] = []
+    for server_round in range(1, 13):
+        nodes = strategy.begin_round(zeros)
+        if strategy.tree_round == 1:
+            trees.append([])
+        trees[-1] += nodes
+        assert len(nodes) == 3 and strategy.tree_round == (server_round - 1) % 3 + 1
+    assert len(trees) == 4 and all(len(set(tree)) == len(tree) == 9 for tree in trees)
+
+
+def test_the_release_is_the_clipped_sum_plus_the_rounds_tree_noise_over_the_cohort():
+    """Zero updates: the seven releases' sum times C is the tree's prefix noise (std z S per node)."""
+    strategy, zeros = ftrl(100, 10, noise=2.0), ArrayRecord({"w": Array(np.zeros(SHAPE, dtype=np.float32))})
+    released = np.zeros(SHAPE)
+    for _ in range(7):
+        strategy.begin_round(zeros)
+        total, norms = strategy.clipped_sum([])
+        released += strategy.noisy_average(total, norms)["w"]
+    assert np.allclose(released * 10, strategy.tree.prefix(7)["w"])
+    assert np.var(released * 10) == pytest.approx(3 * 2.0**2, rel=0.05)
+
+
+@pytest.mark.parametrize("trees", [[10], [10] * 6, [7, 7, 3], [1, 1, 1]])
+def test_the_ledgers_steps_give_dp_accountings_tree_aggregation_epsilon(trees):
+    events = [(1.3, 1.0, sum(tree_steps(t) for t in range(1, rounds + 1))) for rounds in trees]
+    assert epsilon(events, 1e-5) == pytest.approx(tree_epsilon(trees, 1.3, 1e-5), rel=1e-9)
+
+
+def test_a_tree_entry_with_steps_other_than_its_depths_growth_is_refused():
+    entry = dict(client="server", round=3, status="aggregated", unit="user", noise_multiplier=1.0, sample_rate=1.0,
+                 delta=1e-5, accountant="rdp", epsilon=1.0, tree_round=3)
+    assert LedgerEntry(**entry, steps=0).steps == 0  # round 3 of a tree: its depth stays 2
+    with pytest.raises(ValueError, match="tree-round 3"):
+        LedgerEntry(**entry, steps=1)
+    with pytest.raises(LedgerError, match="tree-round"):
+        LedgerEntry.from_json({**{k.replace("_", "-"): v for k, v in entry.items()}, "steps": 0, "sample-rate": 0.1},
+                              "line 1")
+
+
+@pytest.mark.parametrize("overrides", [{"secure-aggregation": True, "dp": "none", "id-embeddings": False},
+                                       {"server-dp-adaptive-clip": True}, {"server-dp-mechanism": "tree"}])
+def test_what_dp_ftrl_does_not_cover_is_refused_by_name(overrides):
+    config = {"partitioning": "per-user", "server-dp": True, "server-dp-mechanism": "dp-ftrl", **overrides}
+    with pytest.raises(SettingsError, match="run config 'server-dp-mechanism'"):
+        RunSettings.from_run_config(app_run_config(**config))
+
+
+def test_a_flower_run_with_dp_ftrl_is_accounted_by_trees_and_audited(tmp_path):
+    """10 SuperNodes, 4 a round, 4 rounds: trees of 2 rounds (8 clients), then a new one."""
+    config = {"synthetic-users": 10, "partitioning": "per-user", "dp": "none", "server-dp": True,
+              "id-embeddings": False, "server-dp-mechanism": "dp-ftrl", "clients-per-round": 4,
+              "num-server-rounds": 4, "output-dir": str(tmp_path), "run-name": "ftrl"}
+    run = run_flower(config, num_supernodes=10)
+    assert run.ok, run.log[-3000:]
+    settings = RunSettings.from_run_config(app_run_config(**config))
+    server = [e for e in read_ledger(tmp_path / "ftrl" / "privacy_ledger.jsonl") if e.client == "server"]
+    assert [(e.tree_round, e.steps, e.sample_rate) for e in server] == [(1, 1, 1.0), (2, 1, 1.0)] * 2
+    assert server[-1].epsilon == pytest.approx(tree_epsilon([2, 2], settings.server_dp_noise, settings.dp_delta))
+    lines = [json.loads(line) for line in (tmp_path / "ftrl" / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["clients"], line["tree round"]) for line in lines[1:]] == [(4, 1), (4, 2)] * 2
+    privacy = json.loads((tmp_path / "ftrl" / "summary.json").read_text())["privacy"]["user"]
+    assert privacy["mechanism"] == "dp-ftrl" and "no sampling assumed" in privacy["against"]
+    audit = audit_run(tmp_path / "ftrl")  # by the twin accountant and by dp-accounting's tree events
+    assert audit.checked == 8 and not audit.disagreements
