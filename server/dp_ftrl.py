@@ -61,7 +61,7 @@ class DPFTRL(DPFedAvg):
         nodes = super().begin_round(arrays)
         if self.tree is None:
             shapes = {k: v.shape for k, v in self.current.items()}
-            self.tree = TreeNoise(shapes, self.noise * self.clip, self.randomness)
+            self.tree = TreeNoise(shapes, self.update_noise * self.clip, self.randomness)
         return nodes
 
     def noisy_average(self, total: dict[str, np.ndarray], norms: np.ndarray, survivors: int = 0

@@ -113,6 +113,15 @@ def tree_steps(tree_round: int) -> int:
     return int(tree_round).bit_length() - int(tree_round - 1).bit_length()
 
 
+def ftrl_steps(users: int, cohort: int, rounds: int) -> int:
+    """The accountant steps (Gaussian, rate 1) of `rounds` DP-FTRL rounds over `users`
+    clients, `cohort` a round: trees of floor(users / cohort) rounds (server/dp_ftrl.py
+    starts a new one when fewer than `cohort` clients are left that the tree has not had)."""
+    per_tree = max(1, users // max(1, min(cohort, users)))
+    full, rest = divmod(rounds, per_tree)
+    return sum(tree_steps(t) for t in range(1, per_tree + 1)) * full + sum(tree_steps(t) for t in range(1, rest + 1))
+
+
 def tree_epsilon(trees: list[int], noise: float, delta: float) -> float:
     """Epsilon of DP-FTRL trees of these many rounds each, from dp-accounting's own tree
     aggregation event (RDP, zero-out neighbours: a user's updates replaced by none, which is

@@ -22,6 +22,13 @@ server-dp-adaptive-clip=true`), each with its own noise-free reference.
     python -m simulations.bench_frontier                      # the whole baseline frontier
     python -m simulations.bench_frontier --populations ml-100k --epsilons 8
     python -m simulations.bench_frontier --variant public-1pct --set public-users=0.01 --populations 100000
+    python -m simulations.bench_frontier --variant dp-ftrl --set server-dp-mechanism=dp-ftrl --populations 10000
+    python -m simulations.bench_frontier --variant unamplified --unamplified --populations 10000
+
+DP-FTRL (`--set server-dp-mechanism=dp-ftrl`) takes `--cohort` clients a round, each user at
+most once a tree, its noise calibrated from its trees (no amplification); `--unamplified`
+calibrates DP-FedAvg's noise as if every user took part in every round (no sampling
+assumption): the two answers for a server whose sampling cannot be trusted.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.cli_options import positive_int  # noqa: E402
 from shared_model.metrics import evaluate_scores, item_counts  # noqa: E402
-from shared_model.privacy import noise_multiplier  # noqa: E402
+from shared_model.privacy import ftrl_steps, noise_multiplier  # noqa: E402
 from shared_model.settings import RunSettings, SettingsError  # noqa: E402
 from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
@@ -72,10 +79,23 @@ def settings_for(population: str, args: argparse.Namespace, run_name: str, noise
     expected cohort), with the variant's run-config overrides (`--set`)."""
     rate = min(1.0, args.cohort / users)
     overrides = {**population_config(population), "partitioning": "per-user", "dp": "none", "server-dp": True,
-                 "id-embeddings": False, "server-dp-sample-rate": rate, "server-dp-noise": noise,
+                 "id-embeddings": False, "server-dp-sample-rate": rate, "clients-per-round": min(args.cohort, users),
+                 "server-dp-noise": noise,
                  "server-dp-clip": args.clip, "num-server-rounds": args.rounds, "eval-every": args.rounds,
                  "dp-delta": args.delta, "output-dir": str(args.runs), "run-name": run_name, **args.set}
     return RunSettings.from_run_config(app_run_config(**overrides))
+
+
+def calibrated_noise(base: RunSettings, eps: float, args: argparse.Namespace, users: int) -> float:
+    """The noise multiplier for user-level `eps` after `--rounds` rounds: DP-FedAvg's with
+    amplification by Poisson sampling (at the run's rate), or without it (`--unamplified`:
+    every round a Gaussian at rate 1, as if every user took part in every round); DP-FTRL's
+    from its trees (`server-dp-mechanism=dp-ftrl`: no amplification, each user once a tree)."""
+    if base.server_dp_mechanism == "dp-ftrl":
+        steps, rate = ftrl_steps(users, args.cohort, args.rounds), 1.0
+    else:
+        steps, rate = args.rounds, 1.0 if args.unamplified else base.server_dp_sample_rate
+    return noise_multiplier(eps, rate, steps, args.delta, base.dp_accountant)
 
 
 def final_test_metrics(folder: Path) -> dict[str, float]:
@@ -115,7 +135,7 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
     work = ({pool.submit(federation, base, args.chunk, True, args.device): ("no noise", None)}
             if "no noise" not in out else {})
     for eps in args.epsilons:
-        z = noise_multiplier(eps, base.server_dp_sample_rate, args.rounds, args.delta, base.dp_accountant)
+        z = calibrated_noise(base, eps, args, users)
         settings = settings_for(population, args, f"{name}-eps{eps:g}", z, users)
         work[pool.submit(federation, settings, args.chunk, False, args.device)] = (f"{eps:g}", z)
     for done in as_completed(work):
@@ -206,6 +226,9 @@ def main() -> None:
                         help="a run-config override for every federation of the variant (repeatable), e.g. "
                              "--variant adaptive-clip --set server-dp-adaptive-clip=true, or --variant "
                              "public-1pct --set public-users=0.01 (a consenting 1%% treated as public)")
+    parser.add_argument("--unamplified", action="store_true",
+                        help="calibrate DP-FedAvg's noise without amplification by sampling (a Gaussian at rate 1 every "
+                             "round: what holds when the sampling cannot be trusted); name the variant to say so")
     add_driver_options(parser)
     parser.add_argument("--jobs", type=positive_int, default=1,
                         help="federations run at once, one process and one core each (default: %(default)s); "
@@ -240,9 +263,12 @@ def main() -> None:
             args.cohort, args.rounds, args.delta):
         parser.error(f"{path} holds a frontier with cohort {results['cohort']}, rounds {results['rounds']}, delta "
                      f"{results['delta']}: use those or another --out")
-    variant = results["variants"].setdefault(args.variant, {"set": args.set, "populations": {}})
-    if variant["set"] != args.set:
-        parser.error(f"{path}: variant {args.variant!r} was run with --set {variant['set']}, not {args.set}")
+    variant = results["variants"].setdefault(args.variant, {"set": args.set, "unamplified": args.unamplified,
+                                                            "populations": {}})
+    if (variant["set"], variant.get("unamplified", False)) != (args.set, args.unamplified):
+        parser.error(f"{path}: variant {args.variant!r} was run with --set {variant['set']}"
+                     f"{' --unamplified' if variant.get('unamplified') else ''}, not {args.set}"
+                     f"{' --unamplified' if args.unamplified else ''}")
     if results["variants"] and results.get("machine", machine(args.device)) != machine(args.device):
         parser.error(f"{path} holds a frontier measured on {results['machine']}, not {machine(args.device)}: "
                      "use another --out")

@@ -146,7 +146,7 @@ def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = Fals
     arrays = population.initial_arrays()
     folder.append_metrics({"round": 0, **evaluate(arrays)})
     upload = population.model.trainable_bytes()
-    server_events: list = []
+    server_entries: list = []
     best: dict = {"round": 0, "valid NDCG@10": -1.0}
     for server_round in range(1, settings.num_server_rounds + 1):
         started = time.time()
@@ -157,7 +157,7 @@ def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = Fals
         if server_round in eval_rounds:
             line.update(evaluate(arrays))
         if not noise_free:
-            line.update(record_privacy(folder, settings, server_round, [], server_events, line))
+            line.update(record_privacy(folder, settings, server_round, [], server_entries, line))
         line["seconds"] = time.time() - started
         folder.append_metrics(line)
         best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
