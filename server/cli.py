@@ -53,14 +53,23 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from shared_model import privacy
     from shared_model.privacy import RELATION
 
+    if args.privacy_command in ("epsilon", "noise"):
+        steps, what = args.steps, f"sample rate {args.sample_rate}, {args.steps} steps"
+        if args.tree_rounds:  # DP-FTRL: Gaussian steps at rate 1, as many as its trees' depths
+            if args.sample_rate != 1.0:
+                print("fedrec privacy: --tree-rounds (DP-FTRL) assumes no sampling: --sample-rate must be 1",
+                      file=sys.stderr)
+                return 2
+            steps = privacy.ftrl_steps(args.steps, args.tree_rounds)
+            what = f"DP-FTRL, {args.steps} rounds in trees of {args.tree_rounds}, each user once a tree"
     if args.privacy_command == "epsilon":
-        eps = privacy.epsilon([(args.noise_multiplier, args.sample_rate, args.steps)], args.delta, args.accountant)
+        eps = privacy.epsilon([(args.noise_multiplier, args.sample_rate, steps)], args.delta, args.accountant)
         print(f"epsilon {eps:.4f} (delta {args.delta:g}, accountant {args.accountant}, {RELATION}, noise "
-              f"{args.noise_multiplier}, sample rate {args.sample_rate}, {args.steps} steps)")
+              f"{args.noise_multiplier}, {what})")
     elif args.privacy_command == "noise":
-        z = privacy.noise_multiplier(args.epsilon, args.sample_rate, args.steps, args.delta, args.accountant)
+        z = privacy.noise_multiplier(args.epsilon, args.sample_rate, steps, args.delta, args.accountant)
         print(f"noise multiplier {z:.4f} (epsilon {args.epsilon} at delta {args.delta:g}, accountant "
-              f"{args.accountant}, {RELATION}, sample rate {args.sample_rate}, {args.steps} steps)")
+              f"{args.accountant}, {RELATION}, {what})")
     else:
         bound = privacy.audit_lower_bound(args.canaries, args.guesses, args.correct, args.delta, args.confidence)
         print(f"epsilon lower bound {bound:.4f} ({args.correct} of {args.guesses} guesses right, {args.canaries} "
@@ -189,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = sub.add_parser("privacy", help="privacy calculator: epsilon, noise for a target, audit lower bound, "
                              "DP-FedAvg plan")
     privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
-    eps = privacy_sub.add_parser("epsilon", help="epsilon of DP-SGD / DP-FedAvg (Poisson-sampled Gaussian)")
+    eps = privacy_sub.add_parser("epsilon", help="epsilon of DP-SGD / DP-FedAvg (Poisson-sampled Gaussian) or "
+                                                 "DP-FTRL (--tree-rounds)")
     eps.add_argument("--noise-multiplier", type=positive_float, required=True)
     noise = privacy_sub.add_parser("noise", help="the noise multiplier that reaches a target epsilon")
     noise.add_argument("--epsilon", type=positive_float, required=True)
@@ -199,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--delta", type=probability, required=True)
         p.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
                        help="rdp (Opacus), prv (Opacus) or pld (dp-accounting); default rdp")
+        p.add_argument("--tree-rounds", type=positive_int, metavar="R",
+                       help="DP-FTRL (server-dp-mechanism = \"dp-ftrl\"): --steps rounds in trees of R rounds, each "
+                            "user in at most one round of a tree (R = N // C for N users, C a round); needs "
+                            "--sample-rate 1 (no sampling assumed)")
         p.set_defaults(func=cmd_privacy)
     bound = privacy_sub.add_parser(
         "lower-bound", help="empirical epsilon lower bound of a one-run canary audit (Steinke, Nasr, Jagielski 2023)")

@@ -113,13 +113,11 @@ def tree_steps(tree_round: int) -> int:
     return int(tree_round).bit_length() - int(tree_round - 1).bit_length()
 
 
-def ftrl_steps(users: int, cohort: int, rounds: int) -> int:
-    """The accountant steps (Gaussian, rate 1) of `rounds` DP-FTRL rounds over `users`
-    clients, `cohort` a round: trees of floor(users / cohort) rounds (server/dp_ftrl.py
-    starts a new one when fewer than `cohort` clients are left that the tree has not had)."""
-    per_tree = max(1, users // max(1, min(cohort, users)))
-    full, rest = divmod(rounds, per_tree)
-    return sum(tree_steps(t) for t in range(1, per_tree + 1)) * full + sum(tree_steps(t) for t in range(1, rest + 1))
+def ftrl_steps(rounds: int, tree_rounds: int) -> int:
+    """The accountant steps (Gaussian, rate 1) of `rounds` DP-FTRL rounds in trees of
+    `tree_rounds` rounds each (server/dp_ftrl.py: floor(N / C) for N clients, C a round)."""
+    full, rest = divmod(rounds, tree_rounds)
+    return full * int(tree_rounds).bit_length() + int(rest).bit_length()
 
 
 def tree_epsilon(trees: list[int], noise: float, delta: float) -> float:

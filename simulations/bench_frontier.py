@@ -92,7 +92,7 @@ def calibrated_noise(base: RunSettings, eps: float, args: argparse.Namespace, us
     every round a Gaussian at rate 1, as if every user took part in every round); DP-FTRL's
     from its trees (`server-dp-mechanism=dp-ftrl`: no amplification, each user once a tree)."""
     if base.server_dp_mechanism == "dp-ftrl":
-        steps, rate = ftrl_steps(users, args.cohort, args.rounds), 1.0
+        steps, rate = ftrl_steps(args.rounds, users // min(args.cohort, users)), 1.0
     else:
         steps, rate = args.rounds, 1.0 if args.unamplified else base.server_dp_sample_rate
     return noise_multiplier(eps, rate, steps, args.delta, base.dp_accountant)

@@ -10,11 +10,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.cli import main
 from server.dp_ftrl import DPFTRL
 from server.privacy_audit import audit_run
 from server.strategy import SeededFedAdam
 from shared_model.ledger import LedgerEntry, LedgerError, read_ledger
-from shared_model.privacy import epsilon, tree_epsilon, tree_steps
+from shared_model.privacy import epsilon, ftrl_steps, tree_epsilon, tree_steps
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.tree_aggregation import TreeNoise, intervals
 from simulations.flower_runner import app_run_config, run_flower
@@ -89,6 +90,17 @@ def test_a_tree_entry_with_steps_other_than_its_depths_growth_is_refused():
     with pytest.raises(LedgerError, match="tree-round"):
         LedgerEntry.from_json({**{k.replace("_", "-"): v for k, v in entry.items()}, "steps": 0, "sample-rate": 0.1},
                               "line 1")
+
+
+def test_the_calculator_knows_dp_ftrl(capsys):
+    """`fedrec privacy epsilon/noise --tree-rounds R`: the ledger's epsilon for rounds in trees of R."""
+    assert main(["privacy", "epsilon", "--noise-multiplier", "3", "--sample-rate", "1", "--steps", "25",
+                 "--delta", "1e-6", "--tree-rounds", "10"]) == 0
+    expected = tree_epsilon([10, 10, 5], 3.0, 1e-6)
+    assert f"epsilon {expected:.4f}" in capsys.readouterr().out and ftrl_steps(25, 10) == 4 + 4 + 3
+    assert main(["privacy", "noise", "--epsilon", "8", "--sample-rate", "0.5", "--steps", "25", "--delta", "1e-6",
+                 "--tree-rounds", "10"]) == 2  # a sampling rate: not what DP-FTRL is accounted at
+    assert "--sample-rate must be 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides", [{"secure-aggregation": True, "dp": "none", "id-embeddings": False},
