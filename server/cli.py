@@ -272,6 +272,11 @@ the sum is divided by C. How to read the output:
                            the rounds it took part in (here: 99.9% of users take part in at
                            most the number shown); without secure aggregation the server
                            reads every update and no epsilon holds against it.
+  DP-FTRL instead          the noise multiplier server-dp-mechanism = "dp-ftrl" needs for the
+                           same epsilon: C clients a round, each at most once in a tree of
+                           floor(N / C) rounds, no sampling assumed (so no amplification:
+                           usually far more noise; its noise on the model grows with the
+                           log of the rounds in a tree, not with the rounds).
 Example: fedrec privacy plan --users 100000 --cohort 1000 --rounds 1000 --epsilon 1 --delta 1e-6"""
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from scipy.stats import binom
 
-from shared_model.privacy import RELATION, epsilon, noise_multiplier, update_noise_multiplier
+from shared_model.privacy import RELATION, epsilon, ftrl_steps, noise_multiplier, update_noise_multiplier
 
 
 def round_up(value: float, digits: int = 4) -> float:
@@ -52,6 +52,7 @@ class Plan:
     signal_to_noise: float  # signal / noise_norm: what decides quality
     server_rounds: int  # secure aggregation: the rounds a user takes part in, the 99.9% quantile of Binomial(T, q)
     server_epsilon: float  # against the server: a Gaussian at rate 1 over server_rounds rounds
+    ftrl_noise_multiplier: float  # DP-FTRL's z for the same epsilon: trees of floor(N / C) rounds, no sampling
     relation: str = RELATION
 
     def to_json(self) -> dict:
@@ -80,7 +81,9 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
     taken_part = int(binom.ppf(SERVER_QUANTILE, rounds, q))
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
-                noise_norm, signal, signal / noise_norm, taken_part, epsilon([(z, 1.0, taken_part)], delta, accountant))
+                noise_norm, signal, signal / noise_norm, taken_part, epsilon([(z, 1.0, taken_part)], delta, accountant),
+                round_up(noise_multiplier(target_epsilon, 1.0, ftrl_steps(rounds, int(users // cohort)), delta,
+                                          accountant)))
 
 
 def format_plan(plan: Plan) -> str:
@@ -115,5 +118,8 @@ def format_plan(plan: Plan) -> str:
               f"for a user in {plan.server_rounds} rounds",
               "                                (99.9% of users take part in at most that many; it knows whom it "
               "samples: no amplification)",
-              "                                (without secure aggregation it reads every update: no guarantee)"]
+              "                                (without secure aggregation it reads every update: no guarantee)",
+              f"  DP-FTRL instead               noise multiplier {plan.ftrl_noise_multiplier:.4g} for the same epsilon "
+              f"(server-dp-mechanism = \"dp-ftrl\": C a round, trees of {int(plan.users // plan.cohort):,} rounds, "
+              "each user once a tree, no sampling assumed)"]
     return "\n".join(lines)

@@ -49,6 +49,14 @@ def test_against_the_server_there_is_no_amplification(capsys):
     assert f"against the server            epsilon {figures['server_epsilon']:.4g}" in out
 
 
+def test_dp_ftrl_s_noise_reaches_the_budget_from_its_trees(capsys):
+    """100,000 users, 1,000 a round: 3 trees of 100 rounds (depth 7 each), Gaussians at rate 1."""
+    _, out, _ = plan(capsys, "--json")
+    z = json.loads(out)["ftrl_noise_multiplier"]
+    assert epsilon([(z, 1.0, 21)], 1e-6) <= 2.0 < epsilon([(z * 0.99, 1.0, 21)], 1e-6)
+    assert f"DP-FTRL instead               noise multiplier {z:.4g}" in plan(capsys)[1]
+
+
 def test_signal_to_noise_is_the_given_mean_update_over_the_noise(capsys):
     _, out, _ = plan(capsys, "--signal", "0.2", "--json")
     figures = json.loads(out)
