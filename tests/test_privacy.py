@@ -1,13 +1,15 @@
 """Accountants against published values, the calculator, and a private federated run
 through `flwr run` whose ledger the audit reproduces (and whose tampering it catches)."""
 
+import contextlib
+import io
 import json
 import shutil
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
+from server.cli import main
 from shared_model.privacy import (audit_lower_bound, audit_p_value, epsilon, independent_epsilon,
                                   interaction_epsilon, noise_multiplier)
 from simulations.flower_runner import run_flower
@@ -59,26 +61,37 @@ def test_one_run_audit_bound():
     assert audit_p_value(1000, 100, 90, bound, 1e-5) <= 0.05 + 1e-6
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True)
+def run_cli(*args: str) -> SimpleNamespace:
+    """`fedrec` in this process, its output captured (tests/test_cli.py starts the installed
+    commands themselves; each start costs seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as error:  # argparse's refusal
+            code = error.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_calculator_prints_the_numbers():
-    out = run_cli("privacy", "epsilon", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250",
-                  "--delta", "1e-5")
+    out = run_cli("privacy", "epsilon", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps",
+                  "2250", "--delta", "1e-5")
     assert out.returncode == 0 and "epsilon 7.3291" in out.stdout
     out = run_cli("privacy", "lower-bound", "--canaries", "1000", "--guesses", "100", "--correct", "100",
                   "--delta", "1e-5")
     assert "epsilon lower bound 3.46" in out.stdout
-    bad = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1.5", "--steps", "10", "--delta", "1e-5")
+    bad = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1.5", "--steps", "10",
+                  "--delta", "1e-5")
     assert bad.returncode == 2 and "--sample-rate" in bad.stderr
-    whole = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1", "--steps", "10", "--delta", "1e-5")
+    whole = run_cli("privacy", "noise", "--epsilon", "8", "--sample-rate", "1", "--steps", "10",
+                    "--delta", "1e-5")
     assert whole.returncode == 0 and "noise multiplier 2.02" in whole.stdout  # one batch of all examples
     pure = run_cli("privacy", "lower-bound", "--canaries", "1000", "--guesses", "100", "--correct", "100",
                    "--delta", "0")
     assert pure.returncode == 0 and "epsilon lower bound 3.4" in pure.stdout  # delta 0: a pure-epsilon claim
     for flag, value in (("--noise-multiplier", "inf"), ("--noise-multiplier", "nan"), ("--noise-multiplier", "0")):
-        refused = run_cli("privacy", "epsilon", flag, value, "--sample-rate", "0.5", "--steps", "10", "--delta", "1e-5")
+        refused = run_cli("privacy", "epsilon", flag, value, "--sample-rate", "0.5", "--steps", "10",
+                          "--delta", "1e-5")
         assert refused.returncode == 2 and flag in refused.stderr
 
 
