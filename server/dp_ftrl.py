@@ -71,4 +71,5 @@ class DPFTRL(DPFedAvg):
         return {k: (t + noise[k]) / self.expected_count for k, t in total.items()}
 
     def release_figures(self) -> dict[str, float]:
-        return {**super().release_figures(), "tree round": self.tree_round}
+        return {**super().release_figures(), "tree round": self.tree_round, "population": len(self.inner.nodes),
+                "cohort": self.cohort}

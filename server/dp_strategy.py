@@ -128,7 +128,8 @@ class DPFedAvg(ResumableLoop):
     def release_figures(self) -> dict[str, float]:
         """The round's public DP figures: its clip and the updates' noise multiplier (and,
         under secure aggregation, the cohort cap and the delta its tail spends)."""
-        capped = {} if self.secure is None else {"cohort cap": self.secure.cap, "cap tail": self.secure.cap_tail}
+        capped = {} if self.secure is None else {"cohort cap": self.secure.cap, "cap tail": self.secure.cap_tail,
+                                                 "population": len(self.inner.nodes)}
         return {"clip": self.clip, "update noise multiplier": self.update_noise, **capped}
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float

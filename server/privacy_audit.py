@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shared_model.dp_aggregation import cap_edges  # noqa: E402
 from shared_model.ledger import (LedgerEntry, LedgerError, accountant_delta, read_ledger,  # noqa: E402
                                  tree_lengths)
 from shared_model.privacy import (TWIN, epsilon, interaction_epsilon, total_noise_multiplier,  # noqa: E402
@@ -116,7 +117,7 @@ def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, delta
     twin = TWIN[entry.accountant]
     claims = [("epsilon", entry.epsilon, epsilon(events, delta, twin))]
     if entry.tree_round is not None and entry.accountant == "rdp":
-        claims.append(("epsilon (tree aggregation)", entry.epsilon, tree_epsilon(trees, entry.noise_multiplier, delta)))
+        claims.append(("epsilon (tree aggregation)", entry.epsilon, tree_epsilon(trees, delta)))
     if entry.unit == "example" and entry.client != "server":  # a missing figure (NaN) never agrees
         claimed = float("nan") if entry.interaction_epsilon is None else entry.interaction_epsilon
         claims.append(("interaction-epsilon", claimed, interaction_epsilon(events, entry.window, entry.delta, twin)))
@@ -128,6 +129,14 @@ def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, delta
                                         "problem": f"recomputed with {twin}"})
     if entry.count_noise is not None:
         check_noise_split(audit, line_no, entry, tolerance)
+    if entry.cohort_cap is not None:
+        edges = cap_edges(entry.population, entry.sample_rate, entry.cohort_cap, entry.min_survivors)
+        audit.checked += 1
+        if entry.cap_tail < edges * (1 - 1e-9):
+            audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
+                                        "field": "cap-tail", "claimed": entry.cap_tail, "recomputed": edges,
+                                        "problem": f"below its cap's edges (cohort-cap {entry.cohort_cap}, m "
+                                                   f"{entry.min_survivors}, {entry.population} users)"})
     spent = max(entry.epsilon, claims[0][2])  # the budget holds for the claim and for the recomputed value
     if entry.budget is not None and spent > entry.budget * (1 + 1e-9):
         audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round, "field": "budget",

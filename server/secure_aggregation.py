@@ -159,18 +159,20 @@ class _RecordingGrid:
 CAP_TAIL_SHARE = 1e-3  # of delta, over the run's rounds: what the cohort caps' tails may spend
 
 
+def tail_target(settings: RunSettings) -> float:
+    """What each edge of a round's cohort cap may cost (dp_aggregation.cohort_cap): a
+    thousandth of delta over the run's rounds."""
+    return CAP_TAIL_SHARE * settings.dp_delta / settings.num_server_rounds
+
+
 class SecureAggregation:
     """DP-FedAvg's sum through SecAgg+, one round at a time."""
 
     def __init__(self, context: Context, settings: RunSettings, population: int):
         self.context, self.min_clients, self.timeout = context, settings.secagg_min_clients, settings.round_timeout
         self.noise, self.clip = settings.server_dp_noise, settings.server_dp_clip
-        tail = CAP_TAIL_SHARE * settings.dp_delta / settings.num_server_rounds
-        self.cap, self.cap_tail = cohort_cap(population, settings.server_dp_sample_rate, tail)
-        if self.cap < self.min_clients:
-            raise ValueError(f"run config 'secagg-min-clients' {self.min_clients} exceeds the largest cohort secure "
-                             f"aggregation runs ({self.cap} of {population} users at server-dp-sample-rate "
-                             f"{settings.server_dp_sample_rate:g}): no round could release a model")
+        self.cap, self.cap_tail = cohort_cap(population, settings.server_dp_sample_rate, self.min_clients,
+                                             tail_target(settings))
         self.clipping_range = clipping_range(settings)
         self.quantization_range = quantization_range(population)
         secagg_patches.install()  # masks from the whole key, masked vectors as uint32: as the clients

@@ -188,7 +188,8 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
                     "count_noise": release["count noise"]} if "count noise" in release else {}
         if "tree round" in release:  # DP-FTRL: no sampling, the steps its tree's depth grew by
             tree = int(release["tree round"])
-            spend = {"sample_rate": 1.0, "steps": tree_steps(tree), "tree_round": tree}
+            spend = {"sample_rate": 1.0, "steps": tree_steps(tree), "tree_round": tree,
+                     "population": int(release["population"]), "cohort": int(release["cohort"])}
         else:
             spend = {"sample_rate": settings.server_dp_sample_rate, "steps": 1}
         entry = LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
@@ -211,7 +212,8 @@ def secure_fields(settings: RunSettings, release: Mapping[str, float]) -> dict:
         return {}
     return {"min_survivors": settings.secagg_min_clients,
             "max_participations": int(release["most rounds of one client"]),
-            "cohort_cap": int(release["cohort cap"]), "cap_tail": float(release["cap tail"])}
+            "cohort_cap": int(release["cohort cap"]), "cap_tail": float(release["cap tail"]),
+            "population": int(release["population"])}
 
 
 AGAINST = {"dp-sgd": "the server, other clients and anyone who sees the model",
@@ -374,7 +376,8 @@ class RoundRecord:
 
 
 RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction",
-                "most rounds of one client", "cohort cap", "cap tail", "tree round")  # DP-FedAvg's, DP-FTRL's
+                "most rounds of one client", "cohort cap", "cap tail", "tree round", "population",
+                "cohort")  # DP-FedAvg's, DP-FTRL's
 
 
 def stage_metrics(line: dict, stage: str) -> dict:

@@ -66,17 +66,24 @@ def noise_share_std(noise_multiplier: float, clip: float, min_clients: int) -> f
     return noise_multiplier * clip / math.sqrt(min_clients)
 
 
-def cohort_cap(population: int, sample_rate: float, tail: float) -> tuple[int, float]:
-    """Secure aggregation's cap on a round's cohort: (n_max, beta), n_max the smallest count
-    with beta = P[the other N - 1 users' Poisson sample holds n_max or more] <= tail.
+def cohort_cap(population: int, sample_rate: float, min_clients: int, tail: float) -> tuple[int, float]:
+    """Secure aggregation's cap on a round's cohort, and what its edges cost: (n_max, beta).
 
     Why: the n survivors' noise shares sum to variance n / m (z S)^2, so the noise would
     reveal n, and n depends on who took part. The server tops the noise up to n_max / m
-    (z S)^2 (`top_up_std`) and runs no round whose sample exceeds n_max: the release's
-    noise no longer depends on n. Given the others' sample, a user's round is then the
-    accounted Poisson-sampled Gaussian (more noise, data-independent) unless the others
-    alone reach n_max, with probability beta: the guarantee is (epsilon, delta) with the
-    accountant run at delta minus the rounds' betas (ledger: `cap-tail`)."""
+    (z S)^2 (`top_up_std`) and runs no round whose Poisson sample is above n_max or below m:
+    the release's noise no longer depends on n. Given the others' sample O (the other N - 1
+    users'), a user's round is then the accounted Poisson-sampled Gaussian (with more,
+    data-independent noise) or, whatever the user does, no release, except on two edges
+    where the user's own draw decides whether the round runs: O = n_max (one more would
+    exceed the cap) and O = m - 1 (one more reaches m). beta = P[O >= n_max] + P[O = m - 1],
+    and the guarantee is (epsilon, delta) with the accountant run at delta minus the rounds'
+    betas (ledger: `cap-tail`). n_max is the smallest count with P[O >= n_max] <= tail; m
+    must keep P[O = m - 1] <= tail too (ValueError, naming the largest m that does).
+
+    Not covered: a round that halts because dropouts left fewer than m survivors (or cut
+    their neighbour graph); if the others' survivors were exactly m - 1, the user's own
+    survival decided it (docs/privacy.md)."""
     from scipy.stats import binom
 
     others = population - 1
@@ -85,7 +92,37 @@ def cohort_cap(population: int, sample_rate: float, tail: float) -> tuple[int, f
         cap -= 1
     while binom.sf(cap - 1, others, sample_rate) > tail:
         cap += 1
-    return cap, float(binom.sf(cap - 1, others, sample_rate))
+    lower = float(binom.pmf(min_clients - 1, others, sample_rate))
+    if lower > tail or min_clients > cap:
+        largest = largest_min_clients(population, sample_rate, tail)
+        raise ValueError(f"run config 'secagg-min-clients' {min_clients}: with {population} users at server-dp-sample-rate "
+                         f"{sample_rate:g} the chance that the other users' sample holds exactly m - 1 (so that one "
+                         f"user's draw decides whether a round runs) is {lower:.3g} a round, above {tail:.3g}"
+                         + (f"; at most {largest} keeps it below" if largest else "; no m does: sample more users")
+                         if lower > tail else
+                         f"run config 'secagg-min-clients' {min_clients} exceeds the largest cohort secure aggregation "
+                         f"runs ({cap} of {population} users at server-dp-sample-rate {sample_rate:g}): no round "
+                         "could release a model")
+    return cap, cap_edges(population, sample_rate, cap, min_clients)
+
+
+def cap_edges(population: int, sample_rate: float, cap: int, min_clients: int) -> float:
+    """beta of cohort_cap: P[O >= n_max] + P[O = m - 1], O ~ Binomial(N - 1, q) (the audit
+    recomputes it from the ledger)."""
+    from scipy.stats import binom
+
+    others = population - 1
+    return float(binom.sf(cap - 1, others, sample_rate) + binom.pmf(min_clients - 1, others, sample_rate))
+
+
+def largest_min_clients(population: int, sample_rate: float, tail: float) -> int | None:
+    """The largest m (at least 2, below the expected cohort) that cohort_cap accepts:
+    P[the other N - 1 users' sample holds exactly m - 1] <= tail. None if no m does."""
+    from scipy.stats import binom
+
+    others = population - 1
+    below = [m for m in range(2, int(others * sample_rate) + 2) if binom.pmf(m - 1, others, sample_rate) <= tail]
+    return max(below, default=None)
 
 
 def top_up_std(cap: int, survivors: int, noise_multiplier: float, clip: float, min_clients: int) -> float:

@@ -60,6 +60,10 @@ class LedgerEntry:
     # DP-FTRL: the round's place in its tree (1 starts a tree); steps is what it adds to the tree's
     # depth (privacy.tree_steps), at rate 1: no amplification
     tree_round: int | None = None
+    # secure aggregation and DP-FTRL: the population N the run sampled from (public, as DP-FedAvg's
+    # normaliser q N makes it); DP-FTRL: its clients a round C (a tree has at most N // C rounds)
+    population: int | None = None
+    cohort: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -83,6 +87,11 @@ class LedgerEntry:
         if not 0 < self.delta < 1:
             problems.append(f"delta {self.delta} is not in (0, 1)")
         if self.tree_round is not None:
+            if self.population is None or self.cohort is None or not 1 <= self.cohort <= self.population:
+                problems.append("a DP-FTRL entry needs its population and cohort (1 <= cohort <= population)")
+            elif self.tree_round > self.population // self.cohort:
+                problems.append(f"tree-round {self.tree_round} beyond population // cohort = "
+                                f"{self.population // self.cohort} (each client at most once a tree)")
             if self.tree_round < 1 or self.client != "server" or self.sample_rate != 1.0 or (
                     self.steps != tree_steps(self.tree_round)):
                 problems.append(f"tree-round {self.tree_round} (DP-FTRL: the server's, from 1, at rate 1, "
@@ -101,6 +110,8 @@ class LedgerEntry:
         if (self.cohort_cap is None) != (self.min_survivors is None) or (self.cap_tail is None) != (
                 self.min_survivors is None):
             problems.append("cohort-cap and cap-tail come with min-survivors (secure aggregation)")
+        elif self.cohort_cap is not None and self.population is None:
+            problems.append("a secure aggregation entry needs its population (its cap's edges are recomputed from it)")
         elif self.cohort_cap is not None and (self.cohort_cap < self.min_survivors or not self.cap_tail < self.delta):
             problems.append(f"cohort-cap {self.cohort_cap} below min-survivors, or cap-tail {self.cap_tail} not below "
                             f"delta {self.delta}")
@@ -170,16 +181,19 @@ def accountant_delta(entries: list[LedgerEntry]) -> float:
     return left
 
 
-def tree_lengths(entries: list[LedgerEntry]) -> list[int]:
-    """DP-FTRL: the rounds of each tree so far (a tree-round of 1 starts a tree)."""
-    trees: list[int] = []
+def tree_lengths(entries: list[LedgerEntry]) -> list[tuple[int, float]]:
+    """DP-FTRL: (rounds, noise multiplier) of each tree so far (a tree-round of 1 starts a
+    tree; its noise is the least of its entries')."""
+    trees: list[tuple[int, float]] = []
     for e in entries:
+        if e.tree_round is None:
+            continue
         if e.tree_round == 1:
-            trees.append(0)
-        if e.tree_round is not None:
-            if not trees or e.tree_round != trees[-1] + 1:
-                raise ValueError(f"round {e.round}: tree-round {e.tree_round} does not follow {trees[-1:] or 'nothing'}")
-            trees[-1] = e.tree_round
+            trees.append((0, e.noise_multiplier))
+        if not trees or e.tree_round != trees[-1][0] + 1:
+            raise ValueError(f"round {e.round}: tree-round {e.tree_round} does not follow "
+                             f"{trees[-1][0] if trees else 'nothing'}")
+        trees[-1] = (e.tree_round, min(trees[-1][1], e.noise_multiplier))
     return trees
 
 

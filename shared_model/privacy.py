@@ -120,16 +120,16 @@ def ftrl_steps(rounds: int, tree_rounds: int) -> int:
     return full * int(tree_rounds).bit_length() + int(rest).bit_length()
 
 
-def tree_epsilon(trees: list[int], noise: float, delta: float) -> float:
+def tree_epsilon(trees: list[tuple[int, float]], delta: float) -> float:
     """Epsilon of DP-FTRL trees of these many rounds each, from dp-accounting's own tree
     aggregation event (RDP, zero-out neighbours: a user's updates replaced by none, which is
     add/remove for sums over a fixed normaliser): the audit's independent twin of the
-    ledger's `tree_steps` events."""
+    ledger's `tree_steps` events. trees: (rounds, noise multiplier) of each."""
     import dp_accounting
     from dp_accounting import rdp as dp_rdp
 
     acc = dp_rdp.RdpAccountant(RDP_ORDERS, dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
-    for rounds in trees:
+    for rounds, noise in trees:
         acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(noise, rounds))
     return float(acc.get_epsilon(delta))
 

@@ -35,8 +35,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.cli_options import positive_int  # noqa: E402
+from server.secure_aggregation import tail_target  # noqa: E402
 from shared_model.data import ML100K_USERS, ml100k_dir  # noqa: E402
-from simulations.flower_runner import run_flower  # noqa: E402
+from shared_model.dp_aggregation import largest_min_clients  # noqa: E402
+from shared_model.settings import RunSettings  # noqa: E402
+from simulations.flower_runner import app_run_config, run_flower  # noqa: E402
 
 CONFIG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False,
           "server-dp-noise": 1.0, "server-dp-clip": 0.5}
@@ -45,9 +48,13 @@ CONFIG = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embed
 def one_run(cohort: int, secure: bool, rounds: int, out: Path, dataset: str) -> dict:
     name = f"bench-secagg-{dataset}-{cohort}-{'secure' if secure else 'plain'}-{time.strftime('%Y%m%d-%H%M%S')}"
     users = cohort if dataset == "synthetic" else ML100K_USERS
-    config = {**CONFIG, "dataset": dataset, "synthetic-users": max(users, 10), "server-dp-sample-rate": cohort / users,
+    rate = cohort / users
+    config = {**CONFIG, "dataset": dataset, "synthetic-users": max(users, 10), "server-dp-sample-rate": rate,
               "num-server-rounds": rounds, "eval-every": rounds, "secure-aggregation": secure,
-              "secagg-min-clients": max(2, cohort // 2), "output-dir": str(out.resolve()), "run-name": name}
+              "output-dir": str(out.resolve()), "run-name": name}
+    settings = RunSettings.from_run_config(app_run_config(**config))  # m: half the cohort, if the cap's edge allows
+    config["secagg-min-clients"] = min(max(2, cohort // 2),
+                                       largest_min_clients(users, rate, tail_target(settings)) or cohort)
     if dataset == "ml-100k":
         config["data-dir"] = str(ml100k_dir().resolve())  # the SuperNodes' working folder is not this one
     run = run_flower(config, num_supernodes=users)

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.cli import main
 from server.dp_ftrl import DPFTRL
 from server.privacy_audit import audit_run
 from server.strategy import SeededFedAdam
-from shared_model.ledger import LedgerEntry, LedgerError, read_ledger
+from shared_model.ledger import LedgerEntry, LedgerError, append_entries, read_ledger
 from shared_model.privacy import epsilon, ftrl_steps, tree_epsilon, tree_steps
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.tree_aggregation import TreeNoise, intervals
@@ -78,15 +78,17 @@ def test_the_release_is_the_clipped_sum_plus_the_rounds_tree_noise_over_the_coho
 @pytest.mark.parametrize("trees", [[10], [10] * 6, [7, 7, 3], [1, 1, 1]])
 def test_the_ledgers_steps_give_dp_accountings_tree_aggregation_epsilon(trees):
     events = [(1.3, 1.0, sum(tree_steps(t) for t in range(1, rounds + 1))) for rounds in trees]
-    assert epsilon(events, 1e-5) == pytest.approx(tree_epsilon(trees, 1.3, 1e-5), rel=1e-9)
+    assert epsilon(events, 1e-5) == pytest.approx(tree_epsilon([(t, 1.3) for t in trees], 1e-5), rel=1e-9)
 
 
 def test_a_tree_entry_with_steps_other_than_its_depths_growth_is_refused():
     entry = dict(client="server", round=3, status="aggregated", unit="user", noise_multiplier=1.0, sample_rate=1.0,
-                 delta=1e-5, accountant="rdp", epsilon=1.0, tree_round=3)
+                 delta=1e-5, accountant="rdp", epsilon=1.0, tree_round=3, population=100, cohort=10)
     assert LedgerEntry(**entry, steps=0).steps == 0  # round 3 of a tree: its depth stays 2
     with pytest.raises(ValueError, match="tree-round 3"):
         LedgerEntry(**entry, steps=1)
+    with pytest.raises(ValueError, match="tree-round 11 beyond population // cohort = 10"):  # a forged long tree
+        LedgerEntry(**{**entry, "tree_round": 11}, steps=0)
     with pytest.raises(LedgerError, match="tree-round"):
         LedgerEntry.from_json({**{k.replace("_", "-"): v for k, v in entry.items()}, "steps": 0, "sample-rate": 0.1},
                               "line 1")
@@ -96,11 +98,31 @@ def test_the_calculator_knows_dp_ftrl(capsys):
     """`fedrec privacy epsilon/noise --tree-rounds R`: the ledger's epsilon for rounds in trees of R."""
     assert main(["privacy", "epsilon", "--noise-multiplier", "3", "--sample-rate", "1", "--steps", "25",
                  "--delta", "1e-6", "--tree-rounds", "10"]) == 0
-    expected = tree_epsilon([10, 10, 5], 3.0, 1e-6)
+    expected = tree_epsilon([(10, 3.0), (10, 3.0), (5, 3.0)], 1e-6)
     assert f"epsilon {expected:.4f}" in capsys.readouterr().out and ftrl_steps(25, 10) == 4 + 4 + 3
     assert main(["privacy", "noise", "--epsilon", "8", "--sample-rate", "0.5", "--steps", "25", "--delta", "1e-6",
                  "--tree-rounds", "10"]) == 2  # a sampling rate: not what DP-FTRL is accounted at
     assert "--sample-rate must be 1" in capsys.readouterr().err
+
+
+def test_the_audit_reads_each_trees_own_noise(tmp_path):
+    """Two trees of 2 rounds, at z = 1 and then z = 3 (a resumed run with more noise starts
+    a new tree): clean; the same ledger claiming the second tree's epsilon at z = 3 for both is caught."""
+    def entries(claimed_noise_of_first_tree: float) -> list[LedgerEntry]:
+        out, trees = [], []
+        for server_round, (tree_round, noise) in enumerate([(1, 1.0), (2, 1.0), (1, 3.0), (2, 3.0)], start=1):
+            trees = trees + [(0, noise)] if tree_round == 1 else trees
+            trees[-1] = (tree_round, noise)
+            claimed = [(t, claimed_noise_of_first_tree if i == 0 else z) for i, (t, z) in enumerate(trees)]
+            out.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
+                                   noise_multiplier=noise, sample_rate=1.0, steps=tree_steps(tree_round), delta=1e-5,
+                                   accountant="rdp", epsilon=tree_epsilon(claimed, 1e-5), tree_round=tree_round,
+                                   population=20, cohort=10))
+        return out
+    for claimed_noise, caught in ((1.0, False), (3.0, True)):
+        folder = tmp_path / f"z{claimed_noise:g}"
+        append_entries(folder / "privacy_ledger.jsonl", entries(claimed_noise))
+        assert bool(audit_run(folder).disagreements) == caught
 
 
 @pytest.mark.parametrize("overrides", [{"secure-aggregation": True, "dp": "none", "id-embeddings": False},
@@ -121,7 +143,7 @@ def test_a_flower_run_with_dp_ftrl_is_accounted_by_trees_and_audited(tmp_path):
     settings = RunSettings.from_run_config(app_run_config(**config))
     server = [e for e in read_ledger(tmp_path / "ftrl" / "privacy_ledger.jsonl") if e.client == "server"]
     assert [(e.tree_round, e.steps, e.sample_rate) for e in server] == [(1, 1, 1.0), (2, 1, 1.0)] * 2
-    assert server[-1].epsilon == pytest.approx(tree_epsilon([2, 2], settings.server_dp_noise, settings.dp_delta))
+    assert server[-1].epsilon == pytest.approx(tree_epsilon([(2, settings.server_dp_noise)] * 2, settings.dp_delta))
     lines = [json.loads(line) for line in (tmp_path / "ftrl" / "metrics.jsonl").read_text().splitlines()]
     assert [(line["clients"], line["tree round"]) for line in lines[1:]] == [(4, 1), (4, 2)] * 2
     privacy = json.loads((tmp_path / "ftrl" / "summary.json").read_text())["privacy"]["user"]

@@ -38,7 +38,7 @@ from simulations.flower_runner import app_run_config, run_flower
 USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
           "id-embeddings": False, "secure-aggregation": True, "secagg-min-clients": 4, "server-dp-clip": 0.5,
-          "server-dp-noise": 1.0, "server-dp-sample-rate": 0.2}
+          "server-dp-noise": 1.0, "server-dp-sample-rate": 1.0}  # every user: no cohort edge (cohort_cap)
 
 
 class InProcessGrid:
@@ -201,35 +201,48 @@ def test_the_released_noise_does_not_say_whether_a_user_took_part(capped):
     assert np.mean(right) <= 0.6 if capped else np.mean(right) == 1.0
 
 
-def test_the_cohort_cap_is_the_smallest_the_tail_allows_and_rounds_beyond_it_do_not_run():
+def test_the_cohort_cap_and_m_leave_only_charged_edges_where_one_user_decides_a_round():
+    """n_max: the smallest count whose upper tail is within the target; m must keep P[the
+    others hold exactly m - 1] within it too; beta charges both edges (a sample beyond
+    either runs no round). The control: m near the expected cohort, where one user's draw
+    decides whether 9% of the rounds run (an attacker's review measured what that gives away)."""
     from scipy.stats import binom
 
-    for users, rate, tail in ((30, 0.2, 1e-9), (100_000, 0.02, 1e-11), (10, 1.0, 1e-9), (943, 0.1, 1e-8)):
-        cap, beta = cohort_cap(users, rate, tail)
-        assert beta == pytest.approx(binom.sf(cap - 1, users - 1, rate)) and beta <= tail
-        assert binom.sf(cap - 2, users - 1, rate) > tail and cap <= users
-    secure = secure_aggregation()
-    assert secure.cap_tail <= 1e-3 * 1e-5 / 30  # CAP_TAIL_SHARE of delta over the run's 30 rounds
-    assert [secure.runs(n) for n in (3, 4, secure.cap, secure.cap + 1)] == [False, True, True, False]
-    with pytest.raises(ValueError, match="'secagg-min-clients' 30 exceeds the largest cohort"):
-        secure_aggregation(**{"secagg-min-clients": 30})
+    for users, rate, m, tail in ((100_000, 0.02, 1700, 1e-11), (10, 1.0, 6, 1e-9), (943, 0.1, 40, 1e-8),
+                                 (1000, 0.05, 10, 1e-9)):
+        cap, beta = cohort_cap(users, rate, m, tail)
+        upper = binom.sf(cap - 1, users - 1, rate)
+        assert upper <= tail < binom.sf(cap - 2, users - 1, rate) and cap <= users
+        assert beta == pytest.approx(upper + binom.pmf(m - 1, users - 1, rate)) and beta <= 2 * tail
+    with pytest.raises(ValueError, match=r"'secagg-min-clients' 4: .* is 0.0883 a round.*no m does"):
+        cohort_cap(30, 0.2, 4, 1e-9)
+    with pytest.raises(ValueError, match="at most 1722 keeps it below"):
+        cohort_cap(100_000, 0.02, 1900, 1e-11)
+    secure = secure_aggregation()  # every user sampled: no edge
+    assert (secure.cap, secure.cap_tail) == (USERS, 0.0)
+    assert [secure.runs(n) for n in (3, 4, USERS, USERS + 1)] == [False, True, True, False]
+    with pytest.raises(ValueError, match="'secagg-min-clients' 31 exceeds the largest cohort"):
+        secure_aggregation(**{"secagg-min-clients": 31})
 
 
-@pytest.mark.parametrize("claimed_at", ["delta less the tails", "the whole delta"])
-def test_the_audit_charges_the_cohort_caps_tails_to_delta(tmp_path, claimed_at):
+@pytest.mark.parametrize("forged", [None, "epsilon at the whole delta", "a cap whose edges cost more"])
+def test_the_audit_charges_the_cohort_caps_tails_to_delta(tmp_path, forged):
     """Three secure rounds whose caps' tails each spend a quarter of delta (far more than a
-    run's, to be visible): the epsilon is the accountant's at delta minus the tails so far;
-    a ledger that claims the smaller epsilon of the whole delta is caught."""
+    run's, to be visible): the epsilon is the accountant's at delta minus the tails so far.
+    Caught: a ledger that claims the smaller epsilon of the whole delta, and one whose cap
+    (1,000 users at q = 0.02, cap 21: about half the rounds beyond it) costs more than its tail."""
     delta, tail, entries = 1e-5, 2.5e-6, []
+    users, rate = (1000, 0.02) if forged == "a cap whose edges cost more" else (21, 1.0)
     for server_round in (1, 2, 3):
-        at = delta - tail * server_round if claimed_at == "delta less the tails" else delta
+        at = delta if forged == "epsilon at the whole delta" else delta - tail * server_round
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
-                                   noise_multiplier=1.0, sample_rate=0.2, steps=1, delta=delta, accountant="rdp",
-                                   epsilon=epsilon([(1.0, 0.2, server_round)], at), min_survivors=4,
-                                   max_participations=server_round, cohort_cap=21, cap_tail=tail))
+                                   noise_multiplier=1.0, sample_rate=rate, steps=1, delta=delta, accountant="rdp",
+                                   epsilon=epsilon([(1.0, rate, server_round)], at), min_survivors=4,
+                                   max_participations=server_round, cohort_cap=21, cap_tail=tail, population=users))
     append_entries(tmp_path / "privacy_ledger.jsonl", entries)
     audit = audit_run(tmp_path)
-    assert audit.checked == 3 and len(audit.disagreements) == (0 if claimed_at == "delta less the tails" else 3)
+    assert audit.checked == 6 and len(audit.disagreements) == (0 if forged is None else 3)
+    assert {d["field"] for d in audit.disagreements} <= {"epsilon" if "epsilon" in (forged or "") else "cap-tail"}
 
 
 @pytest.mark.parametrize("message_type, refusal", [(MessageType.TRAIN, "only through SecAgg"),
