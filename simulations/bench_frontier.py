@@ -191,7 +191,7 @@ def plot(results: dict, path: Path) -> None:
             ndcg.plot([e for e, _ in points], [r["NDCG@10"] for _, r in points], style, color=color, label=label)
             lifts = [(e, r["lift kept"]) for e, r in points if r["lift kept"] is not None]
             kept.plot([e for e, _ in lifts], [100 * k for _, k in lifts], style, color=color, label=label)
-            if population not in referenced:
+            if population not in referenced and "no noise" in found:  # an epsilon may finish first
                 referenced.add(population)
                 ndcg.axhline(found["no noise"]["NDCG@10"], color=color, linestyle="--", linewidth=0.8)
                 ndcg.axhline(found["popularity"]["NDCG@10"], color=color, linestyle=":", linewidth=0.8)
