@@ -66,6 +66,7 @@ class RunSettings:
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
     server_dp_mechanism: str  # "dp-fedavg" (Poisson sampling, amplified) or "dp-ftrl" (tree noise, no sampling)
+    dp_ftrl_learning_rate: float  # DP-FTRL's server step on each release (constant: FTRL's; FedAdam is not used)
     server_dp_noise: float  # noise multiplier z, accounted (std z * clip on the sum; more under adaptive clipping)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
@@ -138,6 +139,7 @@ class RunSettings:
             (self.server_dp_mechanism == "dp-fedavg" or not (self.secure_aggregation or self.server_dp_adaptive_clip),
              "server-dp-mechanism", "'dp-ftrl' adds the tree's noise on the server (no secure-aggregation) with a "
              "fixed clip (no server-dp-adaptive-clip)"),
+            (self.dp_ftrl_learning_rate > 0, "dp-ftrl-learning-rate", "must be positive"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (self.server_dp or not self.server_dp_adaptive_clip, "server-dp-adaptive-clip",

@@ -46,9 +46,9 @@ def test_a_prefix_sum_is_read_from_popcount_t_nodes_each_drawn_once():
     assert np.var(tree.prefix(8)["w"]) == pytest.approx(4.0, rel=0.05)
 
 
-def ftrl(nodes: int, cohort: int, noise: float = 1.0) -> DPFTRL:
+def ftrl(nodes: int, cohort: int, noise: float = 1.0, learning_rate: float = 1.0) -> DPFTRL:
     inner = SeededFedAdam({n: n for n in range(1, nodes + 1)}, 0, seed=0, server_lr=0.1, half_life=1e9)
-    return DPFTRL(inner, noise, 1.0, cohort, counted_generators())
+    return DPFTRL(inner, noise, 1.0, cohort, learning_rate, counted_generators())
 
 
 def test_each_client_once_a_tree_and_a_new_tree_when_too_few_are_left():
@@ -63,16 +63,18 @@ def test_each_client_once_a_tree_and_a_new_tree_when_too_few_are_left():
     assert len(trees) == 4 and all(len(set(tree)) == len(tree) == 9 for tree in trees)
 
 
-def test_the_release_is_the_clipped_sum_plus_the_rounds_tree_noise_over_the_cohort():
-    """Zero updates: the seven releases' sum times C is the tree's prefix noise (std z S per node)."""
-    strategy, zeros = ftrl(100, 10, noise=2.0), ArrayRecord({"w": Array(np.zeros(SHAPE, dtype=np.float32))})
-    released = np.zeros(SHAPE)
-    for _ in range(7):
-        strategy.begin_round(zeros)
-        total, norms = strategy.clipped_sum([])
-        released += strategy.noisy_average(total, norms)["w"]
-    assert np.allclose(released * 10, strategy.tree.prefix(7)["w"])
-    assert np.var(released * 10) == pytest.approx(3 * 2.0**2, rel=0.05)
+def test_the_model_is_the_trees_start_plus_the_rate_times_its_noisy_prefix_sum():
+    """Zero updates, rate 0.5, C = 10: after seven rounds the model is 0.5 noise(1..7) / 10,
+    three nodes' noise (std z S = 2 each), not seven rounds' worth (FedAdam's steps would not
+    telescope: it is not used)."""
+    strategy, model = ftrl(100, 10, noise=2.0, learning_rate=0.5), np.zeros(SHAPE, dtype=np.float32)
+    for server_round in range(1, 8):
+        strategy.begin_round(ArrayRecord({"w": Array(model)}))
+        stepped, release = strategy.aggregate_clipped(server_round, *strategy.clipped_sum([]))
+        model = stepped["w"].numpy()
+    assert release["tree round"] == 7 and (release["population"], release["cohort"]) == (100, 10)
+    assert np.allclose(model, 0.5 * strategy.tree.prefix(7)["w"] / 10, atol=1e-6)
+    assert np.var(model) == pytest.approx(0.25 * 3 * 2.0**2 / 100, rel=0.05)
 
 
 @pytest.mark.parametrize("trees", [[10], [10] * 6, [7, 7, 3], [1, 1, 1]])
