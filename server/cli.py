@@ -269,8 +269,9 @@ the sum is divided by C. How to read the output:
   against the server       the server draws the sample, so against it there is no
                            amplification: with secure-aggregation = true it sees only sums of
                            noised updates, and a user's epsilon is a Gaussian's at rate 1 over
-                           the rounds it took part in (here: 99.9% of users take part in at
-                           most the number shown); without secure aggregation the server
+                           the rounds it took part in (here: at most the number shown, bound
+                           from T and q; more only with probability a thousandth of delta,
+                           which delta pays for); without secure aggregation the server
                            reads every update and no epsilon holds against it.
   DP-FTRL instead          the noise multiplier server-dp-mechanism = "dp-ftrl" needs for the
                            same epsilon: C clients a round, each at most once in a tree of

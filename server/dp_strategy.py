@@ -19,7 +19,6 @@ only the sum (server/secure_aggregation.py), and the server adds no noise of its
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -52,8 +51,6 @@ class DPFedAvg(ResumableLoop):
         self.update_noise = noise if adaptive is None else update_noise_multiplier(noise, adaptive.count_noise)
         self.current: dict[str, np.ndarray] = {}
         self.secure: SecureAggregation | None = None  # set by the ServerApp (it needs the run's Context)
-        self.participations: Counter[int] = Counter()  # secure: rounds each node's masked vector was summed in
-        self.participation_floor = 0  # a resumed run's earlier maximum, counted for every node (an upper bound)
 
     @property
     def keys(self) -> dict[int, int]:
@@ -144,12 +141,10 @@ class DPFedAvg(ResumableLoop):
         total, replies, sent = self.secure.summed(grid, server_round, nodes, self.current) if ran else (None, [], {})
         stats = RoundStats(len(nodes) if ran else 0, replies, self.keys, server_round, False,
                            lambda reply: sent[reply.metadata.src_node_id])  # all the protocol's stages
-        self.participations.update(r.metadata.src_node_id for r in stats.trained)  # released or not: counted
-        counted = {"most rounds of one client": self.participation_floor + max(self.participations.values(), default=0)}
         if total is None:
-            return stats, None, MetricRecord({"aggregated": 0, **self.release_figures(), **counted})
+            return stats, None, MetricRecord({"aggregated": 0, **self.release_figures()})
         stepped, release = self.aggregate_clipped(server_round, total, np.zeros(0), len(stats.trained))
-        return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release, **counted})
+        return stats, stepped, MetricRecord({"aggregated": len(stats.trained), **release})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from shared_model.dp_aggregation import cap_edges  # noqa: E402
 from shared_model.ledger import (LedgerEntry, LedgerError, accountant_delta, read_ledger,  # noqa: E402
                                  tree_lengths)
-from shared_model.privacy import (TWIN, epsilon, interaction_epsilon, total_noise_multiplier,  # noqa: E402
-                                  tree_epsilon)
+from shared_model.privacy import (TWIN, epsilon, interaction_epsilon, server_epsilon,  # noqa: E402
+                                  total_noise_multiplier, tree_epsilon)
 
 TOLERANCE = 0.01
 
@@ -90,18 +90,17 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
 
 def check_against_the_server(audit: RunAudit, tolerance: float) -> None:
     """Secure aggregation: the summary's epsilon against the server (no amplification: a
-    Gaussian at rate 1 over the most rounds one client took part in, from the last server
-    entry) recomputed with the twin accountant."""
+    Gaussian at rate 1 over the rounds a user takes part in, at most, from the server's
+    entries' rounds and rate) recomputed with the twin accountant."""
     claim = audit.summary.get("privacy", {}).get("user", {}).get("against the server")
     server = [(n, e) for n, e in enumerate(audit.entries, start=1) if e.client == "server"]
     if claim is None or not server:
         return
     line_no, last = server[-1]
-    rounds = last.max_participations or 0
     twin = TWIN[last.accountant]
-    recomputed = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, twin)
+    recomputed, rounds = server_epsilon(last.noise_multiplier, last.sample_rate, len(server), last.delta, twin)
     audit.checked += 1
-    if rounds != claim["rounds of the most-sampled client"] or not (
+    if rounds != claim["rounds a user takes part in, at most"] or not (
             abs(recomputed - claim["epsilon"]) <= tolerance * max(abs(claim["epsilon"]), 1e-12)):
         audit.disagreements.append({"line": line_no, "client": "server", "round": last.round,
                                     "field": "epsilon against the server", "claimed": claim["epsilon"],

@@ -11,8 +11,9 @@ updates is buried in noise when that ratio is well above 1.
 Against the server the amplification by sampling does not hold: it draws the sample and
 knows who took part. With secure aggregation it sees only sums of noised updates, and a
 user's epsilon against it is that of a Gaussian at rate 1 over the rounds the user took
-part in: about q T of them, more for an unlucky user (the plan gives the 99.9% quantile of
-Binomial(T, q)). Without secure aggregation the server reads every update: no guarantee.
+part in: about q T of them, more for an unlucky user (the plan, and a run's summary, bound
+them from T and q, except with probability a thousandth of delta, which delta pays for:
+privacy.server_epsilon). Without secure aggregation the server reads every update: no guarantee.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from scipy.stats import binom
-
-from shared_model.privacy import RELATION, epsilon, ftrl_steps, noise_multiplier, update_noise_multiplier
+from shared_model.privacy import (RELATION, epsilon, ftrl_steps, noise_multiplier, server_epsilon,
+                                  update_noise_multiplier)
 
 
 def round_up(value: float, digits: int = 4) -> float:
@@ -50,7 +50,7 @@ class Plan:
     noise_norm: float  # expected L2 norm of the noise on the mean update, in units of S: z_delta sqrt(P) / C
     signal: float  # the mean clipped update's L2 norm, in units of S (given: measured in simulation)
     signal_to_noise: float  # signal / noise_norm: what decides quality
-    server_rounds: int  # secure aggregation: the rounds a user takes part in, the 99.9% quantile of Binomial(T, q)
+    server_rounds: int  # secure aggregation: the rounds a user takes part in, at most (privacy.server_epsilon)
     server_epsilon: float  # against the server: a Gaussian at rate 1 over server_rounds rounds
     ftrl_noise_multiplier: float  # DP-FTRL's z for the same epsilon: trees of floor(N / C) rounds, no sampling
     relation: str = RELATION
@@ -59,7 +59,6 @@ class Plan:
         return asdict(self)
 
 
-SERVER_QUANTILE = 0.999  # of the rounds one user takes part in, for the epsilon against the server
 SIGNAL = 0.11  # the mean clipped update in units of S, synthetic worlds, clip at a low quantile of the norms
 
 
@@ -78,10 +77,10 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
             raise ValueError(f"--count-noise {count_noise:g} must exceed half the noise multiplier ({z / 2:g}): "
                              "the count alone would spend the whole budget") from None
     noise_norm = update_noise * math.sqrt(parameters) / cohort
-    taken_part = int(binom.ppf(SERVER_QUANTILE, rounds, q))
+    against_server, taken_part = server_epsilon(z, q, rounds, delta, accountant)
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
-                noise_norm, signal, signal / noise_norm, taken_part, epsilon([(z, 1.0, taken_part)], delta, accountant),
+                noise_norm, signal, signal / noise_norm, taken_part, against_server,
                 round_up(noise_multiplier(target_epsilon, 1.0, ftrl_steps(rounds, int(users // cohort)), delta,
                                           accountant)))
 
@@ -116,8 +115,8 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  -> {verdict}",
               f"  against the server            epsilon {plan.server_epsilon:.4g} with secure-aggregation = true, "
               f"for a user in {plan.server_rounds} rounds",
-              "                                (99.9% of users take part in at most that many; it knows whom it "
-              "samples: no amplification)",
+              "                                (more only with probability a thousandth of delta, charged; it "
+              "knows whom it samples: no amplification)",
               "                                (without secure aggregation it reads every update: no guarantee)",
               f"  DP-FTRL instead               noise multiplier {plan.ftrl_noise_multiplier:.4g} for the same epsilon "
               f"(server-dp-mechanism = \"dp-ftrl\": C a round, trees of {int(plan.users // plan.cohort):,} rounds, "

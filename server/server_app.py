@@ -39,7 +39,7 @@ from server.strategy import STAGES, RoundStats, SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.ledger import LedgerEntry, accountant_delta, events_of, read_ledger
 from shared_model.metrics import item_counts, metrics_from_sums, ranking_sums
-from shared_model.privacy import RELATION, epsilon, tree_steps
+from shared_model.privacy import RELATION, epsilon, server_epsilon, tree_steps
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import LeaveOneOut, leave_one_out
@@ -155,17 +155,11 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
     return optimizer, optimizer
 
 
-def resume(checkpoint: Checkpoint, optimizer: SeededFedAdam, strategy: SeededFedAdam | DPFedAvg,
-           ledger: list[LedgerEntry]) -> None:
-    """Restore what the rounds carry over: FedAdam's state, DP-FedAvg's (adaptive) clip and,
-    under secure aggregation, the most rounds one client took part in (from the ledger:
-    counted again for every client, an upper bound)."""
+def resume(checkpoint: Checkpoint, optimizer: SeededFedAdam, strategy: SeededFedAdam | DPFedAvg) -> None:
+    """Restore what the rounds carry over: FedAdam's state and DP-FedAvg's (adaptive) clip."""
     optimizer.load_optimizer_state(checkpoint.optimizer)
     if isinstance(strategy, DPFedAvg) and checkpoint.dp_clip is not None:
         strategy.clip = checkpoint.dp_clip
-    if isinstance(strategy, DPFedAvg):
-        strategy.participation_floor = max((e.max_participations for e in ledger if e.max_participations is not None),
-                                           default=0)
 
 
 def is_private(settings: RunSettings) -> bool:
@@ -206,12 +200,10 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
 
 
 def secure_fields(settings: RunSettings, release: Mapping[str, float]) -> dict:
-    """A secure round's ledger fields: m, the most rounds one client took part in, the
-    cohort cap and its tail."""
+    """A secure round's ledger fields: m, the cohort cap, its tail and the population."""
     if not settings.secure_aggregation:
         return {}
     return {"min_survivors": settings.secagg_min_clients,
-            "max_participations": int(release["most rounds of one client"]),
             "cohort_cap": int(release["cohort cap"]), "cap_tail": float(release["cap tail"]),
             "population": int(release["population"])}
 
@@ -244,7 +236,7 @@ def privacy_summary(folder: RunFolder) -> dict:
             out[key] = {"epsilon": worst.epsilon, "delta": worst.delta, "accountant": worst.accountant,
                         "relation": RELATION, "mechanism": shown, "against": AGAINST[shown]}
             if shown == "dp-fedavg+secagg":
-                out[key]["against the server"] = against_the_server(of_unit[-1], min(secure))
+                out[key]["against the server"] = against_the_server(of_unit, min(secure))
             if mechanism == "dp-sgd":
                 out[key].update(clients=len({e.client for e in of_unit}),
                                 declined=sum(1 for e in of_unit if e.status == "declined"))
@@ -254,14 +246,13 @@ def privacy_summary(folder: RunFolder) -> dict:
     return out
 
 
-def against_the_server(last: LedgerEntry, min_survivors: int) -> dict:
+def against_the_server(server: list[LedgerEntry], min_survivors: int) -> dict:
     """Secure aggregation's guarantee against an honest-but-curious server: it sees only
     SecAgg+ sums of at least m clients' noised updates, but it drew the sample, so no
-    amplification: each round a client took part in is a Gaussian with multiplier z at
-    rate 1, over the most rounds any client took part in."""
-    rounds = last.max_participations or 0
-    eps = epsilon([(last.noise_multiplier, 1.0, rounds)], last.delta, last.accountant)  # 0 rounds: 0
-    return {"epsilon": eps, "delta": last.delta, "rounds of the most-sampled client": rounds,
+    amplification (privacy.server_epsilon, from the server's entries: rounds, q, z)."""
+    last = server[-1]
+    eps, rounds = server_epsilon(last.noise_multiplier, last.sample_rate, len(server), last.delta, last.accountant)
+    return {"epsilon": eps, "delta": last.delta, "rounds a user takes part in, at most": rounds,
             "adversary": f"an honest-but-curious server (it sees only SecAgg+ sums of at least {min_survivors} "
                          "clients' clipped, noised updates, and knows whom it sampled)"}
 
@@ -376,7 +367,7 @@ class RoundRecord:
 
 
 RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction",
-                "most rounds of one client", "cohort cap", "cap tail", "tree round", "population",
+                "cohort cap", "cap tail", "tree round", "population",
                 "cohort")  # DP-FedAvg's, DP-FTRL's
 
 
@@ -448,7 +439,7 @@ def main(grid: Grid, context: Context) -> None:
     first_round = 1
     if checkpoint is not None:
         arrays, first_round = checkpoint.arrays, checkpoint.server_round + 1
-        resume(checkpoint, optimizer, strategy, read_ledger(folder.ledger_path))
+        resume(checkpoint, optimizer, strategy)
         log(INFO, "fedrec: resuming %s after round %d", folder.path.name, checkpoint.server_round)
     folder.keep_metrics_up_to(first_round - 1)  # lines written after the last checkpoint are redone
     result = strategy.start(grid, array_record(arrays), settings.num_server_rounds, settings.round_timeout,

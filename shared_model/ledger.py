@@ -47,11 +47,9 @@ class LedgerEntry:
     # noise_multiplier is the total z (privacy.total_noise_multiplier), which the audit recomputes
     update_noise_multiplier: float | None = None
     count_noise: float | None = None
-    # secure aggregation: the server saw only sums of at least this many clients' noised updates,
-    # and the most rounds any one client's vector was in so far (the server knows who took part:
-    # against it, no amplification by sampling)
+    # secure aggregation: the server saw only sums of at least this many clients' noised updates
+    # (against it, no amplification by sampling: privacy.server_epsilon, from the entries' rounds)
     min_survivors: int | None = None
-    max_participations: int | None = None
     # secure aggregation: the round's cohort cap n_max and beta, the chance that the others' sample
     # alone reached it, which the guarantee's delta pays for (dp_aggregation.cohort_cap); epsilon is
     # computed at `accountant_delta`: delta minus every beta up to and including this round
@@ -105,8 +103,6 @@ class LedgerEntry:
             problems.append("update-noise-multiplier and count-noise come together (adaptive clipping)")
         if self.min_survivors is not None and (self.client != "server" or self.min_survivors < 2):
             problems.append(f"min-survivors {self.min_survivors} (secure aggregation: the server's, at least 2)")
-        if (self.min_survivors is None) != (self.max_participations is None) or (self.max_participations or 0) < 0:
-            problems.append("min-survivors and max-participations come together (secure aggregation), the latter >= 0")
         if (self.cohort_cap is None) != (self.min_survivors is None) or (self.cap_tail is None) != (
                 self.min_survivors is None):
             problems.append("cohort-cap and cap-tail come with min-survivors (secure aggregation)")

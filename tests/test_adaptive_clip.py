@@ -131,7 +131,7 @@ def test_a_resumed_run_keeps_the_clip(tmp_path):
                                       strategy.clip))
     optimizer2, restarted = make_strategy(settings, {n: n for n in range(1, NODES + 1)})
     assert restarted.clip == 1.0
-    resume(folder.load_checkpoint(), optimizer2, restarted, [])
+    resume(folder.load_checkpoint(), optimizer2, restarted)
     assert restarted.clip == strategy.clip
 
 

@@ -29,7 +29,7 @@ from shared_model import secure_masks
 from shared_model.secagg_patches import packed_bytes, widened_array
 from shared_model.dp_aggregation import clipping_range, cohort_cap, noise_share_std
 from shared_model.ledger import LedgerEntry, append_entries, read_ledger
-from shared_model.privacy import epsilon
+from shared_model.privacy import epsilon, server_epsilon
 from shared_model.secure_masks import keyed_masks
 from shared_model.settings import RunSettings, SettingsError
 from simulations.client_harness import client_context, deliver
@@ -238,7 +238,7 @@ def test_the_audit_charges_the_cohort_caps_tails_to_delta(tmp_path, forged):
         entries.append(LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",
                                    noise_multiplier=1.0, sample_rate=rate, steps=1, delta=delta, accountant="rdp",
                                    epsilon=epsilon([(1.0, rate, server_round)], at), min_survivors=4,
-                                   max_participations=server_round, cohort_cap=21, cap_tail=tail, population=users))
+                                   cohort_cap=21, cap_tail=tail, population=users))
     append_entries(tmp_path / "privacy_ledger.jsonl", entries)
     audit = audit_run(tmp_path)
     assert audit.checked == 6 and len(audit.disagreements) == (0 if forged is None else 3)
@@ -277,26 +277,30 @@ def test_a_flower_run_aggregates_securely_and_says_against_whom(tmp_path):
         assert line["upload bytes per client"] > 0
     assert [line["aggregated"] for line in lines[1:]] == [0, 6]
     assert "test NDCG@10" in lines[-1]
-    # every client was sampled in both rounds; the 6 of round 2 took part once, the 5 of round 1 too
-    assert [line["most rounds of one client"] for line in lines[1:]] == [1, 2 if took_part_twice(settings) else 1]
     privacy = json.loads((tmp_path / "secure" / "summary.json").read_text())["privacy"]["user"]
     assert privacy["mechanism"] == "dp-fedavg+secagg" and "server" not in privacy["against"].split("(")[0]
     server = privacy["against the server"]
     assert "honest-but-curious server" in server["adversary"] and "at least 6 clients" in server["adversary"]
-    rounds = lines[-1]["most rounds of one client"]
-    assert server["rounds of the most-sampled client"] == rounds
-    assert server["epsilon"] == pytest.approx(epsilon([(settings.server_dp_noise, 1.0, rounds)], settings.dp_delta,
+    assert server["rounds a user takes part in, at most"] == 2  # every user sampled in both rounds
+    assert server["epsilon"] == pytest.approx(epsilon([(settings.server_dp_noise, 1.0, 2)], settings.dp_delta,
                                                       settings.dp_accountant))
-    assert server["epsilon"] > privacy["epsilon"] or settings.server_dp_sample_rate == 1.0
     server_entries = [e for e in read_ledger(tmp_path / "secure" / "privacy_ledger.jsonl") if e.client == "server"]
-    assert [(e.cohort_cap, e.cap_tail) for e in server_entries] == [(users, 0.0)] * 2  # every user sampled: n = N
+    assert [(e.cohort_cap, e.cap_tail, e.population) for e in server_entries] == [(users, 0.0, users)] * 2
+    assert not any("most rounds" in key for line in lines for key in line)  # who took part is the sample's secret
     audit = audit_run(tmp_path / "secure")  # both epsilons recomputed by the twin accountant
-    assert audit.checked == 3 and not audit.disagreements
+    assert audit.checked == 5 and not audit.disagreements  # 2 epsilons, 2 cap edges, against the server
 
 
-def took_part_twice(settings: RunSettings) -> bool:
-    """Whether some client survived both rounds' training stage (took part twice)."""
-    return any(not simulated_failure(settings, 1, k) and not simulated_failure(settings, 2, k) for k in range(10))
+def test_against_the_server_the_bound_on_a_users_rounds_is_public_and_charged():
+    """The rounds a user takes part in (Binomial(T, q)) are bounded from T and q alone, at a
+    thousandth of delta, which the accountant's delta pays for."""
+    from scipy.stats import binom
+
+    eps, rounds = server_epsilon(1.0, 0.01, 300, 1e-6, "rdp")
+    assert binom.sf(rounds, 300, 0.01) <= 1e-9 < binom.sf(rounds - 1, 300, 0.01)
+    assert eps == pytest.approx(epsilon([(1.0, 1.0, rounds)], 1e-6 - binom.sf(rounds, 300, 0.01)))
+    assert server_epsilon(1.0, 1.0, 5, 1e-6, "rdp")[1] == 5  # everyone every round
+
 
 
 @pytest.mark.parametrize("overrides, key", [
