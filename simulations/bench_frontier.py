@@ -130,7 +130,8 @@ def run_population(population: str, args: argparse.Namespace, stamp: str, out: d
     name = f"frontier-{stamp}-{args.variant}-{population}"
     base = settings_for(population, args, f"{name}-no-noise", 1.0, users)
     if "no noise" not in out:
-        out.update(users=users, epsilon={}, popularity=popularity_metrics(split))
+        out.update(users=users, popularity=popularity_metrics(split))
+        out.setdefault("epsilon", {})  # epsilons measured before a crash keep (their lift waits for the reference)
         out["sample rate"] = base.server_dp_sample_rate
     work = ({pool.submit(federation, base, args.chunk, True, args.device): ("no noise", None)}
             if "no noise" not in out else {})
