@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
+from simulations import bench_frontier
 from simulations.bench_frontier import lift_kept
 
 
+def arguments(tmp_path, *extra: str) -> list[str]:
+    return ["--populations", "60", "--rounds", "1", "--cohort", "20", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "figures"), *extra]
+
+
 def frontier(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "simulations.bench_frontier", "--populations", "60", "--rounds", "1",
-               "--cohort", "20", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "figures"), *extra]
+    command = [sys.executable, "-m", "simulations.bench_frontier", *arguments(tmp_path, *extra)]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def refusal(tmp_path, *extra: str) -> SimpleNamespace:
+    """The benchmark's command line, in this process, for what it refuses before any
+    federation (a Python start with torch costs seconds)."""
+    err = io.StringIO()
+    with mock.patch.object(sys, "argv", ["bench_frontier", *arguments(tmp_path, *extra)]), \
+            contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stopped:
+        bench_frontier.main()
+    return SimpleNamespace(returncode=stopped.value.code, stderr=err.getvalue())
 
 
 def test_frontier_parts_merge_and_a_variant_keeps_its_overrides(tmp_path):
@@ -36,10 +55,10 @@ def test_frontier_parts_merge_and_a_variant_keeps_its_overrides(tmp_path):
     assert not (reference / "privacy_ledger.jsonl").exists()
     assert "NOT private" in json.loads((reference / "summary.json").read_text())["path"]
     assert len(private) == 2 and all((p / "privacy_ledger.jsonl").stat().st_size > 0 for p in private)
-    clash = frontier(tmp_path, "--epsilons", "8", "--set", "server-dp-clip=2.0")
+    clash = refusal(tmp_path, "--epsilons", "8", "--set", "server-dp-clip=2.0")
     assert clash.returncode == 2 and "variant 'baseline' was run with --set {}" in clash.stderr
-    assert frontier(tmp_path, "--rounds", "2").returncode == 2  # another protocol: another --out
-    refused = frontier(tmp_path, "--variant", "ids", "--set", "id-embeddings=true")  # before any federation
+    assert refusal(tmp_path, "--rounds", "2").returncode == 2  # another protocol: another --out
+    refused = refusal(tmp_path, "--variant", "ids", "--set", "id-embeddings=true")  # before any federation
     assert refused.returncode == 2 and "--set: run config 'id-embeddings' must be false" in refused.stderr
 
 
