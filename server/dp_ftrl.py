@@ -77,13 +77,10 @@ class DPFTRL(DPFedAvg):
         noise = self.tree.round_noise(self.tree_round)
         return {k: (t + noise[k]) / self.expected_count for k, t in total.items()}
 
-    def aggregate_clipped(self, server_round: int, total: dict[str, np.ndarray], norms: np.ndarray,
-                          survivors: int = 0) -> tuple[ArrayRecord | None, dict[str, float]]:
-        """The model plus the learning rate times the round's release."""
-        release = self.release_figures()
-        average = self.noisy_average(total, norms)
+    def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord:
+        """The model plus the learning rate times the round's release (FTRL's step)."""
         return ArrayRecord({k: Array((v + self.learning_rate * average[k]).astype(v.dtype))
-                            for k, v in self.current.items()}), release
+                            for k, v in self.current.items()})
 
     def release_figures(self) -> dict[str, float]:
         return {**super().release_figures(), "tree round": self.tree_round, "population": len(self.inner.nodes),

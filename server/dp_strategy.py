@@ -115,12 +115,17 @@ class DPFedAvg(ResumableLoop):
         average = self.noisy_average(total, norms, survivors)
         if self.adaptive is not None:
             release |= {"count noise": self.adaptive.count_noise, "unclipped fraction": self.unclipped}
+        return self.step(server_round, average), release
+
+    def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord | None:
+        """The new model from the round's release: the inner strategy's step (FedAdam) on
+        the current model plus the noisy average, as if one client had sent it."""
         arrays = ArrayRecord({k: Array((self.current[k] + average[k]).astype(self.current[k].dtype))
                               for k in self.current})
         noisy = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"weight": 1.0})}), dst_node_id=0,
                         message_type=MessageType.TRAIN)
         stepped, _ = self.inner.aggregate_train(server_round, [noisy])
-        return stepped, release
+        return stepped
 
     def release_figures(self) -> dict[str, float]:
         """The round's public DP figures: its clip and the updates' noise multiplier (and,

@@ -64,11 +64,12 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
         by_client[entry.client].append((line_no, entry))
     for entries in by_client.values():
         events: list = []
+        so_far: list[LedgerEntry] = []
         first = entries[0][1]
-        for n, (line_no, entry) in enumerate(entries, start=1):  # ledger order is the client's own order
+        for line_no, entry in entries:  # ledger order is the client's own order
             if entry.status != "declined":
                 events.append(entry.step())
-            so_far = [e for _, e in entries[:n]]
+            so_far.append(entry)
             try:
                 trees = tree_lengths(so_far)
             except ValueError as error:  # a tree that skips rounds: its depth cannot be read

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared_model.privacy import binomial_bound
+
 if TYPE_CHECKING:
     from shared_model.settings import RunSettings
 
@@ -87,20 +89,16 @@ def cohort_cap(population: int, sample_rate: float, min_clients: int, tail: floa
     from scipy.stats import binom
 
     others = population - 1
-    cap = int(binom.isf(tail, others, sample_rate)) + 1  # P[others > cap - 1] <= tail
-    while cap > 1 and binom.sf(cap - 2, others, sample_rate) <= tail:  # isf's float rounding, either way
-        cap -= 1
-    while binom.sf(cap - 1, others, sample_rate) > tail:
-        cap += 1
+    cap = binomial_bound(others, sample_rate, tail)[0] + 1  # P[O >= cap] <= tail, the smallest such
     lower = float(binom.pmf(min_clients - 1, others, sample_rate))
-    if lower > tail or min_clients > cap:
+    if lower > tail:
         largest = largest_min_clients(population, sample_rate, tail)
         raise ValueError(f"run config 'secagg-min-clients' {min_clients}: with {population} users at server-dp-sample-rate "
                          f"{sample_rate:g} the chance that the other users' sample holds exactly m - 1 (so that one "
                          f"user's draw decides whether a round runs) is {lower:.3g} a round, above {tail:.3g}"
-                         + (f"; at most {largest} keeps it below" if largest else "; no m does: sample more users")
-                         if lower > tail else
-                         f"run config 'secagg-min-clients' {min_clients} exceeds the largest cohort secure aggregation "
+                         + (f"; at most {largest} keeps it below" if largest else "; no m does: sample more users"))
+    if min_clients > cap:
+        raise ValueError(f"run config 'secagg-min-clients' {min_clients} exceeds the largest cohort secure aggregation "
                          f"runs ({cap} of {population} users at server-dp-sample-rate {sample_rate:g}): no round "
                          "could release a model")
     return cap, cap_edges(population, sample_rate, cap, min_clients)

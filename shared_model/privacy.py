@@ -105,27 +105,28 @@ def _epsilon(events: tuple[tuple[float, float, int], ...], delta: float, account
 SERVER_TAIL_SHARE = 1e-3  # of delta: the chance a user takes part in more rounds than the bound says
 
 
-def participation_bound(rounds: int, rate: float, tail: float) -> tuple[int, float]:
-    """(k, beta): the fewest rounds k such that a user Poisson-sampled at `rate` in each of
-    `rounds` rounds takes part in more than k of them with probability beta <= tail."""
+def binomial_bound(trials: int, rate: float, tail: float) -> tuple[int, float]:
+    """(k, beta): the smallest k that Binomial(trials, rate) exceeds with probability
+    beta <= tail (the rounds a Poisson-sampled user takes part in; the others' sample under
+    secure aggregation's cohort cap)."""
     from scipy.stats import binom
 
-    k = min(rounds, int(binom.isf(tail, rounds, rate)))
-    while k > 0 and binom.sf(k - 1, rounds, rate) <= tail:  # isf's float rounding, either way
+    k = min(trials, int(binom.isf(tail, trials, rate)))
+    while k > 0 and binom.sf(k - 1, trials, rate) <= tail:  # isf's float rounding, either way
         k -= 1
-    while binom.sf(k, rounds, rate) > tail:
+    while binom.sf(k, trials, rate) > tail:
         k += 1
-    return k, float(binom.sf(k, rounds, rate))
+    return k, float(binom.sf(k, trials, rate))
 
 
 def server_epsilon(noise: float, rate: float, rounds: int, delta: float, accountant: str) -> tuple[float, int]:
     """Secure aggregation's epsilon against the honest-but-curious server, which knows whom
     it sampled (no amplification): (epsilon, k). Each round a user takes part in is a
     Gaussian with multiplier z at rate 1 (it sees only sums carrying the full noise); a
-    user takes part in at most k of the `rounds` (participation_bound, at a thousandth of
+    user takes part in at most k of the `rounds` (binomial_bound, at a thousandth of
     delta) except with probability beta, which the accountant's delta pays for. From public
     figures only: the rounds each user actually took part in are the sample's secret."""
-    k, beta = participation_bound(rounds, rate, SERVER_TAIL_SHARE * delta)
+    k, beta = binomial_bound(rounds, rate, SERVER_TAIL_SHARE * delta)
     return epsilon([(noise, 1.0, k)], delta - beta, accountant), k
 
 
