@@ -78,6 +78,8 @@ class RecommenderConfig:
     lora_alpha: float = knob(4.0, "LoRA scale numerator (adapter scale = alpha / rank)", Bounds(0, low_open=True))
     id_embeddings: bool = knob(True, "a dense item-id table next to the text vectors (warm items; its update "
                                "reveals a user's items unless DP-noised)")
+    item_text: bool = knob(True, "item vectors from their text (the LoRA-adapted encoder); false: from the id "
+                           "table alone, a SASRec-style model with no item cold start and no text profiles")
     encoder_path: str = knob("", "a local Hugging Face encoder folder ('' = the packaged all-MiniLM-L6-v2)")
 
     def __post_init__(self) -> None:
@@ -91,6 +93,8 @@ class RecommenderConfig:
                 raise ConfigError(f.name, f"must be {bounds}", value)
         if self.dim % self.heads:
             raise ConfigError("dim", f"must be divisible by heads ({self.heads})", self.dim)
+        if not (self.item_text or self.id_embeddings):
+            raise ConfigError("item_text", "may be false only with id-embeddings (items need a vector)", self.item_text)
 
     @classmethod
     def from_dict(cls, values: dict) -> RecommenderConfig:
@@ -177,17 +181,23 @@ class Block(nn.Module):
 
 
 class Recommender(nn.Module):
-    def __init__(self, cache: CatalogCache, n_items: int, config: RecommenderConfig = RecommenderConfig()):
+    def __init__(self, cache: CatalogCache | None, n_items: int, config: RecommenderConfig = RecommenderConfig()):
+        """cache: the catalog's frozen encoder prefix (`build_recommender`); None without item text."""
         super().__init__()
-        if cache.lora_layers != config.lora_layers:
-            raise ValueError(f"the cache was built for lora-layers={cache.lora_layers}, not {config.lora_layers}")
         self.config = config
         self.n_items = n_items
-        self.text = TextTower(cache, config.encoder_path, config.lora_rank, config.lora_alpha)
-        self.project = nn.Linear(self.text.hidden_size, config.dim)
+        self.text: TextTower | None = None
+        if config.item_text:
+            if cache is None or cache.lora_layers != config.lora_layers:
+                raise ValueError(f"the cache was built for lora-layers={getattr(cache, 'lora_layers', None)}, "
+                                 f"not {config.lora_layers}")
+            self.text = TextTower(cache, config.encoder_path, config.lora_rank, config.lora_alpha)
+            self.project = nn.Linear(self.text.hidden_size, config.dim)
         self.item_ids = nn.Embedding(n_items, config.dim) if config.id_embeddings else None
-        if self.item_ids is not None:
+        if self.item_ids is not None and self.text is not None:
             nn.init.zeros_(self.item_ids.weight)  # untrained (cold) items fall back to their text
+        elif self.item_ids is not None:
+            nn.init.normal_(self.item_ids.weight, std=config.dim ** -0.5)  # ids alone: distinct from the start
         self.position = nn.Embedding(config.history + 1, config.dim)  # +1: the profile slot
         self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.dropout) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
@@ -203,8 +213,17 @@ class Recommender(nn.Module):
         (ids [B, W], mask [B, W]); callers pass full histories and never trim them."""
         return left_pad(histories, self.window)
 
+    def text_tower(self) -> TextTower:
+        """The text tower, or an error naming the knob for a model without one."""
+        if self.text is None:
+            raise ValueError("this model reads no item text (item-text = false): it has no text tower for new "
+                             "items or free-text profiles")
+        return self.text
+
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, M] (text rows; ids past the id table have no id embedding) -> [B, M, dim]."""
+        if self.text is None:
+            return self.item_ids(ids)
         vectors = self.project(self.text(ids))
         if self.item_ids is None:
             return vectors
@@ -213,10 +232,13 @@ class Recommender(nn.Module):
 
     def catalog_vectors(self) -> torch.Tensor:
         """[n_items, dim]: every catalog item, computed once and shared by a whole batch."""
+        ids = torch.arange(self.n_items, device=self.item_ids.weight.device) if self.item_ids is not None else None
+        if self.text is None:
+            return self.item_ids(ids)
         vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
         if self.item_ids is None:
             return vectors
-        return vectors + self.item_ids(torch.arange(self.n_items, device=vectors.device))
+        return vectors + self.item_ids(ids)
 
     def user_states(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """history_vectors [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].
@@ -266,16 +288,16 @@ class Recommender(nn.Module):
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Vectors [n, dim] of free texts (user profiles), read like item texts."""
-        return self.project(self.text.encode(texts))
+        return self.project(self.text_tower().encode(texts))
 
     def cold_item_vectors(self, cache: CatalogCache) -> torch.Tensor:
         """Vectors [n, dim] of texts from their frozen-prefix rows (`build_cache`), read like
         item texts with no id embedding: items added after training, or profiles."""
-        return self.project(self.text.read(cache))
+        return self.project(self.text_tower().read(cache))
 
     def add_items(self, texts: list[str]) -> torch.Tensor:
         """Vectors [n, dim] of new items from their text alone (no id embedding: cold items)."""
-        return self.item_vectors(self.text.add_texts(texts)[None])[0]
+        return self.item_vectors(self.text_tower().add_texts(texts)[None])[0]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters that train and are federated (adapters, user tower, projection),
@@ -399,6 +421,8 @@ def build_recommender(texts: list[str], config: RecommenderConfig, progress: boo
     """A fresh model over a catalog, with the frozen prefix loaded from (or built into) the cache."""
     from shared_model.encoder import load_or_build_cache
 
+    if not config.item_text:
+        return Recommender(None, len(texts), config)
     cache = load_or_build_cache(texts, config.lora_layers, config.encoder_path, progress=progress)
     return Recommender(cache, len(texts), config)
 

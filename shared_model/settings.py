@@ -104,6 +104,8 @@ class RunSettings:
         checks = [
             (self.dataset in ("synthetic", "ml-100k"), "dataset", "must be 'synthetic' or 'ml-100k'"),
             (self.synthetic_users >= 10, "synthetic-users", "must be at least 10"),
+            (self.model.item_text, "item-text", "must be true in the Flower app (an id-only model cannot score new "
+             "items or read text profiles: it is `fedrec centralized`'s SASRec-style baseline)"),
             (self.partitioning in PARTITIONINGS, "partitioning", f"must be one of {PARTITIONINGS}"),
             (self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1"),
             (self.clients_per_round >= 0, "clients-per-round", "must be 0 (all) or more"),

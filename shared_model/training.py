@@ -65,7 +65,7 @@ def add_profiles(model: Recommender, profiles: list[str]) -> np.ndarray:
     """Put the distinct profile texts in the model's text tower (past its catalog, so they
     train the LoRA-adapted encoder like item texts); each user's text row."""
     distinct = sorted(set(profiles))
-    rows = model.text.add_texts(distinct).numpy()
+    rows = model.text_tower().add_texts(distinct).numpy()
     row_of = dict(zip(distinct, rows))
     return np.array([row_of[p] for p in profiles], dtype=np.int64)
 

@@ -1,6 +1,10 @@
-"""Non-neural baselines scored on the same cases: popularity and EASE (Steck 2019)."""
+"""Non-neural baselines scored on the same cases: popularity, EASE (Steck 2019) and a
+sequence-aware, recency-weighted item-kNN."""
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -56,6 +60,74 @@ def ease_test_scores(split: LeaveOneOut, lam: float, cases: EvalCases) -> torch.
     """EASE refitted on everything before the test items (train + validation)."""
     histories = [split.prefix(u, "test") for u in range(split.n_users)]
     return ease_scores(ease_weights(interaction_matrix(histories, split.n_items), lam), cases)
+
+
+@dataclass(frozen=True)
+class ItemKnn:
+    """Item-to-item similarity from the order of the training sequences, scored against a
+    user's recent items (Ludewig and Jannach 2018 found such simple neighbourhood methods
+    hard to beat on session data).
+
+    Two items are similar when one follows the other closely: j at `o` <= span places after
+    i adds decay^(o-1) to sim(i, j) (and `reverse` times that to sim(j, i)); any two items of
+    one user add `together`. sim is divided by sqrt(users of i * users of j). A user's
+    score for j sums sim(i, j) over their items i, each weighted 2^(-age / half_life), age
+    counted in items from the most recent."""
+
+    span: int = 20
+    decay: float = 0.8
+    reverse: float = 0.5
+    together: float = 0.05
+    half_life: float = 4.0
+
+    def similarity(self, sequences: list[np.ndarray], n_items: int) -> np.ndarray:
+        """[n_items, n_items] float32, zero diagonal."""
+        pairs = np.zeros(n_items * n_items, dtype=np.float64)
+        for offset in range(1, self.span + 1):
+            weight = self.decay ** (offset - 1)
+            before = np.concatenate([seq[:-offset] for seq in sequences if len(seq) > offset] + [np.zeros(0, np.int64)])
+            after = np.concatenate([seq[offset:] for seq in sequences if len(seq) > offset] + [np.zeros(0, np.int64)])
+            pairs += weight * np.bincount(before * n_items + after, minlength=n_items * n_items)
+            if self.reverse:
+                pairs += self.reverse * weight * np.bincount(after * n_items + before, minlength=n_items * n_items)
+        similarity = pairs.reshape(n_items, n_items).astype(np.float32)
+        matrix = interaction_matrix(sequences, n_items)
+        if self.together:
+            similarity += self.together * (matrix.T @ matrix)
+        np.fill_diagonal(similarity, 0.0)
+        norm = np.sqrt(np.maximum(matrix.sum(axis=0), 1.0))
+        return similarity / norm[:, None] / norm[None, :]
+
+    def scores(self, similarity: np.ndarray, cases: EvalCases) -> torch.Tensor:
+        recent = np.zeros((len(cases), similarity.shape[0]), dtype=np.float32)
+        for row, history in enumerate(cases.histories):
+            age = np.arange(len(history))[::-1]
+            np.add.at(recent[row], history, np.power(0.5, age / self.half_life))
+        return torch.from_numpy(recent @ similarity)
+
+
+KNN_GRID = {"span": (5, 20), "reverse": (0.0, 0.5, 1.0), "together": (0.0, 0.05), "half_life": (2.0, 4.0, 8.0)}
+
+
+def tune_item_knn(split: LeaveOneOut) -> tuple[ItemKnn, float]:
+    """The KNN_GRID point with the best validation NDCG@10 (similarities from train only)."""
+    valid = split.cases("valid")
+    best, best_ndcg, similarities = ItemKnn(), -1.0, {}
+    for values in itertools.product(*KNN_GRID.values()):
+        knn = ItemKnn(**dict(zip(KNN_GRID, values)))
+        key = (knn.span, knn.reverse, knn.together)  # the half-life only weighs the user's items
+        if key not in similarities:
+            similarities[key] = knn.similarity(split.train, split.n_items)
+        ndcg = evaluate_scores(knn.scores(similarities[key], valid), valid)["NDCG@10"]
+        if ndcg > best_ndcg:
+            best, best_ndcg = knn, ndcg
+    return best, best_ndcg
+
+
+def item_knn_test_scores(split: LeaveOneOut, knn: ItemKnn, cases: EvalCases) -> torch.Tensor:
+    """The item-kNN with similarities from everything before the test items (train + validation)."""
+    histories = [split.prefix(u, "test") for u in range(split.n_users)]
+    return knn.scores(knn.similarity(histories, split.n_items), cases)
 
 
 def topic_shares(cases: EvalCases, flags: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The centralized reference: the same model trained on all training data, no federation,
-no DP, next to popularity and EASE baselines on the same split, in the same run.
+no DP, next to baselines on the same split, in the same run: popularity, EASE, a
+sequence-aware item-kNN and a SASRec-style model (the same user tower over an id table).
 
     python -m simulations.centralized --dataset ml-100k        # --help lists the model's knobs
 """
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from shared_model.splits import LeaveOneOut, leave_one_out
 from shared_model.files import write_atomic
 from shared_model.state import save_state
 from shared_model.training import TrainConfig, add_profiles, make_optimizer, sequence_chunks, train_sequences
-from simulations.baselines import ease_test_scores, popularity_scores, tune_ease
+from simulations.baselines import ease_test_scores, item_knn_test_scores, popularity_scores, tune_ease, tune_item_knn
 
 
 @dataclass
@@ -37,6 +38,14 @@ class CentralizedConfig:
     patience: int = 10  # stop after this many epochs without a better validation NDCG@10
     seed: int = 0
     valid_users: int = 0  # validate on a seeded sample of this many users (0: all)
+    sasrec_dim: int = 64  # the SASRec-style baseline's width (0: no such baseline)
+
+
+def sasrec_config(config: CentralizedConfig) -> CentralizedConfig:
+    """The SASRec-style baseline (Kang and McAuley 2018): the model's user tower and
+    training over an item-id table alone, no text, at its own width and Adam 1e-3."""
+    model = replace(config.model, item_text=False, id_embeddings=True, lora_layers=0, dim=config.sasrec_dim)
+    return replace(config, model=model, train=replace(config.train, lr=1e-3))
 
 
 def user_sample(n_users: int, size: int, seed: int) -> np.ndarray | None:
@@ -55,7 +64,7 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     popularity = item_counts(split.train, split.n_items)
     model = build_recommender(texts, config.model, progress=progress)
     optimizer = make_optimizer(model, config.train)
-    profile_rows = add_profiles(model, split.profiles) if split.profiles else None  # users' own words
+    profile_rows = add_profiles(model, split.profiles) if split.profiles and model.text is not None else None  # users' own words
     chunks = sequence_chunks(model, split.train, profile_rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_ndcg, best_epoch, best_state = -1.0, 0, model.trainable_state()
@@ -85,12 +94,20 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
     test = split.cases("test")
     model, training = train_reference(split, dataset.catalog.texts, config, out_dir, progress)
     lam, _ = tune_ease(split)
+    knn, _ = tune_item_knn(split)
     prefixes = [split.prefix(u, "test") for u in range(split.n_users)]
     scores = {
         "model": score_catalog(model, test.histories),
         "popularity": popularity_scores(prefixes, split.n_items, test),
         "ease": ease_test_scores(split, lam, test),
+        "item-knn": item_knn_test_scores(split, knn, test),
     }
+    baselines = {"ease_lambda": lam, "item_knn": asdict(knn)}
+    if config.sasrec_dim:
+        sasrec, sasrec_training = train_reference(split, dataset.catalog.texts, sasrec_config(config),
+                                                  out_dir / "sasrec", progress)
+        scores["sasrec"] = score_catalog(sasrec, test.histories)
+        baselines["sasrec"] = {"model": sasrec.config.to_dict(), **sasrec_training}
     popularity = item_counts(split.train, split.n_items)
     results = {}
     for name, s in scores.items():
@@ -99,9 +116,9 @@ def run_centralized(dataset: Dataset, config: CentralizedConfig, out_dir: Path, 
     summary = {
         "dataset": dataset.name,
         "config": {"model": config.model.to_dict(), "train": vars(config.train), "epochs": config.epochs,
-                   "patience": config.patience, "seed": config.seed},
+                   "patience": config.patience, "seed": config.seed, "sasrec_dim": config.sasrec_dim},
         **training,
-        "ease_lambda": lam,
+        "baselines": baselines,
         "test": results,
         "trainable_bytes": model.trainable_bytes(),
         "wall_seconds": time.time() - started,
@@ -162,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=t.batch_size,
                         help=f"sequence chunks per step (default {t.batch_size})")
     parser.add_argument("--lr", type=positive_float, default=t.lr, help=f"Adam learning rate (default {t.lr})")
+    parser.add_argument("--sasrec-dim", type=int, default=64, metavar="DIM",
+                        help="width of the SASRec-style baseline (the user tower over an item-id table alone, "
+                        "Adam 1e-3, the same epochs and patience); 0: skip it (default 64)")
     parser.add_argument("--out", default="runs", help="results go to a new folder under this one (default runs/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -176,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         patience=args.patience,
         seed=args.seed,
+        sasrec_dim=args.sasrec_dim,
     )
     try:
         dataset = load_dataset(args.dataset, args.data_dir, seed=args.seed, synthetic_users=args.synthetic_users)
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / f"centralized-{dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_centralized(dataset, config, out, progress=not args.quiet)
     print(format_table(summary))
-    print(json.dumps({k: summary[k] for k in ("best_epoch", "trainable_bytes", "train_seconds", "ease_lambda")}))
+    print(json.dumps({k: summary[k] for k in ("best_epoch", "trainable_bytes", "train_seconds", "baselines")}))
     print(f"results: {out}/summary.json")
     return 0
 

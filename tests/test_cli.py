@@ -23,7 +23,8 @@ def test_centralized_writes_summary_with_model_and_baselines(tmp_path):
     assert done.returncode == 0, done.stderr
     (run_dir,) = tmp_path.glob("centralized-synthetic-*")
     summary = json.loads((run_dir / "summary.json").read_text())
-    for name in ("model", "popularity", "ease"):
+    assert set(summary["test"]) == {"model", "popularity", "ease", "item-knn", "sasrec"}
+    for name in summary["test"]:
         assert 0.0 <= summary["test"][name]["NDCG@10"] <= summary["test"][name]["HR@10"] <= 1.0
     assert summary["test"]["model"]["NDCG@10"] > summary["test"]["popularity"]["NDCG@10"]
     model, popular = summary["test"]["model"], summary["test"]["popularity"]
@@ -33,7 +34,9 @@ def test_centralized_writes_summary_with_model_and_baselines(tmp_path):
     assert popular["long-tail@10"] < 0.05 and popular["popularity@10"] > 2  # popularity recommends the head
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run_dir / "best_adapters.safetensors").stat().st_size > 100_000
-    assert "ease" in done.stdout and "NDCG@10" in done.stdout and "long-tail@10" in done.stdout
+    assert summary["baselines"]["sasrec"]["model"]["item_text"] is False
+    assert (run_dir / "sasrec" / "best_adapters.safetensors").is_file()
+    assert all(name in done.stdout for name in ("ease", "item-knn", "sasrec", "NDCG@10", "long-tail@10"))
 
 
 def test_bad_data_dir_is_a_clear_error(tmp_path):

@@ -17,7 +17,8 @@ CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    run = run_flower({**CONFIG, "output-dir": str(out), "run-name": "full"}, num_supernodes=CLIENTS)
+    run = run_flower({**CONFIG, "output-dir": str(out), "run-name": "full"}, num_supernodes=CLIENTS,
+                     cpus_per_client=2)
     assert run.ok, run.log[-4000:]
     return out / "full", run
 
@@ -46,32 +47,21 @@ def test_failing_clients_are_left_out_and_rounds_complete(full_run):
     assert "simulated device failure" in run.log and "left out" in run.log
 
 
-def test_a_crashed_run_resumes_to_the_same_result(full_run, tmp_path):
+def test_a_crashed_run_resumes_to_the_same_result_bit_for_bit(full_run, tmp_path):
+    """A crashed run resumed from its checkpoint ends with the adapters of an uninterrupted
+    run: non-private runs are bit-reproducible, also with two threads per client (the
+    gradient of a catalog lookup was summed in parallel in an order that changed with thread
+    timing: two fresh runs differed in 31 of 32 tensors)."""
     config = {**CONFIG, "output-dir": str(tmp_path), "run-name": "crashed"}
     folder = tmp_path / "crashed"
-    crashed = run_flower(config, num_supernodes=CLIENTS, crash_when=lambda: saved_round(folder) >= 1)
+    crashed = run_flower(config, num_supernodes=CLIENTS, cpus_per_client=2, crash_when=lambda: saved_round(folder) >= 1)
     assert crashed.status == "crashed"
     assert 1 <= saved_round(folder) < 3
-    resumed = run_flower(config, num_supernodes=CLIENTS)
+    resumed = run_flower(config, num_supernodes=CLIENTS, cpus_per_client=2)
     assert resumed.ok, resumed.log[-4000:]
     assert "resuming crashed after round" in resumed.log
     expected, got = load_file(full_run[0] / "final_adapters.safetensors"), load_file(folder / "final_adapters.safetensors")
     assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
     rounds = [json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3]
-
-
-def test_two_fresh_runs_with_one_seed_end_with_the_same_adapters(tmp_path):
-    """Non-private runs are bit-reproducible, also with two threads per client: the gradient
-    of a catalog lookup was summed in parallel in an order that changed with thread timing
-    (two fresh runs differed in 31 of 32 tensors)."""
-    config = {"num-server-rounds": 1, "synthetic-users": 100, "local-steps": 2, "dp": "none", "lora-layers": 1,
-              "output-dir": str(tmp_path)}
-    finals = []
-    for name in ("first", "second"):
-        run = run_flower({**config, "run-name": name}, num_supernodes=2, cpus_per_client=2)
-        assert run.ok, run.log[-4000:]
-        finals.append(load_file(tmp_path / name / "final_adapters.safetensors"))
-    assert finals[0].keys() == finals[1].keys()
-    assert [k for k in finals[0] if not torch.equal(finals[0][k], finals[1][k])] == []
