@@ -4,7 +4,7 @@ sequence-aware, recency-weighted item-kNN."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
