@@ -30,6 +30,7 @@ from shared_model.metrics import RankingSums, item_counts, ranking_sums
 from shared_model.recommender import Recommender, build_recommender, score_catalog
 from shared_model.settings import RunSettings
 from shared_model.training import train_local
+from shared_model.upload import encode_upload
 
 app = ClientApp()
 _MODELS: dict[tuple, Recommender] = {}  # one model per process, reused across calls
@@ -97,6 +98,15 @@ def local_training(model: Recommender, data: ClientData, settings: RunSettings, 
                        lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
 
 
+def upload(model: Recommender, start: ArrayRecord, settings: RunSettings, server_round: int, key: int
+           ) -> ArrayRecord:
+    """The reply's arrays at the run's upload-precision (shared_model/upload.py)."""
+    trained = {k: v.numpy() for k, v in model.trainable_state().items()}
+    rng = np.random.default_rng(round_seed(settings, server_round, key, 2))  # rounding only: no secret
+    sent = encode_upload(trained, {k: a.numpy() for k, a in start.items()}, settings.upload_precision, rng)
+    return ArrayRecord({k: Array(v) for k, v in sent.items()})
+
+
 @app.train(mods=[secure_aggregation_guard])
 def train(msg: Message, context: Context) -> Message:
     settings = settings_of(context)
@@ -110,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict()
     if settings.dp == "none":
         result = local_training(model, data, settings, server_round, key)
-        content["arrays"] = ArrayRecord(model.trainable_state())
+        content["arrays"] = upload(model, msg.content["arrays"], settings, server_round, key)
         content["metrics"] = MetricRecord({"weight": result["num-examples"], "train-loss": result["train-loss"]})
         return Message(content, reply_to=msg)
     store = store_for(dict(context.node_config), context.state)
@@ -118,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
     if result is None:  # the budget is spent: no update, only the decline
         content["metrics"] = MetricRecord({"declined": 1})
     else:
-        content["arrays"] = ArrayRecord(model.trainable_state())
+        content["arrays"] = upload(model, msg.content["arrays"], settings, server_round, key)
         content["metrics"] = MetricRecord({"weight": 1.0})  # equal weights: a count would reveal n
     content["ledger"] = ConfigRecord(entry.to_json())
     return Message(content, reply_to=msg)

@@ -426,6 +426,7 @@ def main(grid: Grid, context: Context) -> None:
                             "Start a new run (another run-name)")
     keys = sampling_keys(grid, settings.round_timeout)
     optimizer, strategy = make_strategy(settings, keys)
+    strategy.upload_precision = settings.upload_precision
     if settings.secure_aggregation:  # make_strategy's DPFedAvg: the validated settings say server-dp
         strategy.secure = SecureAggregation(context, settings, len(keys))
     if not is_private(settings):

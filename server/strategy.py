@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, Result, Strategy
 
 from shared_model.ledger import LedgerEntry, LedgerError
 from shared_model.metrics import RankingSums, metrics_from_sums
+from shared_model.upload import decode_upload
 
 STAGES = ("valid", "test")
 
@@ -108,6 +109,7 @@ class ResumableLoop(Strategy):
     keys: dict[int, int]
     accounted_only: bool
     outcome: RoundOutcome
+    upload_precision: str = "fp32"  # what the clients send (shared_model/upload.py)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -138,7 +140,26 @@ class ResumableLoop(Strategy):
         messages = list(self.configure_train(server_round, arrays, config, grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         stats = RoundStats(len(messages), replies, self.keys, server_round, self.accounted_only)
-        return stats, *self.aggregate_train(server_round, stats.aggregated)
+        return stats, *self.aggregate_train(server_round, self.decoded(stats.aggregated, arrays))
+
+    def decoded(self, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
+        """The replies holding the adapters each client trained (fp16 updates added to the
+        round's global adapters in fp32); an upload of the wrong shape or precision is
+        dropped, with a warning, as a failed client would be."""
+        if self.upload_precision == "fp32":
+            return replies
+        start, kept = {k: a.numpy() for k, a in arrays.items()}, []
+        for reply in replies:
+            try:
+                trained = decode_upload({k: a.numpy() for k, a in reply.content["arrays"].items()}, start,
+                                        self.upload_precision)
+            except ValueError as error:
+                client = self.keys.get(reply.metadata.src_node_id)
+                log(WARNING, "fedrec: client %s's upload left out: %s", client, error)
+                continue
+            reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in trained.items()})
+            kept.append(reply)
+        return kept
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
                   evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None, result: Result) -> None:

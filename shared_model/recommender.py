@@ -70,6 +70,7 @@ class RecommenderConfig:
     dim: int = knob(24, "width of item and user vectors (a multiple of heads)", Bounds(1))
     layers: int = knob(2, "transformer blocks in the user tower", Bounds(1))
     heads: int = knob(2, "attention heads per block (must divide dim)", Bounds(1))
+    ffn: int = knob(1, "each block's feed-forward width, in multiples of dim", Bounds(1))
     history: int = knob(50, "W, the history window: how many recent items the user tower reads", Bounds(1))
     dropout: float = knob(0.2, "dropout probability in the user tower", Bounds(0, 1, high_open=True))
     lora_layers: int = knob(1, "top encoder layers with LoRA adapters (0: only the light head trains)",
@@ -78,6 +79,8 @@ class RecommenderConfig:
     lora_alpha: float = knob(4.0, "LoRA scale numerator (adapter scale = alpha / rank)", Bounds(0, low_open=True))
     id_embeddings: bool = knob(True, "a dense item-id table next to the text vectors (warm items; its update "
                                "reveals a user's items unless DP-noised)")
+    id_rank: int = knob(0, "rank of the item-id table: n_items x rank rows times a rank x dim map, so the id "
+                        "table's upload grows with rank, not dim (0: a full n_items x dim table)", Bounds(0))
     item_text: bool = knob(True, "item vectors from their text (the LoRA-adapted encoder); false: from the id "
                            "table alone, a SASRec-style model with no item cold start and no text profiles")
     encoder_path: str = knob("", "a local Hugging Face encoder folder ('' = the packaged all-MiniLM-L6-v2)")
@@ -93,6 +96,8 @@ class RecommenderConfig:
                 raise ConfigError(f.name, f"must be {bounds}", value)
         if self.dim % self.heads:
             raise ConfigError("dim", f"must be divisible by heads ({self.heads})", self.dim)
+        if self.id_rank >= self.dim:
+            raise ConfigError("id_rank", f"must be below dim ({self.dim}; 0 for a full table)", self.id_rank)
         if not (self.item_text or self.id_embeddings):
             raise ConfigError("item_text", "may be false only with id-embeddings (items need a vector)", self.item_text)
 
@@ -160,14 +165,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with a point-wise feed-forward of the model's width."""
+    """Pre-norm transformer block with a point-wise feed-forward `ffn` times the model's width."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, ffn: int = 1):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attention = CausalSelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.feed_forward = nn.Sequential(nn.Linear(dim, ffn * dim), nn.GELU(), nn.Linear(ffn * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -193,13 +198,16 @@ class Recommender(nn.Module):
                                  f"not {config.lora_layers}")
             self.text = TextTower(cache, config.encoder_path, config.lora_rank, config.lora_alpha)
             self.project = nn.Linear(self.text.hidden_size, config.dim)
-        self.item_ids = nn.Embedding(n_items, config.dim) if config.id_embeddings else None
+        self.item_ids = nn.Embedding(n_items, config.id_rank or config.dim) if config.id_embeddings else None
+        low_rank = config.id_embeddings and config.id_rank
+        self.id_map = nn.Linear(config.id_rank, config.dim, bias=False) if low_rank else None
         if self.item_ids is not None and self.text is not None:
             nn.init.zeros_(self.item_ids.weight)  # untrained (cold) items fall back to their text
         elif self.item_ids is not None:
-            nn.init.normal_(self.item_ids.weight, std=config.dim ** -0.5)  # ids alone: distinct from the start
+            nn.init.normal_(self.item_ids.weight, std=self.item_ids.embedding_dim ** -0.5)  # ids alone: distinct
         self.position = nn.Embedding(config.history + 1, config.dim)  # +1: the profile slot
-        self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.dropout) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.dropout, config.ffn)
+                                    for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -220,25 +228,30 @@ class Recommender(nn.Module):
                              "items or free-text profiles")
         return self.text
 
+    def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> their id embeddings [..., dim] (through the rank's map when low-rank)."""
+        vectors = self.item_ids(ids)
+        return vectors if self.id_map is None else self.id_map(vectors)
+
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, M] (text rows; ids past the id table have no id embedding) -> [B, M, dim]."""
         if self.text is None:
-            return self.item_ids(ids)
+            return self.id_vectors(ids)
         vectors = self.project(self.text(ids))
         if self.item_ids is None:
             return vectors
         known = ids < self.n_items
-        return vectors + self.item_ids(torch.where(known, ids, 0)) * known[..., None]
+        return vectors + self.id_vectors(torch.where(known, ids, 0)) * known[..., None]
 
     def catalog_vectors(self) -> torch.Tensor:
         """[n_items, dim]: every catalog item, computed once and shared by a whole batch."""
         ids = torch.arange(self.n_items, device=self.item_ids.weight.device) if self.item_ids is not None else None
         if self.text is None:
-            return self.item_ids(ids)
+            return self.id_vectors(ids)
         vectors = self.project(self.text.catalog(self.n_items))  # not texts added past the catalog
         if self.item_ids is None:
             return vectors
-        return vectors + self.item_ids(ids)
+        return vectors + self.id_vectors(ids)
 
     def user_states(self, history_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """history_vectors [B, L, dim] left-padded (mask [B, L] True on items) -> states [B, L, dim].

@@ -16,6 +16,7 @@ from shared_model.datasets import load_catalog, load_dataset
 from shared_model.partitions import PARTITIONINGS
 from shared_model.privacy import ACCOUNTANTS
 from shared_model.recommender import ConfigError, RecommenderConfig
+from shared_model.upload import PRECISIONS
 
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -74,6 +75,7 @@ class RunSettings:
     server_dp_target_quantile: float  # gamma: share of updates left unclipped
     server_dp_clip_learning_rate: float  # eta: geometric step of the clip
     server_dp_count_noise: float  # sigma_b: std of the noise on the count of unclipped updates
+    upload_precision: str  # "fp32": the trained adapters; "fp16": the update, stochastically rounded
     secure_aggregation: bool  # DP-FedAvg through Flower's SecAgg+: the server holds only the sum
     secagg_min_clients: int  # m: each client adds noise std z S / sqrt(m); fewer survivors, no release
     public_users: float  # simulation: share of users who consent to give the server their data (no DP for them)
@@ -129,6 +131,9 @@ class RunSettings:
              "must be 0 or 1 under dp (Opacus's per-sample gradients are wrong for a second LoRA layer)"),
             (self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be positive"),
             (self.dp_negatives >= 1, "dp-negatives", "must be at least 1"),
+            (self.upload_precision in PRECISIONS, "upload-precision", f"must be one of {PRECISIONS}"),
+            (self.upload_precision == "fp32" or not self.secure_aggregation, "upload-precision",
+             "must be 'fp32' with secure-aggregation (SecAgg+ sends its own quantised vector)"),
             (self.dp_accountant in ACCOUNTANTS, "dp-accountant", f"must be one of {ACCOUNTANTS}"),
             (self.server_dp_noise > 0, "server-dp-noise", "must be positive (zero noise is no DP; set server-dp = false)"),
             (not self.server_dp or self.partitioning == "per-user", "server-dp",

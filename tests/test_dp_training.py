@@ -18,11 +18,11 @@ def world():
     return data, leave_one_out(data)
 
 
-def fresh_model(world, lora_layers=1):
+def fresh_model(world, lora_layers=1, id_rank=0):
     data, _ = world
     torch.manual_seed(0)
-    model = build_recommender(data.catalog.texts, RecommenderConfig(lora_layers=lora_layers, dropout=0.0),
-                              progress=False)
+    model = build_recommender(data.catalog.texts, RecommenderConfig(lora_layers=lora_layers, dropout=0.0,
+                                                                    id_rank=id_rank), progress=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and ("lora_" in name or "item_ids" in name):
@@ -34,10 +34,10 @@ def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("unit", ["example", "user"])
-def test_per_sample_gradients_equal_per_example_autograd(world, unit):
+@pytest.mark.parametrize("unit, id_rank", [("example", 0), ("user", 0), ("example", 8)])  # 8: a low-rank id table
+def test_per_sample_gradients_equal_per_example_autograd(world, unit, id_rank):
     _, split = world
-    model = fresh_model(world)
+    model = fresh_model(world, id_rank=id_rank)
     data = private_data(model, split.train[:12], unit)
     batch = [t[:6] for t in data.tensors.tensors]
     gsm = GradSampleModule(model, loss_reduction="sum")

@@ -141,6 +141,21 @@ def test_default_federated_state_is_small_on_ml100k_scale():
     assert model.trainable_bytes() <= 256 * 1024
 
 
+def test_a_low_rank_id_table_uploads_rank_columns_not_dim(small):
+    texts = small.catalog.texts
+    full, low = (build_recommender(texts, RecommenderConfig(dim=48, id_rank=rank), progress=False) for rank in (0, 8))
+    state = low.trainable_state()
+    assert state["item_ids.weight"].shape == (len(texts), 8) and state["id_map.weight"].shape == (48, 8)
+    assert full.trainable_bytes() - low.trainable_bytes() == 4 * (len(texts) * 40 - 48 * 8)
+    with torch.no_grad():
+        low.item_ids.weight.normal_()
+    assert low.catalog_vectors().shape == (len(texts), 48)
+    assert torch.allclose(low.catalog_vectors() - low.project(low.text.catalog(len(texts))),
+                          low.item_ids.weight @ low.id_map.weight.T, atol=1e-5)
+    with pytest.raises(ValueError, match="id_rank must be below dim"):
+        RecommenderConfig(dim=24, id_rank=24)
+
+
 @pytest.mark.parametrize("negatives", [0, 8])
 def test_an_examples_gradient_ignores_the_rest_of_the_batch(small, negatives):
     split = leave_one_out(small)
