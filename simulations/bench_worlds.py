@@ -78,7 +78,8 @@ def measure(n_users: int, bench: BenchSettings) -> dict:
     chunks = sum(math.ceil(len(t) / model_config.history) for t in split.train)  # as training.sequence_chunks cuts
     steps_per_epoch = math.ceil(chunks / TrainConfig().batch_size)
     epochs = min(MAX_EPOCHS, math.ceil(bench.max_steps / steps_per_epoch))
-    reference = CentralizedConfig(model=model_config, epochs=epochs, seed=bench.seed, valid_users=bench.eval_users)
+    reference = CentralizedConfig(model=model_config, epochs=epochs, patience=10, seed=bench.seed,
+                                  valid_users=bench.eval_users)  # patience 10: the published figures' schedule
     with tempfile.TemporaryDirectory() as out:
         model, training = train_reference(split, dataset.catalog.texts, reference, Path(out), progress=False)
     test = split.cases("test", user_sample(split.n_users, bench.eval_users, bench.seed))

@@ -12,10 +12,12 @@ from shared_model.recommender import ConfigError, RecommenderConfig
 from shared_model.settings import RunSettings, SettingsError
 
 OUT_OF_BOUNDS = [("lora-rank", 0), ("history", 0), ("dropout", 1.5), ("dropout", -0.1), ("heads", 0), ("dim", 0),
-                 ("layers", 0), ("lora-alpha", 0.0), ("lora-layers", 7), ("lora-alpha", float("nan"))]
+                 ("layers", 0), ("lora-alpha", 0.0), ("lora-layers", 7), ("lora-alpha", float("nan")), ("ffn", 0),
+                 ("id-rank", -1)]
 
 
-@pytest.mark.parametrize("key, value", OUT_OF_BOUNDS + [("dim", 25)])  # 25: not divisible by heads = 2
+@pytest.mark.parametrize("key, value", OUT_OF_BOUNDS + [("dim", 25), ("id-rank", 24)])  # 25: not divisible by
+# heads = 2; id-rank 24: not below dim (24)
 def test_run_config_refuses_a_model_knob_out_of_bounds_naming_the_key(key, value):
     with pytest.raises(SettingsError, match=f"run config '{key}' must be"):
         RunSettings.from_run_config(default_run_config(**{key: value}))
