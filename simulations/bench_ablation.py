@@ -52,6 +52,9 @@ ROWS: dict[str, tuple[str, dict]] = {  # name: (the change, overrides of BASE: "
     "no-lora": ("no LoRA adapters (the frozen encoder's text vectors, projected)", {"model.lora_layers": 0}),
     "ids-only-dim-64": ("ids only (SASRec-style), width 64", {"model.item_text": False, "model.lora_layers": 0,
                                                               "model.dim": 64}),
+    "id-rank-8-no-lora": ("the id table at rank 8, no LoRA adapters", {"model.id_rank": 8, "model.lora_layers": 0}),
+    "dim-48-id-rank-8-no-lora": ("width 48, the id table at rank 8, no LoRA adapters",
+                                 {"model.dim": 48, "model.id_rank": 8, "model.lora_layers": 0}),
     "dim-48-id-rank-12-no-lora": ("width 48, the id table at rank 12, no LoRA adapters",
                                   {"model.dim": 48, "model.id_rank": 12, "model.lora_layers": 0}),
 }

@@ -30,10 +30,10 @@ from shared_model.training import TrainConfig, add_profiles, make_optimizer, seq
 from simulations.baselines import ease_test_scores, item_knn_test_scores, popularity_scores, tune_ease, tune_item_knn
 
 
-# The reference recipe, chosen one change at a time on validation (simulations/bench_ablation.py,
-# docs/benchmarks.md#the-recipe-one-change-at-a-time): width 48 over a rank-12 item-id table, the
-# frozen encoder's text vectors (LoRA did not help here), up to 200 epochs with patience 20.
-REFERENCE_MODEL = RecommenderConfig(dim=48, id_rank=12, lora_layers=0)
+# The reference recipe, the ablation's best row by validation NDCG@10 (simulations/bench_ablation.py,
+# docs/benchmarks.md#the-recipe-one-change-at-a-time): the item-id table at rank 8 (1,682 x 8 times
+# 8 x 24: a third of the full table's upload), up to 200 epochs with patience 20.
+REFERENCE_MODEL = RecommenderConfig(id_rank=8)
 
 
 @dataclass
