@@ -151,8 +151,7 @@ class ResumableLoop(Strategy):
         start, kept = {k: a.numpy() for k, a in arrays.items()}, []
         for reply in replies:
             try:
-                trained = decode_upload({k: a.numpy() for k, a in reply.content["arrays"].items()}, start,
-                                        self.upload_precision)
+                trained = decode_upload({k: a.numpy() for k, a in reply.content["arrays"].items()}, start)
             except ValueError as error:
                 client = self.keys.get(reply.metadata.src_node_id)
                 log(WARNING, "fedrec: client %s's upload left out: %s", client, error)

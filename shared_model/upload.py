@@ -40,18 +40,14 @@ def encode_upload(trained: dict[str, np.ndarray], start: dict[str, np.ndarray], 
     return {name: stochastic_fp16(trained[name] - start[name], rng) for name in trained}
 
 
-def decode_upload(received: dict[str, np.ndarray], start: dict[str, np.ndarray], precision: str
-                  ) -> dict[str, np.ndarray]:
-    """The adapters a client trained, from what it sent and the round's global adapters.
-    Raises ValueError when the upload is not of the run's shape and precision."""
-    dtype = np.float32 if precision == "fp32" else np.float16
+def decode_upload(received: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The adapters a client trained, from its fp16 update and the round's global adapters.
+    Raises ValueError when the upload is not an fp16 update of the model's shape."""
     if set(received) != set(start):
         raise ValueError(f"its arrays are not the model's (unexpected {sorted(set(received) - set(start))[:3]}, "
                          f"missing {sorted(set(start) - set(received))[:3]})")
     for name, array in received.items():
-        if array.dtype != dtype or array.shape != start[name].shape:
-            raise ValueError(f"'{name}' is {array.dtype} {array.shape}, not {np.dtype(dtype)} {start[name].shape} "
-                             f"(upload-precision = '{precision}')")
-    if precision == "fp32":
-        return received
+        if array.dtype != np.float16 or array.shape != start[name].shape:
+            raise ValueError(f"'{name}' is {array.dtype} {array.shape}, not float16 {start[name].shape} "
+                             "(upload-precision = 'fp16')")
     return {name: (start[name] + received[name].astype(np.float32)).astype(start[name].dtype) for name in received}

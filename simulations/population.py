@@ -58,7 +58,8 @@ def check_replicable(settings: RunSettings) -> None:
     """The configuration this driver computes as `flwr run` does, or a SettingsError."""
     for key, value, wanted in (("server-dp", settings.server_dp, True), ("dp", settings.dp, "none"),
                                ("partitioning", settings.partitioning, "per-user"),
-                               ("secure-aggregation", settings.secure_aggregation, False)):
+                               ("secure-aggregation", settings.secure_aggregation, False),
+                               ("upload-precision", settings.upload_precision, "fp32")):
         if value != wanted:
             raise SettingsError(f"run config '{key}' must be {json.dumps(wanted)} for the in-process population driver "
                                 f"(user-level DP-FedAvg over one-user clients), not {json.dumps(value)}")

@@ -179,7 +179,8 @@ def test_a_run_draws_its_sample_and_noise_from_fresh_randomness(population):
     assert any(population.strategy.begin_round(array_record(arrays)) != first for _ in range(3))
 
 
-@pytest.mark.parametrize("key, value", [("server-dp", False), ("dp", "example"), ("secure-aggregation", True)])
+@pytest.mark.parametrize("key, value", [("server-dp", False), ("dp", "example"), ("secure-aggregation", True),
+                                        ("upload-precision", "fp16")])
 def test_the_driver_refuses_what_it_does_not_replicate(key, value):
     settings = settings_of(**{key: value})
     with pytest.raises(SettingsError, match=f"'{key}'"):

@@ -39,7 +39,7 @@ def test_an_fp16_client_sends_its_update_in_half_the_bytes():
     sent = {k: a.numpy() for k, a in replies["fp16"].content["arrays"].items()}
     assert all(a.dtype == np.float16 for a in sent.values())
     assert sum(a.nbytes for a in sent.values()) * 2 == sum(a.nbytes for a in trained.values())
-    decoded = decode_upload(sent, start, "fp16")
+    decoded = decode_upload(sent, start)
     for name, weights in trained.items():  # the same training (same seeds), rounded on the update only
         update = weights - start[name]
         assert np.all(np.abs(decoded[name] - weights) <= 2 * np.spacing(np.abs(update).astype(np.float16)) + 1e-7)
