@@ -19,6 +19,11 @@ privacy: MovieLens-100K as in quality, without DP and with example-level DP-SGD 
          Each DP client takes one Poisson step a round at rate 1 (all its examples).
     python -m simulations.bench_federated privacy --epsilons 8 4 1
 
+compare: several quality runs' test NDCG@10 against the round, in one figure and one JSON
+         (each row: a name and a bench_quality.json, whose run folder holds the curve).
+    python -m simulations.bench_federated compare --out docs/figures/federated_ml100k_recipes \
+        fp16=/tmp/fed-fp16/bench_quality.json fp32=/tmp/fed-fp32/bench_quality.json
+
 scale:   the synthetic catalog with many per-user clients (default 10,000, 100 a round):
          seconds per round and peak resident memory of all the simulation's processes.
     python -m simulations.bench_federated scale --clients 10000
@@ -95,6 +100,40 @@ def plot_quality(evaluated: list[dict], centralized: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare(rows: list[str], out: Path) -> dict:
+    """NAME=bench_quality.json rows: one JSON (each row's result, its run config and its
+    test and validation NDCG@10 by round) and one figure (test NDCG@10 by round)."""
+    result: dict = {}
+    for row in rows:
+        name, sep, path = row.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"bench_federated compare: {row!r}: give NAME=path/to/bench_quality.json")
+        try:
+            quality_result = json.loads(Path(path).read_text())
+            folder = Path(quality_result["run folder"])
+            config = json.loads((folder / "config.json").read_text())
+            metrics = read_metrics(folder)
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"bench_federated compare: {name}: {error}") from None
+        result[name] = {**quality_result, "run config": config,
+                        "by round": [{k: m[k] for k in ("round", "valid NDCG@10", "test NDCG@10")}
+                                     for m in metrics if "test NDCG@10" in m]}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in result.items():
+        curve = row["by round"]
+        ax.plot([m["round"] for m in curve], [m["test NDCG@10"] for m in curve], "-o", markersize=3, label=name)
+    ax.axhline(next(iter(result.values()))["centralized test NDCG@10"], color="black", label="centralized, test")
+    ax.set_xlabel("round (94 of 943 clients each)")
+    ax.set_ylabel("test NDCG@10, full ranking")
+    ax.set_title("MovieLens-100K, one client per user, no DP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return result
 
 
 def default(args: argparse.Namespace) -> dict:
@@ -293,12 +332,21 @@ def main() -> None:
     s.add_argument("--clients-per-round", type=int, default=100)
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--fraction-evaluate", type=float, default=0.01)
+    c = sub.add_parser("compare", help="several quality runs in one figure and one JSON")
+    c.add_argument("rows", nargs="+", metavar="NAME=BENCH_QUALITY_JSON")
+    c.add_argument("--out", required=True, type=Path,
+                   help="the figure and the JSON, as OUT.png and OUT.json (e.g. docs/figures/federated_ml100k_recipes)")
     for p in (d, q, pv, s):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other run-config override, e.g. --set learning-rate=0.5")
         p.add_argument("--out", default="runs", help="where run folders and the figure go (default runs/)")
         p.add_argument("--echo", action="store_true", help="show the run's log as it goes")
     args = parser.parse_args()
+    if args.bench == "compare":
+        result = compare(args.rows, args.out)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        print(f"{args.out.with_suffix('.png')}, {args.out.with_suffix('.json')}")
+        return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     result = {"default": default, "quality": quality, "privacy": privacy, "scale": scale}[args.bench](args)
     print(json.dumps(result, indent=2))
