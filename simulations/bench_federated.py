@@ -343,6 +343,7 @@ def main() -> None:
         p.add_argument("--echo", action="store_true", help="show the run's log as it goes")
     args = parser.parse_args()
     if args.bench == "compare":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         result = compare(args.rows, args.out)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         print(f"{args.out.with_suffix('.png')}, {args.out.with_suffix('.json')}")
