@@ -6,7 +6,16 @@ Each round takes `clients-per-round` C clients that have not yet taken part in t
 tree (chosen among them at random: the guarantee does not rest on the choice), clips each
 update to S, and releases (sum + the round's tree noise) / C; the model steps by
 `dp-ftrl-learning-rate` times it, so that within a tree it is the tree's starting model plus
-that rate times the noisy prefix sum (FTRL), whose noise is popcount(t) nodes'. The inner
+that rate times the noisy prefix sum (FTRL), whose noise is popcount(t) nodes'. With
+`dp-ftrl-momentum` beta > 0 the step is heavy-ball momentum on the releases (Kairouz et al.'s
+FTRLM): the model is the tree's start plus the rate times sum_s beta^(t-s) of the noisy prefix
+sums (plus the decaying velocity a previous tree left), a linear function of the releases,
+so the noise still comes from the prefix sums and costs no privacy. With
+`dp-ftrl-preconditioner = "rms"` each release is first scaled per coordinate by 1 / RMS of the
+tree's releases so far (Adam's normalisation, which makes a step about the rate on every
+coordinate): the scale is refreshed only at tree rounds 1 and 2^j + 1, so it is constant
+between prefix sums of 2^j rounds, each read from a single node, and the model after t rounds
+carries popcount(t) + log2(t) nodes' noise, not t releases' worth. The inner
 optimiser (FedAdam) is not used: its per-coordinate steps on each release would carry each
 release's noise, up to log2(t) + 1 nodes of it, and an attacker's review measured 2.9-5
 times the model's error of independent noise at the same z through it. A tree
@@ -32,15 +41,26 @@ from flwr.app import Array, ArrayRecord
 from server.dp_strategy import DPFedAvg
 from server.strategy import SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
+from shared_model.settings import FTRL_PRECONDITIONERS
 from shared_model.tree_aggregation import TreeNoise
+
+RMS_FLOOR = 1e-8  # added to a coordinate's RMS (Adam's tau): a coordinate with no release stays put
 
 
 class DPFTRL(DPFedAvg):
     def __init__(self, inner: SeededFedAdam, noise: float, clip: float, cohort: int, learning_rate: float,
+                 momentum: float = 0.0, preconditioner: str = "none",
                  randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
         """cohort: C, the clients a round (all of them if 0 or more than there are);
-        learning_rate: the server's step on each release (constant: FTRL's)."""
-        self.learning_rate = learning_rate
+        learning_rate: the server's step on each release (constant: FTRL's); momentum: beta of
+        the heavy-ball velocity the model steps by (0: the release itself); preconditioner:
+        "none" or "rms" (see the module's docstring)."""
+        if preconditioner not in FTRL_PRECONDITIONERS:
+            raise ValueError(f"DP-FTRL's preconditioner must be one of {FTRL_PRECONDITIONERS}, not {preconditioner!r}")
+        self.learning_rate, self.momentum, self.preconditioner = learning_rate, momentum, preconditioner
+        self.squares: dict[str, np.ndarray] = {}  # the current tree's sum of squared releases ("rms")
+        self.scale: dict[str, np.ndarray] = {}  # 1 / their RMS, as last refreshed
+        self.velocity: dict[str, np.ndarray] = {}  # sum_s beta^(t-s) release_s (not checkpointed: a resumed run starts at 0)
         population = len(inner.nodes)
         self.cohort = min(cohort, population) if cohort > 0 else population
         super().__init__(inner, noise, clip, self.cohort / population, None, randomness)
@@ -77,9 +97,23 @@ class DPFTRL(DPFedAvg):
         noise = self.tree.round_noise(self.tree_round)
         return {k: (t + noise[k]) / self.expected_count for k, t in total.items()}
 
+    def preconditioned(self, average: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The release scaled by 1 / RMS of the tree's releases, refreshed at tree rounds 1 and
+        2^j + 1 (constant from one power of two to the next)."""
+        if self.preconditioner == "none":
+            return average
+        t = self.tree_round
+        self.squares = {k: a**2 + self.squares[k] if t > 1 else a**2 for k, a in average.items()}
+        if t == 1 or (t - 1) & (t - 2) == 0:
+            self.scale = {k: 1.0 / (np.sqrt(q / t) + RMS_FLOOR) for k, q in self.squares.items()}
+        return {k: a * self.scale[k] for k, a in average.items()}
+
     def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord:
-        """The model plus the learning rate times the round's release (FTRL's step)."""
-        return ArrayRecord({k: Array((v + self.learning_rate * average[k]).astype(v.dtype))
+        """The model plus the learning rate times the velocity: beta times the last one plus the
+        round's (preconditioned) release (FTRL's step when beta is 0)."""
+        release = self.preconditioned(average)
+        self.velocity = {k: self.momentum * self.velocity[k] + a if k in self.velocity else a for k, a in release.items()}
+        return ArrayRecord({k: Array((v + self.learning_rate * self.velocity[k]).astype(v.dtype))
                             for k, v in self.current.items()})
 
     def release_figures(self) -> dict[str, float]:

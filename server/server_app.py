@@ -149,7 +149,8 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
                                 settings.server_dp_count_noise) if settings.server_dp_adaptive_clip else None
         if settings.server_dp_mechanism == "dp-ftrl":
             return optimizer, DPFTRL(optimizer, settings.server_dp_noise, settings.server_dp_clip,
-                                     settings.clients_per_round, settings.dp_ftrl_learning_rate, randomness)
+                                     settings.clients_per_round, settings.dp_ftrl_learning_rate,
+                                     settings.dp_ftrl_momentum, settings.dp_ftrl_preconditioner, randomness)
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                    settings.server_dp_sample_rate, adaptive, randomness)
     return optimizer, optimizer

@@ -21,6 +21,7 @@ from shared_model.upload import PRECISIONS
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 SERVER_MECHANISMS = ("dp-fedavg", "dp-ftrl")
+FTRL_PRECONDITIONERS = ("none", "rms")  # server/dp_ftrl.py
 
 
 class SettingsError(ValueError):
@@ -67,7 +68,9 @@ class RunSettings:
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
     server_dp_mechanism: str  # "dp-fedavg" (Poisson sampling, amplified) or "dp-ftrl" (tree noise, no sampling)
-    dp_ftrl_learning_rate: float  # DP-FTRL's server step on each release (constant: FTRL's; FedAdam is not used)
+    dp_ftrl_learning_rate: float  # DP-FTRL's server step on the velocity of the releases (constant; FedAdam is not used)
+    dp_ftrl_momentum: float  # DP-FTRL's heavy-ball momentum on the releases (post-processing: no privacy cost)
+    dp_ftrl_preconditioner: str  # "none" or "rms": DP-FTRL's per-coordinate scale of each release (post-processing)
     server_dp_noise: float  # noise multiplier z, accounted (std z * clip on the sum; more under adaptive clipping)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
@@ -147,6 +150,9 @@ class RunSettings:
              "server-dp-mechanism", "'dp-ftrl' adds the tree's noise on the server (no secure-aggregation) with a "
              "fixed clip (no server-dp-adaptive-clip)"),
             (self.dp_ftrl_learning_rate > 0, "dp-ftrl-learning-rate", "must be positive"),
+            (0 <= self.dp_ftrl_momentum < 1, "dp-ftrl-momentum", "must be in [0, 1)"),
+            (self.dp_ftrl_preconditioner in FTRL_PRECONDITIONERS, "dp-ftrl-preconditioner",
+             f"must be one of {FTRL_PRECONDITIONERS}"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (self.server_dp or not self.server_dp_adaptive_clip, "server-dp-adaptive-clip",
