@@ -4,21 +4,16 @@ deployments where clients cannot be Poisson-sampled (devices check in when they 
 
 Each round takes `clients-per-round` C clients that have not yet taken part in the current
 tree (chosen among them at random: the guarantee does not rest on the choice), clips each
-update to S, and releases (sum + the round's tree noise) / C; the model steps by
-`dp-ftrl-learning-rate` times it, so that within a tree it is the tree's starting model plus
-that rate times the noisy prefix sum (FTRL), whose noise is popcount(t) nodes'. With
-`dp-ftrl-momentum` beta > 0 the step is heavy-ball momentum on the releases (Kairouz et al.'s
-FTRLM): the model is the tree's start plus the rate times sum_s beta^(t-s) of the noisy prefix
-sums (plus the decaying velocity a previous tree left), a linear function of the releases,
-so the noise still comes from the prefix sums and costs no privacy. With
-`dp-ftrl-preconditioner = "rms"` each release is first scaled per coordinate by 1 / RMS of the
-tree's releases so far (Adam's normalisation, which makes a step about the rate on every
-coordinate): the scale is refreshed only at tree rounds 1 and 2^j + 1, so it is constant
-between prefix sums of 2^j rounds, each read from a single node, and the model after t rounds
-carries popcount(t) + log2(t) nodes' noise, not t releases' worth. The inner
-optimiser (FedAdam) is not used: its per-coordinate steps on each release would carry each
-release's noise, up to log2(t) + 1 nodes of it, and an attacker's review measured 2.9-5
-times the model's error of independent noise at the same z through it. A tree
+update to S, and releases (sum + the round's tree noise) / C, whose prefix sums within a tree
+carry popcount(t) nodes' noise. `dp-ftrl-step` says what the model does with each release:
+"fedadam" (the default) gives it to the server's FedAdam, as DP-FedAvg does: its steps are not
+linear in the releases, but with zero updates its model's noise after 50 rounds is 0.04 of
+what the same FedAdam makes of independent noise at the same z (tests/test_dp_ftrl.py).
+"ftrl" steps by `dp-ftrl-learning-rate` times a heavy-ball velocity (`dp-ftrl-momentum` beta:
+beta times the last velocity plus the release; Kairouz et al.'s FTRLM), so that within a tree
+the model is its start plus the rate times sum_s beta^(t-s) of the noisy prefix sums (plus
+the decaying velocity a previous tree left). Both are post-processing of the releases: no
+privacy cost. A tree
 ends when fewer than C clients are left that it has not had (about N / C rounds: an epoch
 over the population) and a new one starts, with all clients and fresh noise; a resumed run
 starts a new tree too (the old tree's noises are not kept). So a client is in at most one
@@ -41,25 +36,21 @@ from flwr.app import Array, ArrayRecord
 from server.dp_strategy import DPFedAvg
 from server.strategy import SeededFedAdam
 from shared_model.fresh_randomness import fresh_numpy_generator
-from shared_model.settings import FTRL_PRECONDITIONERS
+from shared_model.settings import FTRL_STEPS
 from shared_model.tree_aggregation import TreeNoise
-
-RMS_FLOOR = 1e-8  # added to a coordinate's RMS (Adam's tau): a coordinate with no release stays put
 
 
 class DPFTRL(DPFedAvg):
     def __init__(self, inner: SeededFedAdam, noise: float, clip: float, cohort: int, learning_rate: float,
-                 momentum: float = 0.0, preconditioner: str = "none",
+                 momentum: float = 0.0, step: str = "fedadam",
                  randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
         """cohort: C, the clients a round (all of them if 0 or more than there are);
         learning_rate: the server's step on each release (constant: FTRL's); momentum: beta of
-        the heavy-ball velocity the model steps by (0: the release itself); preconditioner:
-        "none" or "rms" (see the module's docstring)."""
-        if preconditioner not in FTRL_PRECONDITIONERS:
-            raise ValueError(f"DP-FTRL's preconditioner must be one of {FTRL_PRECONDITIONERS}, not {preconditioner!r}")
-        self.learning_rate, self.momentum, self.preconditioner = learning_rate, momentum, preconditioner
-        self.squares: dict[str, np.ndarray] = {}  # the current tree's sum of squared releases ("rms")
-        self.scale: dict[str, np.ndarray] = {}  # 1 / their RMS, as last refreshed
+        the heavy-ball velocity the model steps by (0: the release itself); step: "fedadam" (the
+        inner optimiser's step on each release) or "ftrl" (learning_rate times the velocity)."""
+        if step not in FTRL_STEPS:
+            raise ValueError(f"DP-FTRL's step must be one of {FTRL_STEPS}, not {step!r}")
+        self.learning_rate, self.momentum, self.step_kind = learning_rate, momentum, step
         self.velocity: dict[str, np.ndarray] = {}  # sum_s beta^(t-s) release_s (not checkpointed: a resumed run starts at 0)
         population = len(inner.nodes)
         self.cohort = min(cohort, population) if cohort > 0 else population
@@ -97,22 +88,12 @@ class DPFTRL(DPFedAvg):
         noise = self.tree.round_noise(self.tree_round)
         return {k: (t + noise[k]) / self.expected_count for k, t in total.items()}
 
-    def preconditioned(self, average: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The release scaled by 1 / RMS of the tree's releases, refreshed at tree rounds 1 and
-        2^j + 1 (constant from one power of two to the next)."""
-        if self.preconditioner == "none":
-            return average
-        t = self.tree_round
-        self.squares = {k: a**2 + self.squares[k] if t > 1 else a**2 for k, a in average.items()}
-        if t == 1 or (t - 1) & (t - 2) == 0:
-            self.scale = {k: 1.0 / (np.sqrt(q / t) + RMS_FLOOR) for k, q in self.squares.items()}
-        return {k: a * self.scale[k] for k, a in average.items()}
-
-    def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord:
-        """The model plus the learning rate times the velocity: beta times the last one plus the
-        round's (preconditioned) release (FTRL's step when beta is 0)."""
-        release = self.preconditioned(average)
-        self.velocity = {k: self.momentum * self.velocity[k] + a if k in self.velocity else a for k, a in release.items()}
+    def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord | None:
+        """FedAdam's step on the release, or ("ftrl") the model plus the learning rate times the
+        velocity: beta times the last one plus the release (plain FTRL when beta is 0)."""
+        if self.step_kind == "fedadam":
+            return super().step(server_round, average)
+        self.velocity = {k: self.momentum * self.velocity[k] + a if k in self.velocity else a for k, a in average.items()}
         return ArrayRecord({k: Array((v + self.learning_rate * self.velocity[k]).astype(v.dtype))
                             for k, v in self.current.items()})
 

@@ -150,7 +150,7 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
         if settings.server_dp_mechanism == "dp-ftrl":
             return optimizer, DPFTRL(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                      settings.clients_per_round, settings.dp_ftrl_learning_rate,
-                                     settings.dp_ftrl_momentum, settings.dp_ftrl_preconditioner, randomness)
+                                     settings.dp_ftrl_momentum, settings.dp_ftrl_step, randomness)
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                    settings.server_dp_sample_rate, adaptive, randomness)
     return optimizer, optimizer

@@ -21,7 +21,7 @@ from shared_model.upload import PRECISIONS
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 SERVER_MECHANISMS = ("dp-fedavg", "dp-ftrl")
-FTRL_PRECONDITIONERS = ("none", "rms")  # server/dp_ftrl.py
+FTRL_STEPS = ("fedadam", "ftrl")  # what DP-FTRL does with each release (server/dp_ftrl.py)
 
 
 class SettingsError(ValueError):
@@ -68,9 +68,9 @@ class RunSettings:
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
     server_dp_mechanism: str  # "dp-fedavg" (Poisson sampling, amplified) or "dp-ftrl" (tree noise, no sampling)
-    dp_ftrl_learning_rate: float  # DP-FTRL's server step on the velocity of the releases (constant; FedAdam is not used)
-    dp_ftrl_momentum: float  # DP-FTRL's heavy-ball momentum on the releases (post-processing: no privacy cost)
-    dp_ftrl_preconditioner: str  # "none" or "rms": DP-FTRL's per-coordinate scale of each release (post-processing)
+    dp_ftrl_step: str  # "fedadam" (the server's FedAdam on each release) or "ftrl" (the rate times a momentum velocity)
+    dp_ftrl_learning_rate: float  # DP-FTRL's "ftrl" step: the model steps by this times the velocity of the releases
+    dp_ftrl_momentum: float  # DP-FTRL's "ftrl" step: heavy-ball momentum on the releases (post-processing: no privacy cost)
     server_dp_noise: float  # noise multiplier z, accounted (std z * clip on the sum; more under adaptive clipping)
     server_dp_clip: float  # L2 bound S on a client's update
     server_dp_sample_rate: float  # Poisson rate q at which each client is sampled
@@ -151,8 +151,7 @@ class RunSettings:
              "fixed clip (no server-dp-adaptive-clip)"),
             (self.dp_ftrl_learning_rate > 0, "dp-ftrl-learning-rate", "must be positive"),
             (0 <= self.dp_ftrl_momentum < 1, "dp-ftrl-momentum", "must be in [0, 1)"),
-            (self.dp_ftrl_preconditioner in FTRL_PRECONDITIONERS, "dp-ftrl-preconditioner",
-             f"must be one of {FTRL_PRECONDITIONERS}"),
+            (self.dp_ftrl_step in FTRL_STEPS, "dp-ftrl-step", f"must be one of {FTRL_STEPS}"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (self.server_dp or not self.server_dp_adaptive_clip, "server-dp-adaptive-clip",

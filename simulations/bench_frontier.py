@@ -204,8 +204,9 @@ def plot(results: dict, path: Path) -> None:
     kept.set_ylabel("lift over popularity kept (%)")
     kept.axhline(90, color="grey", linewidth=0.8)
     ndcg.legend(fontsize=7)
-    fig.suptitle(f"DP-FedAvg, expected cohort {results['cohort']}, {results['rounds']} rounds, {results['machine']}",
-                 fontsize=9)
+    ftrl = any(v["set"].get("server-dp-mechanism") == "dp-ftrl" for v in results["variants"].values())
+    fig.suptitle(f"{'DP-FedAvg and DP-FTRL' if ftrl else 'DP-FedAvg'}, expected cohort {results['cohort']}, "
+                 f"{results['rounds']} rounds, {results['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

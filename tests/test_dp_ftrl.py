@@ -47,9 +47,9 @@ def test_a_prefix_sum_is_read_from_popcount_t_nodes_each_drawn_once():
 
 
 def ftrl(nodes: int, cohort: int, noise: float = 1.0, learning_rate: float = 1.0, momentum: float = 0.0,
-         preconditioner: str = "none") -> DPFTRL:
+         step: str = "ftrl") -> DPFTRL:
     inner = SeededFedAdam({n: n for n in range(1, nodes + 1)}, 0, seed=0, server_lr=0.1, half_life=1e9)
-    return DPFTRL(inner, noise, 1.0, cohort, learning_rate, momentum, preconditioner, randomness=counted_generators())
+    return DPFTRL(inner, noise, 1.0, cohort, learning_rate, momentum, step, randomness=counted_generators())
 
 
 def test_each_client_once_a_tree_and_a_new_tree_when_too_few_are_left():
@@ -65,9 +65,8 @@ def test_each_client_once_a_tree_and_a_new_tree_when_too_few_are_left():
 
 
 def test_the_model_is_the_trees_start_plus_the_rate_times_its_noisy_prefix_sum():
-    """Zero updates, rate 0.5, C = 10: after seven rounds the model is 0.5 noise(1..7) / 10,
-    three nodes' noise (std z S = 2 each), not seven rounds' worth (FedAdam's steps would not
-    telescope: it is not used)."""
+    """The "ftrl" step, zero updates, rate 0.5, C = 10: after seven rounds the model is
+    0.5 noise(1..7) / 10, three nodes' noise (std z S = 2 each), not seven rounds' worth."""
     strategy, model = ftrl(100, 10, noise=2.0, learning_rate=0.5), np.zeros(SHAPE, dtype=np.float32)
     for server_round in range(1, 8):
         strategy.begin_round(ArrayRecord({"w": Array(model)}))
@@ -92,47 +91,33 @@ def test_momentum_steps_by_the_momentum_weighted_sum_of_the_noisy_prefix_sums():
     assert np.var(model) > 2 * np.var(0.5 * strategy.tree.prefix(7)["w"] / 10)
 
 
-def run_rounds(strategy: DPFTRL, rounds: int, total: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """`rounds` rounds from a zero model, each with the clipped sum `total` (none: zero)."""
-    model = np.zeros(SHAPE, dtype=np.float32)
+class IndependentNoise(TreeNoise):
+    """The control: each round's release gets a fresh node of its own (independent noise
+    of the same std every round), as DP-FedAvg's noise would be."""
+
+    def round_noise(self, t: int) -> dict[str, np.ndarray]:
+        return self.node((0, t - 1))
+
+
+def model_noise(step: str, noise_class: type[TreeNoise], monkeypatch: pytest.MonkeyPatch, rounds: int = 50) -> float:
+    """The model's variance after `rounds` rounds of zero updates (one tree: 10,000 clients, 10 a round)."""
+    monkeypatch.setattr("server.dp_ftrl.TreeNoise", noise_class)
+    strategy, model = ftrl(10_000, 10, noise=2.0, learning_rate=0.1, step=step), np.zeros(SHAPE, dtype=np.float32)
     for server_round in range(1, rounds + 1):
         strategy.begin_round(ArrayRecord({"w": Array(model)}))
-        zero_sum, norms = strategy.clipped_sum([])
-        stepped, _ = strategy.aggregate_clipped(server_round, total or zero_sum, norms)
+        stepped, _ = strategy.aggregate_clipped(server_round, *strategy.clipped_sum([]))
         model = stepped["w"].numpy()
-    return model
+    return float(np.var(model))
 
 
-def test_the_rms_preconditioner_is_constant_between_powers_of_two_so_the_prefix_sums_telescope():
-    """Zero updates, rate 0.5: the scales set at tree rounds 1, 2, 3 and 5 multiply the noisy
-    prefix sum's growth over rounds 1, 2, 3-4 and 5-7, whose ends (1, 2 and 4 rounds) are
-    single nodes: the model carries 5 node noises (leaf 1, pair 1-2, quad 1-4, and 7's pair
-    5-6 and leaf 7), not seven releases' (each release's own noise would enter with its own
-    scale if the scale changed every round, as FedAdam's does)."""
-    strategy = ftrl(100, 10, noise=2.0, learning_rate=0.5, preconditioner="rms")
-    model = run_rounds(strategy, 7)
-    prefix = [strategy.tree.prefix(t)["w"] / 10 for t in range(8)]
-    releases = [prefix[t] - prefix[t - 1] for t in range(1, 8)]
-
-    def scale(t: int) -> np.ndarray:
-        return 1 / (np.sqrt(sum(r**2 for r in releases[:t]) / t) + 1e-8)
-    pieces = [(1, 0, 1), (2, 1, 2), (3, 2, 4), (5, 4, 7)]  # (the scale's round, the piece's ends)
-    expected = 0.5 * sum(scale(t) * (prefix[end] - prefix[start]) for t, start, end in pieces)
-    assert np.allclose(model, expected, rtol=1e-4, atol=1e-5)
-    # per coordinate, a step is about the rate: |0.5 scale(1) r_1| = 0.5 in round 1, whatever the noise's std
-    assert np.allclose(np.abs(0.5 * scale(1) * releases[0]), 0.5, rtol=1e-3)
-
-
-def test_the_rms_preconditioner_steps_every_coordinate_at_the_rate_whatever_its_scale():
-    """The same update every round, coordinates 1e-4 to 1 in size, almost no noise: plain FTRL
-    moves the small ones 1e4 times less, the preconditioned step moves each by the rate a round."""
-    update = np.geomspace(1e-4, 1.0, SHAPE[0] * SHAPE[1]).reshape(SHAPE) * np.sign(np.arange(-5000, 5000)).reshape(SHAPE)
-    update[update == 0] = 1e-4
-    total = {"w": 10 * update}  # the clipped sum of a cohort of 10 that all sent `update`
-    plain = run_rounds(ftrl(100, 10, noise=1e-9, learning_rate=0.5), 4, total)
-    scaled = run_rounds(ftrl(100, 10, noise=1e-9, learning_rate=0.5, preconditioner="rms"), 4, total)
-    assert np.allclose(plain, 4 * 0.5 * update, rtol=1e-4)
-    assert np.allclose(scaled, 4 * 0.5 * np.sign(update), rtol=1e-3)
+@pytest.mark.parametrize("step, most", [("ftrl", 0.1), ("fedadam", 0.1)])
+def test_the_trees_noise_reaches_the_model_far_less_than_independent_noise(step, most, monkeypatch):
+    """50 rounds of one tree: the model's noise is a small share of what the same step makes
+    of independent noise at the same std (ftrl: popcount(50) = 3 nodes against 50, 0.06;
+    FedAdam, whose steps are not linear in the releases: measured 0.04 on 2026-12-01, where
+    an earlier review's 2.9-5x the independent noise's error was not reproduced)."""
+    tree, independent = model_noise(step, TreeNoise, monkeypatch), model_noise(step, IndependentNoise, monkeypatch)
+    assert tree < most * independent
 
 
 @pytest.mark.parametrize("trees", [[10], [10] * 6, [7, 7, 3], [1, 1, 1]])
@@ -194,7 +179,7 @@ def test_what_dp_ftrl_does_not_cover_is_refused_by_name(overrides):
 
 
 @pytest.mark.parametrize("key, value", [("dp-ftrl-momentum", 1.0), ("dp-ftrl-momentum", -0.1),
-                                        ("dp-ftrl-preconditioner", "adam")])
+                                        ("dp-ftrl-step", "adam")])
 def test_a_bad_ftrl_step_is_refused_by_name(key, value):
     config = {"partitioning": "per-user", "server-dp": True, "server-dp-mechanism": "dp-ftrl", key: value}
     with pytest.raises(SettingsError, match=f"run config '{key}'"):
@@ -203,7 +188,7 @@ def test_a_bad_ftrl_step_is_refused_by_name(key, value):
 
 def test_a_flower_run_with_dp_ftrl_is_accounted_by_trees_and_audited(tmp_path):
     """10 SuperNodes, 4 a round, 4 rounds: trees of 2 rounds (8 clients), then a new one;
-    the default step, with momentum and the RMS preconditioner (post-processing: the same accounting)."""
+    the default step, FedAdam's on each release (post-processing: the same accounting)."""
     config = {"synthetic-users": 10, "partitioning": "per-user", "dp": "none", "server-dp": True,
               "id-embeddings": False, "server-dp-mechanism": "dp-ftrl", "clients-per-round": 4,
               "num-server-rounds": 4, "output-dir": str(tmp_path), "run-name": "ftrl"}
