@@ -7,7 +7,7 @@ tree (chosen among them at random: the guarantee does not rest on the choice), c
 update to S, and releases (sum + the round's tree noise) / C, whose prefix sums within a tree
 carry popcount(t) nodes' noise. `dp-ftrl-step` says what the model does with each release:
 "fedadam" (the default) gives it to the server's FedAdam, as DP-FedAvg does: its steps are not
-linear in the releases, but with zero updates its model's noise after 50 rounds is 0.04 of
+linear in the releases, but with zero updates its model's noise after 50 rounds is 0.036 of
 what the same FedAdam makes of independent noise at the same z (tests/test_dp_ftrl.py).
 "ftrl" steps by `dp-ftrl-learning-rate` times a heavy-ball velocity (`dp-ftrl-momentum` beta:
 beta times the last velocity plus the release; Kairouz et al.'s FTRLM), so that within a tree
