@@ -120,7 +120,9 @@ class _SecAggPlus(SecAggPlusWorkflow):
       unmasking, asks every survivor for its share of a key the node never shared: each
       survivor fails and the round halts (tests/test_secure_aggregation.py measures it). No
       client derived a mask with such a node (masks are made with the nodes whose shares
-      arrived), so the round goes on with the others."""
+      arrived), so the round goes on with the others;
+    - it reconstructs each secret from the threshold's number of shares, not all it holds
+      (shared_model/secagg_patches.py)."""
 
     def __init__(self, min_survivors: int, **kwargs):
         super().__init__(**kwargs)
@@ -139,6 +141,10 @@ class _SecAggPlus(SecAggPlusWorkflow):
         state.nid_to_neighbours = {nid: nbrs & alive for nid, nbrs in state.nid_to_neighbours.items() if nid in alive}
         log(INFO, "SecAgg+: %d clients handed out their key shares; they train and send masked vectors", len(alive))
         return True
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state) -> bool:
+        with secagg_patches.threshold_of_the_round(state.threshold):  # each secret from that many shares
+            return super().unmask_stage(grid, context, state)
 
 
 class _RecordingGrid:

@@ -7,19 +7,42 @@ the server alike: both sides must run them.
   plain update's bytes in our benchmark). The mod packs them into uint32 (the modulus is
   2^32: nothing is lost; clients refuse any other modulus at setup), and the workflow widens
   them back to int64 on receipt, before it adds them (its arithmetic, unchanged, is int64).
+- Shamir's sharing without threads: Flower's `shamir.py` starts a thread pool for every
+  secret it splits or combines, to run pycryptodome's pure-Python `Shamir` on each 16-byte
+  chunk; under the GIL the threads add start-up and switching, not speed. The same calls
+  run one after another (`InlineExecutor`); the shares are the same.
+- Reconstruction from the threshold's number of shares: Flower's workflow hands
+  `combine_shares` every share it collected (up to the neighbourhood's size), while
+  pycryptodome's `Shamir.combine` asks for exactly the threshold's number (any that many
+  determine the polynomial; Lagrange's cost grows with the square of the number given).
+  `_SecAggPlus.unmask_stage` (server/secure_aggregation.py) names the threshold
+  (`threshold_of_the_round`); without it, every share is used, as Flower does.
+- Private keys as their 48-byte scalar: the mod keeps its keys, and Shamir-shares its
+  first one, as PKCS8 PEM (306 bytes: 20 chunks of 16 to split, each into a share per
+  neighbour); the scalar is 4 chunks. The same key through `cryptography`'s own
+  functions (`private_numbers`, `derive_private_key`); the workflow reads a dropped
+  client's reconstructed key the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import importlib
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.secure_aggregation.crypto import shamir
 
 from shared_model import secure_masks
 
 MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+P384_BYTES = 48  # Flower's SecAgg+ keys are on SECP384R1
+_THRESHOLD: contextvars.ContextVar[int | None] = contextvars.ContextVar("secagg_threshold", default=None)
 
 
 def packed_bytes(masked: np.ndarray) -> bytes:
@@ -36,8 +59,69 @@ def widened_array(data: bytes) -> np.ndarray:
     return bytes_to_ndarray(data).astype(np.int64)
 
 
+def private_key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The key's private scalar, big-endian, 48 bytes (Flower's keys are P-384)."""
+    if not isinstance(key.curve, ec.SECP384R1):
+        raise ValueError(f"a SecAgg+ key on {key.curve.name}, not secp384r1")
+    return key.private_numbers().private_value.to_bytes(P384_BYTES, "big")
+
+
+@functools.lru_cache(maxsize=4)
+def private_key_from_bytes(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """The P-384 key whose scalar `private_key_bytes` wrote. The mod reads its two keys
+    once per neighbour (24 times a round at 50 clients), and each read derives the public
+    point again: the last few are kept (the client's state holds their bytes anyway)."""
+    if len(data) != P384_BYTES:
+        raise ValueError(f"a SecAgg+ private key of {len(data)} bytes, not {P384_BYTES}")
+    return ec.derive_private_key(int.from_bytes(data, "big"), ec.SECP384R1())
+
+
+class InlineExecutor:
+    """`shamir.py`'s ThreadPoolExecutor, minus the threads: `map` runs in the caller."""
+
+    def __init__(self, max_workers: int | None = None):
+        del max_workers
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def map(self, fn: Callable, items: Iterable) -> Iterator:
+        return map(fn, items)
+
+
+@contextlib.contextmanager
+def threshold_of_the_round(threshold: int) -> Iterator[None]:
+    """Within it, `combine_shares` reconstructs each secret from `threshold` shares."""
+    token = _THRESHOLD.set(threshold)
+    try:
+        yield
+    finally:
+        _THRESHOLD.reset(token)
+
+
+def combine_threshold_shares(share_list: list[bytes]) -> bytes:
+    """Flower's `combine_shares` on the first `threshold` shares (all of them outside
+    `threshold_of_the_round`); fewer than the threshold are refused, as they would give a
+    wrong secret silently."""
+    threshold = _THRESHOLD.get()
+    if threshold is None:
+        return shamir.combine_shares(share_list)
+    if len(share_list) < threshold:
+        raise ValueError(f"{len(share_list)} shares, fewer than the threshold {threshold}")
+    return shamir.combine_shares(share_list[:threshold])
+
+
 def install() -> None:
     """Patch Flower's SecAgg+ mod and workflow (idempotent)."""
     secure_masks.install()
-    importlib.import_module(MOD).ndarray_to_bytes = packed_bytes
-    importlib.import_module(WORKFLOW).bytes_to_ndarray = widened_array
+    shamir.ThreadPoolExecutor = InlineExecutor
+    mod = importlib.import_module(MOD)
+    mod.ndarray_to_bytes = packed_bytes
+    mod.private_key_to_bytes, mod.bytes_to_private_key = private_key_bytes, private_key_from_bytes
+    workflow = importlib.import_module(WORKFLOW)
+    workflow.bytes_to_ndarray = widened_array
+    workflow.combine_shares = combine_threshold_shares
+    workflow.bytes_to_private_key = private_key_from_bytes

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.crypto import shamir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.supercore.primitives import asymmetric
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.client_app as client_app
@@ -25,7 +27,7 @@ from client.client_app import simulated_failure
 from server.privacy_audit import audit_run
 from server.server_app import array_record, starting_model
 from server.secure_aggregation import SecureAggregation, quantization_range
-from shared_model import secure_masks
+from shared_model import secagg_patches, secure_masks
 from shared_model.secagg_patches import packed_bytes, widened_array
 from shared_model.dp_aggregation import clipping_range, cohort_cap, noise_share_std
 from shared_model.ledger import LedgerEntry, append_entries, read_ledger
@@ -343,6 +345,50 @@ def test_masked_vectors_travel_in_half_the_bytes_and_only_within_the_modulus():
     assert widened_array(ours).dtype == np.int64
     with pytest.raises(ValueError, match="modulus must be 2"):
         packed_bytes(np.array([2**32], dtype=np.int64))
+
+
+def test_shamir_runs_without_threads_and_reconstructs_from_the_thresholds_shares():
+    """Once installed, Flower's `shamir.py` starts no thread pool (the same calls, inline);
+    within `threshold_of_the_round(t)` the workflow's `combine_shares` reads only the first
+    t shares: t good shares and a corrupted one give the secret, where Flower's, given all,
+    (the control) does not; fewer than t are refused."""
+    secagg_patches.install()
+    secret = bytes(range(40))
+    shares = shamir.create_shares(secret, 3, 7)
+    assert shamir.ThreadPoolExecutor is secagg_patches.InlineExecutor
+    assert shamir.combine_shares(shares[2:5]) == secret  # any 3 of the 7
+    workflow = importlib.import_module(secagg_patches.WORKFLOW)
+    corrupted = shares[:3] + [shares[3][:4] + bytes(len(shares[3]) - 4)]
+    assert recovered(shamir.combine_shares, corrupted) != secret  # Flower's: every share counts
+    with secagg_patches.threshold_of_the_round(3):
+        assert workflow.combine_shares(corrupted) == secret
+        with pytest.raises(ValueError, match="fewer than the threshold 3"):
+            workflow.combine_shares(shares[:2])
+    assert recovered(workflow.combine_shares, corrupted) != secret  # outside a round: as Flower
+
+
+def test_a_clients_private_keys_are_kept_and_shared_as_their_48_byte_scalar():
+    """Flower's PEM (the control) is 306 bytes, 20 Shamir chunks; ours is the same key in
+    48 bytes, 4 chunks, read back by the mod and by the workflow (which reads a dropped
+    client's key: the dropout tests above run through it); another length is refused."""
+    secagg_patches.install()
+    mod, workflow = (importlib.import_module(m) for m in (secagg_patches.MOD, secagg_patches.WORKFLOW))
+    key, _ = mod.generate_key_pairs()
+    ours, flowers = mod.private_key_to_bytes(key), asymmetric.private_key_to_bytes(key)
+    assert (len(ours), len(flowers)) == (48, 306)
+    for read in (mod.bytes_to_private_key, workflow.bytes_to_private_key):
+        assert read(ours).private_numbers() == key.private_numbers()
+    assert len(shamir.create_shares(ours, 3, 7)[0]) == 4 + 4 * 16
+    with pytest.raises(ValueError, match="of 306 bytes, not 48"):
+        workflow.bytes_to_private_key(flowers)
+
+
+def recovered(combine, shares: list[bytes]) -> bytes | None:
+    """The secret a combine function gives, None where the wrong padding gives it away."""
+    try:
+        return combine(shares)
+    except ValueError:
+        return None
 
 
 SETUP = {Key.SAMPLE_NUMBER: 6, Key.SHARE_NUMBER: 9, Key.THRESHOLD: 3, Key.TARGET_RANGE: 2**27, Key.MOD_RANGE: 2**32,
