@@ -9,6 +9,10 @@ from safetensors.torch import load_file
 from server.run_folder import saved_round
 from simulations.flower_runner import run_flower
 
+# `flwr run` starts its local SuperLink on one fixed port: one such test at a time (the suite runs
+# on 2 workers: README)
+pytestmark = pytest.mark.xdist_group("local-superlink")
+
 CLIENTS = 10
 CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-failure-rate": 0.15, "dp": "none",
           "synthetic-users": 2000, "lora-layers": 1}  # the non-private baseline: bit-reproducible, resumable
