@@ -9,6 +9,8 @@ every process that carries its FLWR_HOME.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,22 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
                RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     return env
+
+
+LOCAL_SUPERLINK_LOCK = Path(tempfile.gettempdir()) / "fedrec-local-superlink.lock"
+
+
+@contextlib.contextmanager
+def local_superlink_turn(lock_path: Path = LOCAL_SUPERLINK_LOCK) -> Iterator[None]:
+    """This process's turn at the local SuperLink: `flwr run` starts it on a fixed port, so a
+    second run on the machine (a benchmark, another test worker) waits for the first to end
+    instead of failing on the port."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def local_superlink_running() -> bool:
@@ -144,46 +162,48 @@ def run_flower(
     timeout: float = 3600,
     crash_when: Callable[[], bool] | None = None,
 ) -> FlowerRun:
-    """`flwr run app_dir --stream` with the given overrides; always stops what it started.
+    """`flwr run app_dir --stream` with the given overrides, in this process's turn at the
+    local SuperLink; always stops what it started.
 
     crash_when: polled every second; once it returns True, every process of the run is
     killed at once (a crash, status "crashed"), to test resuming.
     """
-    if local_superlink_running():
-        raise RuntimeError("a local SuperLink already runs on 127.0.0.1:39091; stop it first "
-                           "(pkill -f flower-superlink)")
-    home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
-    command = ["flwr", "run", str(app_dir), "--stream",
-               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
-    if run_config:
-        command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
-    lines: list[str] = []
-    status, peak = None, 0
-    try:
-        with subprocess.Popen(command, cwd=app_dir, env=flower_env(home), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) as proc:
-            reader = threading.Thread(target=_collect, args=(proc.stdout, lines, echo), daemon=True)
-            reader.start()
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None:
-                if crash_when is not None and crash_when():
-                    stop_processes_of(home)
-                    proc.kill()
-                    status = "crashed"
-                elif time.monotonic() > deadline:
-                    proc.kill()
-                    status = "timed out"
-                peak = max(peak, total_rss(processes_of(home)))
-                time.sleep(1.0)
-            reader.join(timeout=10)
-        log = "".join(lines)
-        match = re.search(r"Successfully started run (\d+)", log)
-        run_id = int(match.group(1)) if match else None
-        if status is None:
-            status = run_status(home, run_id) if run_id else "not started"
-        return FlowerRun(run_id, status, log, peak)
-    finally:
-        stop_processes_of(home)
+    with local_superlink_turn():
+        if local_superlink_running():
+            raise RuntimeError("a local SuperLink already runs on 127.0.0.1:39091; stop it first "
+                               "(pkill -f flower-superlink)")
+        home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+        command = ["flwr", "run", str(app_dir), "--stream", "--federation-config",
+                   f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+        if run_config:
+            command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+        lines: list[str] = []
+        status, peak = None, 0
+        try:
+            with subprocess.Popen(command, cwd=app_dir, env=flower_env(home), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) as proc:
+                reader = threading.Thread(target=_collect, args=(proc.stdout, lines, echo), daemon=True)
+                reader.start()
+                deadline = time.monotonic() + timeout
+                while proc.poll() is None:
+                    if crash_when is not None and crash_when():
+                        stop_processes_of(home)
+                        proc.kill()
+                        status = "crashed"
+                    elif time.monotonic() > deadline:
+                        proc.kill()
+                        status = "timed out"
+                    peak = max(peak, total_rss(processes_of(home)))
+                    time.sleep(1.0)
+                reader.join(timeout=10)
+            log = "".join(lines)
+            match = re.search(r"Successfully started run (\d+)", log)
+            run_id = int(match.group(1)) if match else None
+            if status is None:
+                status = run_status(home, run_id) if run_id else "not started"
+            return FlowerRun(run_id, status, log, peak)
+        finally:
+            stop_processes_of(home)
 
 
 def _collect(stream, lines: list[str], echo: bool) -> None:

@@ -20,10 +20,6 @@ from shared_model.partitions import partition_users
 from shared_model.splits import user_sequences
 from simulations.deployment_runner import CONNECTION, Deployment
 
-# the real-process deployments one at a time: each takes the 2 cores (the suite runs on 2 workers,
-# README)
-pytestmark = pytest.mark.xdist_group("deployment")
-
 USERS, DEVICES = 300, 4  # device 3 is the one that dies
 UNREGISTERED = DEVICES  # the key index of the refused SuperNode
 CONFIG = {"dataset": "synthetic", "synthetic-users": USERS, "partitioning": "iid", "num-server-rounds": 2,

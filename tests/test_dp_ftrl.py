@@ -20,10 +20,6 @@ from shared_model.settings import RunSettings, SettingsError
 from shared_model.tree_aggregation import TreeNoise, intervals
 from simulations.flower_runner import app_run_config, run_flower
 
-# `flwr run` starts its local SuperLink on one fixed port: one such test at a time (the suite runs
-# on 2 workers: README)
-pytestmark = pytest.mark.xdist_group("local-superlink")
-
 SHAPE = (100, 100)  # 10,000 coordinates: a variance is measured to about 3%
 
 

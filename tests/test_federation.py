@@ -1,17 +1,14 @@
 """The Flower app through `flwr run` (a real local SuperLink and simulation engine)."""
 
 import json
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from server.run_folder import saved_round
-from simulations.flower_runner import run_flower
-
-# `flwr run` starts its local SuperLink on one fixed port: one such test at a time (the suite runs
-# on 2 workers: README)
-pytestmark = pytest.mark.xdist_group("local-superlink")
+from simulations.flower_runner import local_superlink_turn, run_flower
 
 CLIENTS = 10
 CONFIG = {"num-server-rounds": 3, "eval-every": 1, "local-steps": 6, "simulated-failure-rate": 0.15, "dp": "none",
@@ -69,3 +66,20 @@ def test_a_crashed_run_resumes_to_the_same_result_bit_for_bit(full_run, tmp_path
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
     rounds = [json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3]
+
+
+def test_a_second_flower_run_on_the_machine_waits_for_the_first(tmp_path):
+    """The local SuperLink's port is fixed: while one caller holds its turn (a test worker, a
+    benchmark), another blocks instead of failing on the port, and goes once the first ends."""
+    lock, entered = tmp_path / "lock", threading.Event()
+
+    def second():
+        with local_superlink_turn(lock):
+            entered.set()
+
+    with local_superlink_turn(lock):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        assert not entered.wait(1.0)  # blocked: without the lock it would enter at once
+    assert entered.wait(30)
+    waiting.join()

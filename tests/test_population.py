@@ -31,10 +31,6 @@ from simulations.client_harness import client_context, deliver
 from simulations.flower_runner import app_run_config, run_flower
 from simulations.population import Population, check_replicable, checked_device, run
 
-# `flwr run` starts its local SuperLink on one fixed port: one such test at a time (the suite runs
-# on 2 workers: README)
-pytestmark = pytest.mark.xdist_group("local-superlink")
-
 USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
           "id-embeddings": False, "dropout": 0.0, "eval-every": 100}

@@ -14,10 +14,6 @@ from shared_model.privacy import (audit_lower_bound, audit_p_value, epsilon, ind
                                   interaction_epsilon, noise_multiplier)
 from simulations.flower_runner import run_flower
 
-# `flwr run` starts its local SuperLink on one fixed port: one such test at a time (the suite runs
-# on 2 workers: README)
-pytestmark = pytest.mark.xdist_group("local-superlink")
-
 
 def test_rdp_matches_opacus_published_vector():
     # opacus/tests/accountants_test.py: sigma 1.5, q 0.04, 2250 steps, delta 1e-5 -> 7.3291

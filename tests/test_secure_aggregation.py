@@ -37,10 +37,6 @@ from shared_model.settings import RunSettings, SettingsError
 from simulations.client_harness import client_context, deliver
 from simulations.flower_runner import app_run_config, run_flower
 
-# `flwr run` starts its local SuperLink on one fixed port: one such test at a time (the suite runs
-# on 2 workers: README)
-pytestmark = pytest.mark.xdist_group("local-superlink")
-
 USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
           "id-embeddings": False, "secure-aggregation": True, "secagg-min-clients": 4, "server-dp-clip": 0.5,

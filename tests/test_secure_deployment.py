@@ -9,16 +9,10 @@ releases a model, and the ledger accounts it.
 import json
 import time
 
-import pytest
-
 from client.device_store import write_device
 from shared_model.datasets import load_dataset
 from shared_model.ledger import read_ledger
 from simulations.deployment_runner import Deployment
-
-# the real-process deployments one at a time: each takes the 2 cores (the suite runs on 2 workers,
-# README)
-pytestmark = pytest.mark.xdist_group("deployment")
 
 DEVICES, KILLED = 4, 3
 CONFIG = {"dataset": "synthetic", "synthetic-users": 30, "partitioning": "per-user", "num-server-rounds": 1,
