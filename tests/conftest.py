@@ -3,18 +3,24 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared_model.data import ml100k_dir
 
 
 def pytest_configure(config):
     """A SIGTERM (a CI timeout, `kill`) interrupts like Ctrl-C, so fixture finalizers still stop
-    the SuperLinks, SuperNodes and servers the tests started."""
+    the SuperLinks, SuperNodes and servers the tests started. On a pytest-xdist worker (README's
+    command runs two on two cores) torch, and every process the tests start, use one thread:
+    two workers of two threads each slowed CPU-bound tests up to tenfold."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
