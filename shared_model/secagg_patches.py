@@ -33,8 +33,8 @@ import importlib
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.crypto import shamir
 
 from shared_model import secure_masks

@@ -152,6 +152,7 @@ def stop_processes_of(flwr_home: Path) -> int:
     return len(mine)
 
 
+@local_superlink_turn()
 def run_flower(
     run_config: dict,
     num_supernodes: int,
@@ -163,47 +164,46 @@ def run_flower(
     crash_when: Callable[[], bool] | None = None,
 ) -> FlowerRun:
     """`flwr run app_dir --stream` with the given overrides, in this process's turn at the
-    local SuperLink; always stops what it started.
+    local SuperLink (the decorator); always stops what it started.
 
     crash_when: polled every second; once it returns True, every process of the run is
     killed at once (a crash, status "crashed"), to test resuming.
     """
-    with local_superlink_turn():
-        if local_superlink_running():
-            raise RuntimeError("a local SuperLink already runs on 127.0.0.1:39091; stop it first "
-                               "(pkill -f flower-superlink)")
-        home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
-        command = ["flwr", "run", str(app_dir), "--stream", "--federation-config",
-                   f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
-        if run_config:
-            command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
-        lines: list[str] = []
-        status, peak = None, 0
-        try:
-            with subprocess.Popen(command, cwd=app_dir, env=flower_env(home), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) as proc:
-                reader = threading.Thread(target=_collect, args=(proc.stdout, lines, echo), daemon=True)
-                reader.start()
-                deadline = time.monotonic() + timeout
-                while proc.poll() is None:
-                    if crash_when is not None and crash_when():
-                        stop_processes_of(home)
-                        proc.kill()
-                        status = "crashed"
-                    elif time.monotonic() > deadline:
-                        proc.kill()
-                        status = "timed out"
-                    peak = max(peak, total_rss(processes_of(home)))
-                    time.sleep(1.0)
-                reader.join(timeout=10)
-            log = "".join(lines)
-            match = re.search(r"Successfully started run (\d+)", log)
-            run_id = int(match.group(1)) if match else None
-            if status is None:
-                status = run_status(home, run_id) if run_id else "not started"
-            return FlowerRun(run_id, status, log, peak)
-        finally:
-            stop_processes_of(home)
+    if local_superlink_running():
+        raise RuntimeError("a local SuperLink already runs on 127.0.0.1:39091; stop it first "
+                           "(pkill -f flower-superlink)")
+    home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config",
+               f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+    if run_config:
+        command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+    lines: list[str] = []
+    status, peak = None, 0
+    try:
+        with subprocess.Popen(command, cwd=app_dir, env=flower_env(home), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            reader = threading.Thread(target=_collect, args=(proc.stdout, lines, echo), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None:
+                if crash_when is not None and crash_when():
+                    stop_processes_of(home)
+                    proc.kill()
+                    status = "crashed"
+                elif time.monotonic() > deadline:
+                    proc.kill()
+                    status = "timed out"
+                peak = max(peak, total_rss(processes_of(home)))
+                time.sleep(1.0)
+            reader.join(timeout=10)
+        log = "".join(lines)
+        match = re.search(r"Successfully started run (\d+)", log)
+        run_id = int(match.group(1)) if match else None
+        if status is None:
+            status = run_status(home, run_id) if run_id else "not started"
+        return FlowerRun(run_id, status, log, peak)
+    finally:
+        stop_processes_of(home)
 
 
 def _collect(stream, lines: list[str], echo: bool) -> None:
