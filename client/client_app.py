@@ -45,14 +45,19 @@ def data_of(settings: RunSettings, context: Context) -> ClientData:
     return client_data(settings, dict(context.node_config))
 
 
-def model_with(settings: RunSettings, texts: list[str], arrays: ArrayRecord) -> Recommender:
-    """The process's model for this catalog and config, holding the given global state."""
+def process_model(settings: RunSettings, texts: list[str]) -> Recommender:
+    """The process's model for this catalog and config (built once, then reused)."""
     config = settings.model
     key = (tuple(sorted(config.to_dict().items())), len(texts), hash(tuple(texts)))
     if key not in _MODELS:
         _MODELS[key] = build_recommender(texts, config, progress=False)
         _MODELS[key].text.save_memory(settings.low_memory)
-    model = _MODELS[key]
+    return _MODELS[key]
+
+
+def model_with(settings: RunSettings, texts: list[str], arrays: ArrayRecord) -> Recommender:
+    """The process's model, holding the given global state."""
+    model = process_model(settings, texts)
     model.load_trainable_state(arrays.to_torch_state_dict())
     return model
 
@@ -137,11 +142,12 @@ def train(msg: Message, context: Context) -> Message:
 def secure_train(msg: Message, context: Context, settings: RunSettings) -> Message:
     """Secure aggregation's third stage (client/secure_update.py): local training, then the
     clipped update plus this client's noise share, for secaggplus_mod to mask."""
-    arrays, config = instructions(msg)
+    data = data_of(settings, context)
+    model = process_model(settings, data.texts)
+    arrays, config = instructions(msg, {k: tuple(v.shape) for k, v in model.trainable_parameters().items()})
     server_round, key = int(config["server-round"]), sampling_key(dict(context.node_config))
     check_failure(settings, server_round, key)
-    data = data_of(settings, context)
-    model = model_with(settings, data.texts, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    model.load_trainable_state({k: torch.from_numpy(v) for k, v in arrays.items()})
     local_training(model, data, settings, server_round, key)
     update = {k: v.numpy() - arrays[k] for k, v in model.trainable_state().items()}
     return reply(msg, private_vector(update, settings), list(arrays))

@@ -17,7 +17,7 @@ never sends a plain update), and otherwise it hands over to `secaggplus_mod`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
@@ -27,8 +27,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from shared_model import secagg_patches
-from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipped_sum, clipping_range, noise_share_std,
-                                         reconstruction_threshold)
+from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipped_sum, clipping_range, flat_vector,
+                                         noise_share_std, reconstruction_threshold, unflattened)
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings
 
@@ -65,11 +65,18 @@ def check_setup(configs: ConfigRecord, settings: RunSettings) -> None:
         raise RuntimeError("secure aggregation refused: " + "; ".join(problems))
 
 
-def instructions(msg: Message) -> tuple[dict[str, np.ndarray], dict]:
-    """(the global arrays by name, the FitIns config) of a SecAgg+ training message."""
+def instructions(msg: Message, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict]:
+    """(the global arrays by name, the FitIns config) of a SecAgg+ training message, whose
+    parameters are one flat vector (dp_aggregation.flat_vector) of the arrays the config
+    names, in that order; shapes: this client's model's, by name (the same names or none)."""
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     names = str(fitins.config[NAMES_KEY]).split(",")
-    return dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True)), dict(fitins.config)
+    if sorted(names) != sorted(shapes):
+        raise ValueError(f"the server's arrays {sorted(names)} are not this model's {sorted(shapes)}")
+    vectors = parameters_to_ndarrays(fitins.parameters)
+    if len(vectors) != 1:
+        raise ValueError(f"a SecAgg+ training message with {len(vectors)} arrays, expected one flat vector")
+    return unflattened(vectors[0], {name: shapes[name] for name in names}), dict(fitins.config)
 
 
 def private_vector(update: dict[str, np.ndarray], settings: RunSettings,
@@ -84,7 +91,8 @@ def private_vector(update: dict[str, np.ndarray], settings: RunSettings,
 
 
 def reply(msg: Message, vector: dict[str, np.ndarray], names: list[str]) -> Message:
-    """The FitRes-shaped reply `secaggplus_mod` masks: the vector, weight 1, no metrics."""
-    parameters = ndarrays_to_parameters([vector[k] for k in names])
+    """The FitRes-shaped reply `secaggplus_mod` masks: the vector, flat in the order of
+    `names`, weight 1, no metrics."""
+    parameters = ndarrays_to_parameters([flat_vector({k: vector[k] for k in names})])
     return Message(fitres_to_recorddict(FitRes(Status(Code.OK, ""), parameters, 1, {}), keep_input=False),
                    reply_to=msg)

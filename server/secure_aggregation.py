@@ -43,8 +43,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from shared_model import secagg_patches
-from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipping_range, cohort_cap, reconstruction_threshold,
-                                         top_up_std)
+from shared_model.dp_aggregation import (MODULUS, NAMES_KEY, clipping_range, cohort_cap, flat_vector,
+                                         reconstruction_threshold, top_up_std, unflattened)
 from shared_model.settings import RunSettings
 
 
@@ -201,8 +201,7 @@ class SecureAggregation:
         cohort = _Cohort(nodes, grid, {"server-round": server_round, NAMES_KEY: ",".join(names)})
         legacy = LegacyContext(self.context, strategy=cohort, client_manager=SimpleClientManager())
         legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
-        legacy.state.array_records["parameters"] = ArrayRecord({str(i): Array(v)
-                                                                for i, v in enumerate(arrays.values())})
+        legacy.state.array_records["parameters"] = ArrayRecord({"0": Array(flat_vector(arrays))})
         recording = _RecordingGrid(grid)
         shares = neighbourhood(len(nodes))
         protocol = {"num_shares": 1.0 if shares >= len(nodes) else shares,
@@ -216,7 +215,8 @@ class SecureAggregation:
             sent[reply.metadata.src_node_id] = sent.get(reply.metadata.src_node_id, 0) + payload_bytes(reply)
         if cohort.mean is None or cohort.survivors < self.min_clients:
             return None, masked, sent
-        total = {k: v.astype(np.float64) * cohort.survivors for k, v in zip(names, cohort.mean, strict=True)}
+        mean = unflattened(cohort.mean[0].astype(np.float64), {k: v.shape for k, v in arrays.items()})
+        total = {k: v * cohort.survivors for k, v in mean.items()}
         return total, masked, sent
 
 

@@ -29,6 +29,24 @@ CLIPPING_SIGMAS = 8.0  # secure aggregation's quantiser range: the clip plus thi
 NAMES_KEY = "names"  # secure aggregation: the FitIns config's names of its parameters, comma-separated, in order
 
 
+def flat_vector(arrays: Arrays) -> np.ndarray:
+    """Secure aggregation's layout on the wire: the arrays raveled and joined in their order.
+    SecAgg+ quantises, masks and serialises each array of a message on its own (and the
+    model has some 30): one array is one pass, one mask a neighbour, one header."""
+    return np.concatenate([np.ravel(v) for v in arrays.values()])
+
+
+def unflattened(vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """`flat_vector`'s inverse: the arrays of these names and shapes, in that order; a
+    vector of another length is refused."""
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    if vector.ndim != 1 or vector.size != sum(sizes):
+        raise ValueError(f"a secure-aggregation vector of shape {vector.shape}, expected ({sum(sizes)},) "
+                         f"for {len(shapes)} arrays")
+    parts = np.split(vector, np.cumsum(sizes)[:-1])
+    return {name: part.reshape(shape) for (name, shape), part in zip(shapes.items(), parts, strict=True)}
+
+
 def stacked_updates(current: Arrays, models: Arrays) -> dict[str, np.ndarray]:
     """K clients' updates: their models ([K, ...] per name) minus `current`, in float64."""
     return {k: np.asarray(models[k], dtype=np.float64) - np.asarray(v, dtype=np.float64) for k, v in current.items()}

@@ -2,18 +2,21 @@
 and without Flower's SecAgg+, through `flwr run` (one simulated SuperNode per user), at
 several cohort sizes.
 
-    python -m simulations.bench_secure_aggregation --cohorts 10 50 100 --rounds 4
-    python -m simulations.bench_secure_aggregation --dataset ml-100k --cohorts 50 --rounds 4
+    python -m simulations.bench_secure_aggregation --cohorts 10 50 100 --rounds 6 --repeats 3
+    python -m simulations.bench_secure_aggregation --dataset ml-100k --cohorts 50 --rounds 6 --repeats 3
 
 Synthetic (the default): as many users as the cohort, every user every round; a client's
 training is tiny (a few short histories), so the protocol's own work dominates. ml-100k:
 the 943 MovieLens users, each sampled with probability cohort / 943 (the cohort varies
 round to round), with their real histories: the product's own workload.
 
-For each cohort, two runs with the same run config but `secure-aggregation`: the plain
+For each cohort, runs with the same run config but `secure-aggregation`: the plain
 DP-FedAvg round (the server clips and adds the noise) and the secure one (each client clips
-and adds its noise share; four protocol stages). Rounds 2 .. rounds-1 are timed (the first
-starts the simulation's workers, the last also evaluates). Bytes: what a client sends in a
+and adds its noise share; four protocol stages), alternating, --repeats of each. Rounds
+2 .. rounds-1 are timed (the first starts the simulation's workers, the last also
+evaluates); a mode's figure is the median of its timed rounds over its runs, and the time
+ratio that of seconds per client in the round (on ml-100k each round samples its own cohort,
+from fresh randomness: a secure run's rounds may be larger than a plain run's). Bytes: what a client sends in a
 round, as payload without message framing: the adapters (fp32) in a plain round; public
 keys, encrypted key shares, the masked vector (uint32: shared_model/secagg_patches.py) and key
 shares in a secure one.
@@ -67,14 +70,26 @@ def one_run(cohort: int, secure: bool, rounds: int, out: Path, dataset: str) -> 
             "aggregated": [m.get("aggregated") for m in timed], "run": name}
 
 
+def pooled(cohort: int, runs: list[dict]) -> dict:
+    """One mode's runs at one cohort: their timed rounds together, and each run's mean."""
+    seconds = [s for run in runs for s in run["seconds a round"]]
+    clients = [c for run in runs for c in run["clients a round"]]
+    return {"cohort": cohort, "median seconds": float(np.median(seconds)), "seconds a round": seconds,
+            "median seconds a client": float(np.median(np.divide(seconds, clients))),
+            "mean seconds by run": [float(np.mean(run["seconds a round"])) for run in runs],
+            "clients a round": clients,
+            "bytes a client sends": float(np.mean([run["bytes a client sends"] for run in runs])),
+            "aggregated": [a for run in runs for a in run["aggregated"]], "runs": [run["run"] for run in runs]}
+
+
 def plot(result: dict, path: Path) -> None:
     fig, (seconds, sent) = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, style in (("plain", "-o"), ("secure", "--s")):
         rows = result[mode]
         cohorts = [r["cohort"] for r in rows]
-        seconds.plot(cohorts, [np.mean(r["seconds a round"]) for r in rows], style, label=mode)
+        seconds.plot(cohorts, [r["median seconds"] for r in rows], style, label=mode)
         sent.plot(cohorts, [r["bytes a client sends"] / 1024 for r in rows], style, label=mode)
-    seconds.set_ylabel("seconds a round (mean of the timed rounds)")
+    seconds.set_ylabel("seconds a round (median of the timed rounds)")
     sent.set_ylabel("KB a client sends a round")
     for ax in (seconds, sent):
         ax.set_xlabel("clients a round (one user each)")
@@ -94,6 +109,9 @@ def main() -> None:
                         help="clients a round, expected (at least 10; default 10 50 100)")
     parser.add_argument("--rounds", type=positive_int, default=4,
                         help="rounds a run, the first and last untimed (at least 3; default 4)")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="runs of each mode per cohort, plain and secure alternating, their timed rounds pooled "
+                             "(rounds on a shared 2-core machine vary by 20%% and more; default 1)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="where the runs and the results go")
     args = parser.parse_args()
     if args.rounds < 3:
@@ -103,20 +121,25 @@ def main() -> None:
     if args.dataset == "ml-100k" and max(args.cohorts) > ML100K_USERS:
         parser.error(f"--cohorts must be at most {ML100K_USERS} with --dataset ml-100k, not {max(args.cohorts)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"machine": "2 CPU cores, no GPU", "rounds": args.rounds, "dataset": args.dataset,
-                    "plain": [], "secure": [],
+    result: dict = {"machine": "2 CPU cores, no GPU", "rounds": args.rounds, "repeats": args.repeats,
+                    "dataset": args.dataset, "plain": [], "secure": [],
                     "command": f"python -m simulations.bench_secure_aggregation --dataset {args.dataset} --cohorts "
-                               f"{' '.join(map(str, args.cohorts))} --rounds {args.rounds}"}
+                               f"{' '.join(map(str, args.cohorts))} --rounds {args.rounds} --repeats {args.repeats}"}
     stem = "bench_secure_aggregation" + ("" if args.dataset == "synthetic" else f"_{args.dataset}")
     for cohort in args.cohorts:
-        for mode in ("plain", "secure"):
-            found = {"cohort": cohort, **one_run(cohort, mode == "secure", args.rounds, args.out, args.dataset)}
-            result[mode].append(found)
-            print(f"{cohort} clients, {mode}: {np.mean(found['seconds a round']):.2f} s a round, "
-                  f"{found['bytes a client sends'] / 1024:.1f} KB a client", flush=True)
+        runs: dict[str, list[dict]] = {"plain": [], "secure": []}
+        for _ in range(args.repeats):
+            for mode in runs:
+                runs[mode].append(one_run(cohort, mode == "secure", args.rounds, args.out, args.dataset))
+                print(f"{cohort} clients, {mode}: {np.mean(runs[mode][-1]['seconds a round']):.2f} s a round",
+                      flush=True)
+        for mode, done in runs.items():
+            result[mode].append(pooled(cohort, done))
         plain, secure = result["plain"][-1], result["secure"][-1]
-        slower = np.mean(secure["seconds a round"]) / np.mean(plain["seconds a round"])
-        print(f"{cohort} clients: secure / plain: time x{slower:.2f}, "
+        slower = secure["median seconds a client"] / plain["median seconds a client"]
+        print(f"{cohort} clients: median s a round plain {plain['median seconds']:.2f}, secure "
+              f"{secure['median seconds']:.2f}; per client in the round: time x{slower:.2f}; "
+              f"KB a client {plain['bytes a client sends'] / 1024:.1f} and {secure['bytes a client sends'] / 1024:.1f}: "
               f"bytes x{secure['bytes a client sends'] / plain['bytes a client sends']:.2f}", flush=True)
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out / f"{stem}.png")

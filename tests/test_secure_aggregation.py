@@ -14,22 +14,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common import FitIns, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto import shamir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.primitives import asymmetric
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
 import client.client_app as client_app
 from client.client_app import simulated_failure
+from client.secure_update import instructions
 from server.privacy_audit import audit_run
 from server.server_app import array_record, starting_model
 from server.secure_aggregation import SecureAggregation, quantization_range
 from shared_model import secagg_patches, secure_masks
 from shared_model.secagg_patches import packed_bytes, widened_array
-from shared_model.dp_aggregation import clipping_range, cohort_cap, noise_share_std
+from shared_model.dp_aggregation import NAMES_KEY, clipping_range, cohort_cap, flat_vector, noise_share_std, unflattened
 from shared_model.ledger import LedgerEntry, append_entries, read_ledger
 from shared_model.privacy import epsilon, server_epsilon
 from shared_model.secure_masks import keyed_masks
@@ -113,6 +115,25 @@ def assert_secure_sum_is_the_plain_sum(total: dict, vectors: list[dict], setting
     assert 0.5 * std < np.std(np.concatenate([v[n].ravel() for v in vectors for n in v])) < 3 * std
 
 
+def test_the_model_travels_as_one_flat_vector_that_only_its_own_layout_reads():
+    """The wire layout both sides use: names in order, raveled and joined; read back with
+    the same shapes it is the same arrays; another length or another model's names are refused."""
+    arrays = {"b": np.arange(6.0).reshape(2, 3), "a": np.arange(4.0)}
+    flat = flat_vector(arrays)
+    assert flat.shape == (10,) and list(flat[:6]) == list(range(6))
+    back = unflattened(flat, {k: v.shape for k, v in arrays.items()})
+    assert list(back) == ["b", "a"] and all(np.array_equal(back[k], arrays[k]) for k in arrays)
+    with pytest.raises(ValueError, match="expected \\(10,\\)"):
+        unflattened(flat[:-1], {k: v.shape for k, v in arrays.items()})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the ServerApp's task
+    message = Message(fitins_to_recorddict(FitIns(ndarrays_to_parameters([flat]), {NAMES_KEY: "b,a"}), True),
+                      dst_node_id=1, message_type=MessageType.TRAIN)
+    read, _ = instructions(message, {"a": (4,), "b": (2, 3)})
+    assert all(np.array_equal(read[k], arrays[k]) for k in arrays)
+    with pytest.raises(ValueError, match="not this model's"):
+        instructions(message, {"a": (4,), "c": (2, 3)})
+
+
 def test_the_server_gets_the_sum_of_the_clients_noised_clipped_updates(recorded):
     settings, grid, total, masked = one_round(6)
     assert len(recorded) == len(masked) == 6 and total is not None
@@ -129,6 +150,7 @@ def test_no_reply_at_any_stage_holds_a_clients_vector(recorded):
     for reply in grid.replies[2]:
         arrays = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
         assert {a.dtype for a in arrays} == {np.dtype(np.uint32)}  # 4 bytes a coordinate (Flower's: int64)
+        assert [a.ndim for a in arrays] == [1, 1]  # the weight, then the whole update as one flat vector
         values = np.concatenate([a.ravel() for a in arrays])
         # uniform over [0, 2^32): masked (a quantised vector alone would sit near T / 2 = 2^26)
         assert abs(np.median(values[1:]) / 2**31 - 1) < 0.05 and values.max() > 0.99 * 2**32
@@ -367,20 +389,33 @@ def test_shamir_runs_without_threads_and_reconstructs_from_the_thresholds_shares
     assert recovered(workflow.combine_shares, corrupted) != secret  # outside a round: as Flower
 
 
-def test_a_clients_private_keys_are_kept_and_shared_as_their_48_byte_scalar():
-    """Flower's PEM (the control) is 306 bytes, 20 Shamir chunks; ours is the same key in
-    48 bytes, 4 chunks, read back by the mod and by the workflow (which reads a dropped
-    client's key: the dropout tests above run through it); another length is refused."""
+def test_a_clients_private_keys_are_kept_and_shared_as_their_32_byte_scalar():
+    """Flower's PEM (the control) is 241 bytes on P-256, 16 Shamir chunks; ours is the same
+    key in 32 bytes, 3 chunks, read back by the mod and by the workflow (which reads a
+    dropped client's key: the dropout tests above run through it); another length is refused."""
     secagg_patches.install()
     mod, workflow = (importlib.import_module(m) for m in (secagg_patches.MOD, secagg_patches.WORKFLOW))
     key, _ = mod.generate_key_pairs()
     ours, flowers = mod.private_key_to_bytes(key), asymmetric.private_key_to_bytes(key)
-    assert (len(ours), len(flowers)) == (48, 306)
+    assert (len(ours), len(flowers)) == (32, 241)
     for read in (mod.bytes_to_private_key, workflow.bytes_to_private_key):
         assert read(ours).private_numbers() == key.private_numbers()
-    assert len(shamir.create_shares(ours, 3, 7)[0]) == 4 + 4 * 16
-    with pytest.raises(ValueError, match="of 306 bytes, not 48"):
+    assert len(shamir.create_shares(ours, 3, 7)[0]) == 4 + 3 * 16
+    with pytest.raises(ValueError, match="of 241 bytes, not 32"):
         workflow.bytes_to_private_key(flowers)
+
+
+def test_secagg_key_pairs_are_p256_and_agree_while_node_keys_stay_flowers():
+    """The mod's key pairs are on P-256 (Flower's control: P-384) and two clients' keys
+    agree on one shared key, through Flower's own `generate_shared_key` and public-key
+    (de)serialisation; Flower's key pairs elsewhere (node authentication) are untouched."""
+    secagg_patches.install()
+    mod = importlib.import_module(secagg_patches.MOD)
+    (a, a_public), (b, b_public) = mod.generate_key_pairs(), mod.generate_key_pairs()
+    assert a.curve.name == "secp256r1" and asymmetric.generate_key_pairs()[0].curve.name == "secp384r1"
+    a_public, b_public = (mod.bytes_to_public_key(mod.public_key_to_bytes(k)) for k in (a_public, b_public))
+    assert mod.generate_shared_key(a, b_public) == mod.generate_shared_key(b, a_public)
+    assert mod.generate_shared_key(a, b_public) != mod.generate_shared_key(a, mod.generate_key_pairs()[1])
 
 
 def recovered(combine, shares: list[bytes]) -> bytes | None:
