@@ -46,7 +46,10 @@ def secure_aggregation_guard(msg: Message, context: Context, call_next: Callable
     if configs.get(Key.STAGE) == Stage.SETUP:
         check_setup(configs, settings)
     secagg_patches.install()  # masks from the whole key, masked vectors as uint32: as the server
-    return secaggplus_mod(msg, context, call_next)
+    answer = secaggplus_mod(msg, context, call_next)
+    if configs.get(Key.STAGE) == Stage.UNMASK:  # the round's keys are done with: none stays cached past it
+        secagg_patches.private_key_from_bytes.cache_clear()
+    return answer
 
 
 def check_setup(configs: ConfigRecord, settings: RunSettings) -> None:
@@ -76,6 +79,9 @@ def instructions(msg: Message, shapes: Mapping[str, tuple[int, ...]]) -> tuple[d
     vectors = parameters_to_ndarrays(fitins.parameters)
     if len(vectors) != 1:
         raise ValueError(f"a SecAgg+ training message with {len(vectors)} arrays, expected one flat vector")
+    if not np.issubdtype(vectors[0].dtype, np.floating) or not np.isfinite(vectors[0]).all():
+        raise ValueError("a SecAgg+ training message whose model is not finite floating point: refused (a NaN in "
+                         "the model would make the update's norm NaN, and NaN passes the clip)")
     return unflattened(vectors[0], {name: shapes[name] for name in names}), dict(fitins.config)
 
 
@@ -83,6 +89,8 @@ def private_vector(update: dict[str, np.ndarray], settings: RunSettings,
                    rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """The update clipped to server-dp-clip plus this client's share of the noise (rng:
     fresh OS entropy; a test may pass a seeded one)."""
+    if not all(np.isfinite(v).all() for v in update.values()):
+        raise ValueError("a non-finite update: refused (its norm is NaN or infinite, so clipping cannot bound it)")
     rng = rng or fresh_numpy_generator()
     clipped, _ = clipped_sum({k: np.asarray(v, dtype=np.float64)[None] for k, v in update.items()},
                              settings.server_dp_clip)

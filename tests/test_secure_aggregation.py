@@ -31,7 +31,8 @@ from server.server_app import array_record, starting_model
 from server.secure_aggregation import SecureAggregation, quantization_range
 from shared_model import secagg_patches, secure_masks
 from shared_model.secagg_patches import packed_bytes, widened_array
-from shared_model.dp_aggregation import NAMES_KEY, clipping_range, cohort_cap, flat_vector, noise_share_std, unflattened
+from shared_model.dp_aggregation import (NAMES_KEY, clipped_sum, clipping_range, cohort_cap, flat_vector,
+                                         noise_share_std, unflattened)
 from shared_model.ledger import LedgerEntry, append_entries, read_ledger
 from shared_model.privacy import epsilon, server_epsilon
 from shared_model.secure_masks import keyed_masks
@@ -132,6 +133,26 @@ def test_the_model_travels_as_one_flat_vector_that_only_its_own_layout_reads():
     assert all(np.array_equal(read[k], arrays[k]) for k in arrays)
     with pytest.raises(ValueError, match="not this model's"):
         instructions(message, {"a": (4,), "c": (2, 3)})
+
+
+def test_a_server_cannot_slip_a_nan_past_a_clients_clip():
+    """A malicious server's attack (an attacker's review of this code): NaN in one row of the
+    model it sends. The control shows why it would work: the update's norm is NaN, and the
+    clip scales the finite rest by S alone, whatever its norm (3.5 here against S = 0.5). Ours: the client
+    refuses such a model, or any non-finite or non-float one, and refuses to send a
+    non-finite update."""
+    settings = RunSettings.from_run_config(app_run_config(**CONFIG))
+    update = {"rows": np.full((10, 5), 1.0), "nan": np.array([np.nan])}
+    clipped, norms = clipped_sum({k: v[None] for k, v in update.items()}, settings.server_dp_clip)
+    assert np.isnan(norms[0]) and np.linalg.norm(clipped["rows"]) > 5 * settings.server_dp_clip  # the control
+    with pytest.raises(ValueError, match="non-finite update"):
+        client_app.private_vector(update, settings)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the ServerApp's task
+    for vector in (np.array([0.0, np.nan, 1.0]), np.array([0.0, np.inf, 1.0]), np.array([0, 1, 2], dtype=np.int8)):
+        message = Message(fitins_to_recorddict(FitIns(ndarrays_to_parameters([vector]), {NAMES_KEY: "w"}), True),
+                          dst_node_id=1, message_type=MessageType.TRAIN)
+        with pytest.raises(ValueError, match="not finite floating point"):
+            instructions(message, {"w": (3,)})
 
 
 def test_the_server_gets_the_sum_of_the_clients_noised_clipped_updates(recorded):
@@ -416,6 +437,8 @@ def test_secagg_key_pairs_are_p256_and_agree_while_node_keys_stay_flowers():
     a_public, b_public = (mod.bytes_to_public_key(mod.public_key_to_bytes(k)) for k in (a_public, b_public))
     assert mod.generate_shared_key(a, b_public) == mod.generate_shared_key(b, a_public)
     assert mod.generate_shared_key(a, b_public) != mod.generate_shared_key(a, mod.generate_key_pairs()[1])
+    with pytest.raises(ValueError):  # a peer key on another curve (a server relaying Flower's P-384) agrees on nothing
+        mod.generate_shared_key(a, asymmetric.generate_key_pairs()[1])
 
 
 def recovered(combine, shares: list[bytes]) -> bytes | None:
