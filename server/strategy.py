@@ -144,19 +144,22 @@ class ResumableLoop(Strategy):
 
     def decoded(self, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
         """The replies holding the adapters each client trained (fp16 updates added to the
-        round's global adapters in fp32); an upload of the wrong shape or precision is
-        dropped, with a warning, as a failed client would be."""
-        if self.upload_precision == "fp32":
-            return replies
+        round's global adapters in fp32); an upload of the wrong shape or precision, or
+        holding a NaN or an infinity (one such client would make the aggregate, and the
+        model, NaN), is dropped, with a warning, as a failed client would be."""
         start, kept = {k: a.numpy() for k, a in arrays.items()}, []
         for reply in replies:
             try:
-                trained = decode_upload({k: a.numpy() for k, a in reply.content["arrays"].items()}, start)
+                received = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+                trained = received if self.upload_precision == "fp32" else decode_upload(received, start)
+                if not all(np.isfinite(v).all() for v in trained.values()):
+                    raise ValueError("it holds NaN or infinite values")
             except ValueError as error:
                 client = self.keys.get(reply.metadata.src_node_id)
                 log(WARNING, "fedrec: client %s's upload left out: %s", client, error)
                 continue
-            reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in trained.items()})
+            if self.upload_precision != "fp32":
+                reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in trained.items()})
             kept.append(reply)
         return kept
 

@@ -1,6 +1,7 @@
 """upload-precision = "fp16": a client sends its update, stochastically rounded to fp16 (half
 the bytes), and the server aggregates the adapters it trained to within fp16's resolution
-of the update; an upload of the wrong precision or shape is left out, not aggregated."""
+of the update; an upload of the wrong precision or shape, or holding a NaN, is left out, not
+aggregated."""
 
 import numpy as np
 import pytest
@@ -83,6 +84,37 @@ def test_the_server_adds_fp16_updates_to_the_round_model_and_leaves_out_a_wrong_
     assert runs["fp16"].aggregated == [100, 101, 102, 103] and runs["one wrong"].aggregated == [100, 101, 102]
     sent = runs["one wrong"].outcome.stats.upload_bytes
     assert sent[:3] == [6, 6, 6] and sent[3] > 6  # three fp16 updates; node 103 sent adapters
+
+
+class PoisonedGrid(ScriptedGrid):
+    """ScriptedGrid's clients (fp32 uploads); node `poisoned` puts a NaN in its adapters."""
+
+    def __init__(self, poisoned: int):
+        super().__init__()
+        self.poisoned = poisoned
+
+    def reply(self, msg):
+        reply = super().reply(msg)
+        if msg.metadata.message_type == MessageType.TRAIN and msg.metadata.dst_node_id == self.poisoned:
+            arrays = {k: a.numpy().copy() for k, a in reply.content["arrays"].items()}
+            arrays["w"].flat[0] = np.nan
+            reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return reply
+
+
+def test_one_client_sending_a_nan_is_left_out_and_the_model_stays_finite():
+    """A malicious (or broken) client's NaN: left out like a failed client. The control,
+    the same run with the check off (every reply aggregated, as Flower's FedAdam does):
+    one NaN makes the model NaN."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    keys = {100 + k: k for k in range(NODES)}
+    ours, control = (Recording(keys, 0, seed=0, server_lr=0.1, half_life=10) for _ in range(2))
+    control.decoded = lambda replies, arrays: replies  # the check off
+    for run in (ours, control):
+        run.result = run.start(PoisonedGrid(poisoned=102), start_arrays(), num_rounds=2)
+    assert ours.aggregated == [100, 101, 103] and np.isfinite(ours.result.arrays["w"].numpy()).all()
+    assert not np.allclose(ours.result.arrays["w"].numpy(), start_arrays()["w"].numpy())  # it trained
+    assert np.isnan(control.result.arrays["w"].numpy()).any()
 
 
 def test_fp16_uploads_are_refused_with_secure_aggregation():
