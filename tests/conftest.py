@@ -23,6 +23,21 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# The modules that start real processes or whole federations, longest first (`--durations`,
+# 2026-12-01). README's command keeps this order (`--no-loadscope-reorder`): the two workers
+# take them first and the short modules fill in behind. xdist's default order (most tests
+# first) left the one-test secure deployment module (150 s) to start last.
+LONGEST_FIRST = ("test_deployment.py", "test_federation.py", "test_secure_deployment.py", "test_privacy.py",
+                 "test_population.py", "test_dp_ftrl.py", "test_frontier.py", "test_cli.py",
+                 "test_secure_aggregation.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The modules in LONGEST_FIRST first, in that order; each module's tests keep theirs."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Every test session builds its own catalog caches."""

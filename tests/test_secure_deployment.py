@@ -1,9 +1,11 @@
 """Secure aggregation in a real deployment on loopback: flower-superlink with TLS and
 SuperNode authentication, four flower-supernode processes, each reading its own device
 directory of one user, and `flwr run` with `secure-aggregation = true` (every user sampled,
-m = 3). One SuperNode is killed (SIGKILL) once every client has handed out its key shares
-(SecAgg+'s stage 1): the round goes on without it, unmasks the other three's sum and
-releases a model, and the ledger accounts it.
+m = 3). One SuperNode is killed (SIGKILL) as it receives its third training message, SecAgg+'s
+stage 2, after it has handed out its key shares: the round goes on without it, unmasks the
+other three's sum and releases a model, and the ledger accounts it. The kill follows that
+node's own log (polled every 0.2 s), not the run's: the node needs seconds to start the
+ClientApp process that would train and mask, so its masked vector cannot get out first.
 """
 
 import json
@@ -29,10 +31,13 @@ def test_a_node_killed_mid_protocol_leaves_the_others_sum(tmp_path):
             d.register(node)
             d.start_supernode(node, write_device(tmp_path / f"device-{node}", dataset, [node]))
         run_id = d.run({**CONFIG, "output-dir": str(tmp_path / "runs")})
-        deadline = time.time() + 600
-        while f"SecAgg+: {DEVICES} clients handed out their key shares" not in (log := d.run_log(run_id)):
-            assert time.time() < deadline and not d.status(run_id).startswith("finished"), log[-4000:]
-            time.sleep(1)
+        deadline, next_check = time.time() + 600, 0.0
+        while (received := d.log(f"node-{KILLED}").count("Receiving: train message")) < 3:  # stage 2's arriving
+            if received < 2 and time.time() > next_check:  # a status call blocks ~1 s: none once stage 1 is on
+                assert time.time() < deadline and not d.status(run_id).startswith("finished"), d.run_log(run_id)
+                next_check = time.time() + 10
+            assert time.time() < deadline, "no third training message in 10 minutes"
+            time.sleep(0.2)
         d.kill(f"node-{KILLED}")  # it holds pairwise masks with its neighbours: they must be unmasked out
         status = d.wait(run_id, timeout=600)
         log = d.run_log(run_id)
