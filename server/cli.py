@@ -54,20 +54,24 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from shared_model.privacy import RELATION
 
     if args.privacy_command in ("epsilon", "noise"):
-        steps, what = args.steps, f"sample rate {args.sample_rate}, {args.steps} steps"
-        if args.tree_rounds:  # DP-FTRL: Gaussian steps at rate 1, as many as its trees' depths
+        what = f"sample rate {args.sample_rate}, {args.steps} steps"
+        if args.tree_rounds:  # DP-FTRL: no sampling, its trees' (or the factorization's) Gaussian steps
             if args.sample_rate != 1.0:
                 print("fedrec privacy: --tree-rounds (DP-FTRL) assumes no sampling: --sample-rate must be 1",
                       file=sys.stderr)
                 return 2
-            steps = privacy.ftrl_steps(args.steps, args.tree_rounds)
-            what = f"DP-FTRL, {args.steps} rounds in trees of {args.tree_rounds}, each user once a tree"
+            what = (f"DP-FTRL with {args.ftrl_noise} noise, {args.steps} rounds in trees of {args.tree_rounds}, "
+                    "each user once a tree")
     if args.privacy_command == "epsilon":
-        eps = privacy.epsilon([(args.noise_multiplier, args.sample_rate, steps)], args.delta, args.accountant)
+        events = (privacy.ftrl_events(args.noise_multiplier, args.steps, args.tree_rounds, args.ftrl_noise)
+                  if args.tree_rounds else [(args.noise_multiplier, args.sample_rate, args.steps)])
+        eps = privacy.epsilon(events, args.delta, args.accountant)
         print(f"epsilon {eps:.4f} (delta {args.delta:g}, accountant {args.accountant}, {RELATION}, noise "
               f"{args.noise_multiplier}, {what})")
     elif args.privacy_command == "noise":
-        z = privacy.noise_multiplier(args.epsilon, args.sample_rate, steps, args.delta, args.accountant)
+        z = (privacy.ftrl_noise_multiplier(args.epsilon, args.steps, args.tree_rounds, args.delta, args.accountant,
+                                           args.ftrl_noise) if args.tree_rounds else
+             privacy.noise_multiplier(args.epsilon, args.sample_rate, args.steps, args.delta, args.accountant))
         print(f"noise multiplier {z:.4f} (epsilon {args.epsilon} at delta {args.delta:g}, accountant "
               f"{args.accountant}, {RELATION}, {what})")
     else:
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DP-FTRL (server-dp-mechanism = \"dp-ftrl\"): --steps rounds in trees of R rounds, each "
                             "user in at most one round of a tree (R = N // C for N users, C a round); needs "
                             "--sample-rate 1 (no sampling assumed)")
+        p.add_argument("--ftrl-noise", choices=["tree", "square-root"], default="tree",
+                       help="with --tree-rounds: DP-FTRL's dp-ftrl-noise (default tree)")
         p.set_defaults(func=cmd_privacy)
     bound = privacy_sub.add_parser(
         "lower-bound", help="empirical epsilon lower bound of a one-run canary audit (Steinke, Nasr, Jagielski 2023)")

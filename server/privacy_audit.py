@@ -72,7 +72,7 @@ def audit_run(folder: Path, tolerance: float = TOLERANCE) -> RunAudit:
             so_far.append(entry)
             try:
                 trees = tree_lengths(so_far)
-            except ValueError as error:  # a tree that skips rounds: its depth cannot be read
+            except ValueError as error:  # a tree that skips rounds or mixes noises: its depth cannot be read
                 audit.disagreements.append({"line": line_no, "client": entry.client, "round": entry.round,
                                             "field": "tree-round", "claimed": entry.epsilon,
                                             "recomputed": float("nan"), "problem": str(error)})
@@ -110,14 +110,15 @@ def check_against_the_server(audit: RunAudit, tolerance: float) -> None:
 
 
 def check(audit: RunAudit, line_no: int, entry: LedgerEntry, events: list, delta: float, tolerance: float,
-          trees: list[int]) -> None:
+          trees: list[tuple[int, float, str]]) -> None:
     """One entry's epsilons recomputed by the twin accountant (at `delta`: the entry's, less
     what secure aggregation's cohort caps spent); a DP-FTRL entry's by RDP also from
-    dp-accounting's own tree aggregation events (`trees`: the rounds of each tree so far)."""
+    dp-accounting's own events for each tree (`trees`: the rounds, noise and kind of each so far)."""
     twin = TWIN[entry.accountant]
     claims = [("epsilon", entry.epsilon, epsilon(events, delta, twin))]
     if entry.tree_round is not None and entry.accountant == "rdp":
-        claims.append(("epsilon (tree aggregation)", entry.epsilon, tree_epsilon(trees, delta)))
+        claims.append(("epsilon (tree aggregation or one Gaussian an epoch)", entry.epsilon,
+                       tree_epsilon(trees, delta)))
     if entry.unit == "example" and entry.client != "server":  # a missing figure (NaN) never agrees
         claimed = float("nan") if entry.interaction_epsilon is None else entry.interaction_epsilon
         claims.append(("interaction-epsilon", claimed, interaction_epsilon(events, entry.window, entry.delta, twin)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from shared_model.privacy import (RELATION, epsilon, ftrl_steps, noise_multiplier, server_epsilon,
+from shared_model.privacy import (RELATION, epsilon, ftrl_noise_multiplier, noise_multiplier, server_epsilon,
                                   update_noise_multiplier)
 
 
@@ -53,6 +53,7 @@ class Plan:
     server_rounds: int  # secure aggregation: the rounds a user takes part in, at most (privacy.server_epsilon)
     server_epsilon: float  # against the server: a Gaussian at rate 1 over server_rounds rounds
     ftrl_noise_multiplier: float  # DP-FTRL's z for the same epsilon: trees of floor(N / C) rounds, no sampling
+    ftrl_square_root_noise_multiplier: float  # the same with dp-ftrl-noise = "square-root" (epochs of floor(N / C))
     relation: str = RELATION
 
     def to_json(self) -> dict:
@@ -81,8 +82,8 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
                 noise_norm, signal, signal / noise_norm, taken_part, against_server,
-                round_up(noise_multiplier(target_epsilon, 1.0, ftrl_steps(rounds, int(users // cohort)), delta,
-                                          accountant)))
+                *(round_up(ftrl_noise_multiplier(target_epsilon, rounds, int(users // cohort), delta, accountant, kind))
+                  for kind in ("tree", "square-root")))
 
 
 def format_plan(plan: Plan) -> str:
@@ -120,5 +121,7 @@ def format_plan(plan: Plan) -> str:
               "                                (without secure aggregation it reads every update: no guarantee)",
               f"  DP-FTRL instead               noise multiplier {plan.ftrl_noise_multiplier:.4g} for the same epsilon "
               f"(server-dp-mechanism = \"dp-ftrl\": C a round, trees of {int(plan.users // plan.cohort):,} rounds, "
-              "each user once a tree, no sampling assumed)"]
+              "each user once a tree, no sampling assumed)",
+              f"                                noise multiplier {plan.ftrl_square_root_noise_multiplier:.4g} with "
+              "dp-ftrl-noise = \"square-root\" (the square-root factorization: a smaller z, each user once an epoch)"]
     return "\n".join(lines)

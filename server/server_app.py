@@ -150,7 +150,8 @@ def make_strategy(settings: RunSettings, keys: dict[int, int],
         if settings.server_dp_mechanism == "dp-ftrl":
             return optimizer, DPFTRL(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                      settings.clients_per_round, settings.dp_ftrl_learning_rate,
-                                     settings.dp_ftrl_momentum, settings.dp_ftrl_step, randomness)
+                                     settings.dp_ftrl_momentum, settings.dp_ftrl_step, settings.dp_ftrl_noise,
+                                     randomness)
         return optimizer, DPFedAvg(optimizer, settings.server_dp_noise, settings.server_dp_clip,
                                    settings.server_dp_sample_rate, adaptive, randomness)
     return optimizer, optimizer
@@ -181,10 +182,12 @@ def record_privacy(folder: RunFolder, settings: RunSettings, server_round: int, 
     if settings.server_dp:
         adaptive = {"update_noise_multiplier": release["update noise multiplier"],
                     "count_noise": release["count noise"]} if "count noise" in release else {}
-        if "tree round" in release:  # DP-FTRL: no sampling, the steps its tree's depth grew by
+        if "tree round" in release:  # DP-FTRL: no sampling, the steps its tree's depth grew by (or the factorization's)
             tree = int(release["tree round"])
             spend = {"sample_rate": 1.0, "steps": tree_steps(tree), "tree_round": tree,
                      "population": int(release["population"]), "cohort": int(release["cohort"])}
+            if settings.dp_ftrl_noise == "square-root":  # one step of noise z / f_{t-1} (LedgerEntry.step)
+                spend.update(steps=1, ftrl_noise="square-root")
         else:
             spend = {"sample_rate": settings.server_dp_sample_rate, "steps": 1}
         entry = LedgerEntry(client="server", round=server_round, status="aggregated", unit="user",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shared_model.files import JsonLinesError, append_lines, read_jsonl
 from shared_model.privacy import ACCOUNTANTS, RELATION, Events, tree_steps
+from shared_model.square_root_noise import square_root_weight
 
 UNITS = ("example", "user")
 STATUSES = ("trained", "declined", "aggregated")
@@ -55,9 +56,12 @@ class LedgerEntry:
     # computed at `accountant_delta`: delta minus every beta up to and including this round
     cohort_cap: int | None = None
     cap_tail: float | None = None
-    # DP-FTRL: the round's place in its tree (1 starts a tree); steps is what it adds to the tree's
-    # depth (privacy.tree_steps), at rate 1: no amplification
+    # DP-FTRL: the round's place in its tree (1 starts a tree, or an epoch of the square-root noise);
+    # steps is what it adds to the tree's depth (privacy.tree_steps), at rate 1: no amplification
     tree_round: int | None = None
+    # DP-FTRL with dp-ftrl-noise "square-root" (absent: the tree): one step whose noise multiplier
+    # is z / f_{t-1}, t the tree-round (square_root_noise.square_root_weight: f_{t-1}^2)
+    ftrl_noise: str | None = None
     # secure aggregation and DP-FTRL: the population N the run sampled from (public, as DP-FedAvg's
     # normaliser q N makes it); DP-FTRL: its clients a round C (a tree has at most N // C rounds)
     population: int | None = None
@@ -84,17 +88,20 @@ class LedgerEntry:
             problems.append(f"sample-rate {self.sample_rate} is not in (0, 1]")
         if not 0 < self.delta < 1:
             problems.append(f"delta {self.delta} is not in (0, 1)")
+        if self.ftrl_noise not in (None, "square-root") or (self.ftrl_noise and self.tree_round is None):
+            problems.append(f"ftrl-noise {self.ftrl_noise!r} (DP-FTRL's \"square-root\", with its tree-round; absent: "
+                            "the tree)")
         if self.tree_round is not None:
             if self.population is None or self.cohort is None or not 1 <= self.cohort <= self.population:
                 problems.append("a DP-FTRL entry needs its population and cohort (1 <= cohort <= population)")
             elif self.tree_round > self.population // self.cohort:
                 problems.append(f"tree-round {self.tree_round} beyond population // cohort = "
                                 f"{self.population // self.cohort} (each client at most once a tree)")
-            if self.tree_round < 1 or self.client != "server" or self.sample_rate != 1.0 or (
-                    self.steps != tree_steps(self.tree_round)):
+            steps = 1 if self.ftrl_noise == "square-root" else tree_steps(max(self.tree_round, 1))
+            if self.tree_round < 1 or self.client != "server" or self.sample_rate != 1.0 or self.steps != steps:
                 problems.append(f"tree-round {self.tree_round} (DP-FTRL: the server's, from 1, at rate 1, "
-                                f"with the steps it adds to the tree's depth), not steps {self.steps} at rate "
-                                f"{self.sample_rate}")
+                                f"with the steps it adds to the tree's depth, or 1 with the square-root noise), "
+                                f"not steps {self.steps} at rate {self.sample_rate}")
         elif (self.status == "declined") != (self.steps == 0) or self.steps < 0:
             problems.append(f"steps {self.steps} with status {self.status!r} (a decline spends none, a spend some)")
         if (self.client == "server") != (self.status == "aggregated"):
@@ -119,6 +126,10 @@ class LedgerEntry:
             raise ValueError("; ".join(problems))
 
     def step(self) -> tuple[float, float, int]:
+        """(noise multiplier, rate, steps) of the accountant's event: with the square-root noise
+        the round's Gaussian has sensitivity f_{t-1} (of the epoch's first client), so z / f_{t-1}."""
+        if self.ftrl_noise == "square-root":
+            return self.noise_multiplier / math.sqrt(square_root_weight(self.tree_round)), 1.0, 1
         return self.noise_multiplier, self.sample_rate, self.steps
 
     def to_json(self) -> dict:
@@ -177,19 +188,22 @@ def accountant_delta(entries: list[LedgerEntry]) -> float:
     return left
 
 
-def tree_lengths(entries: list[LedgerEntry]) -> list[tuple[int, float]]:
-    """DP-FTRL: (rounds, noise multiplier) of each tree so far (a tree-round of 1 starts a
-    tree; its noise is the least of its entries')."""
-    trees: list[tuple[int, float]] = []
+def tree_lengths(entries: list[LedgerEntry]) -> list[tuple[int, float, str]]:
+    """DP-FTRL: (rounds, noise multiplier, "tree" or "square-root") of each tree so far (a
+    tree-round of 1 starts a tree; its noise is the least of its entries'; one kind a tree)."""
+    trees: list[tuple[int, float, str]] = []
     for e in entries:
         if e.tree_round is None:
             continue
+        kind = e.ftrl_noise or "tree"
         if e.tree_round == 1:
-            trees.append((0, e.noise_multiplier))
+            trees.append((0, e.noise_multiplier, kind))
         if not trees or e.tree_round != trees[-1][0] + 1:
             raise ValueError(f"round {e.round}: tree-round {e.tree_round} does not follow "
                              f"{trees[-1][0] if trees else 'nothing'}")
-        trees[-1] = (e.tree_round, min(trees[-1][1], e.noise_multiplier))
+        if kind != trees[-1][2]:
+            raise ValueError(f"round {e.round}: {kind} noise within a tree of {trees[-1][2]} noise")
+        trees[-1] = (e.tree_round, min(trees[-1][1], e.noise_multiplier), kind)
     return trees
 
 

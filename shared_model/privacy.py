@@ -148,17 +148,45 @@ def ftrl_steps(rounds: int, tree_rounds: int) -> int:
     return full * int(tree_rounds).bit_length() + int(rest).bit_length()
 
 
-def tree_epsilon(trees: list[tuple[int, float]], delta: float) -> float:
-    """Epsilon of DP-FTRL trees of these many rounds each, from dp-accounting's own tree
-    aggregation event (RDP, zero-out neighbours: a user's updates replaced by none, which is
+def ftrl_events(noise: float, rounds: int, tree_rounds: int, kind: str = "tree") -> Events:
+    """The accountant events of `rounds` DP-FTRL rounds at noise multiplier z in trees (epochs)
+    of `tree_rounds`: the trees' Gaussian steps at rate 1, or ("square-root") one Gaussian at
+    z / sqrt(the run's squared sensitivity), what the ledger's per-round events compose to."""
+    if kind == "tree":
+        return [(noise, 1.0, ftrl_steps(rounds, tree_rounds))]
+    from shared_model.square_root_noise import squared_sensitivity
+
+    return [(noise / math.sqrt(squared_sensitivity(rounds, tree_rounds)), 1.0, 1)]
+
+
+def ftrl_noise_multiplier(target_epsilon: float, rounds: int, tree_rounds: int, delta: float,
+                          accountant: str = "rdp", kind: str = "tree") -> float:
+    """DP-FTRL's z for `target_epsilon` after `rounds` rounds in trees (epochs) of `tree_rounds`:
+    the tree's Gaussian steps at rate 1, or ("square-root") one Gaussian of squared sensitivity
+    sum over epochs of sum_{k<T} f_k^2, which needs that sensitivity times one step's z."""
+    if kind == "tree":
+        return noise_multiplier(target_epsilon, 1.0, ftrl_steps(rounds, tree_rounds), delta, accountant)
+    from shared_model.square_root_noise import squared_sensitivity
+
+    return noise_multiplier(target_epsilon, 1.0, 1, delta, accountant) * math.sqrt(
+        squared_sensitivity(rounds, tree_rounds))
+
+
+def tree_epsilon(trees: list[tuple[int, float, str]], delta: float) -> float:
+    """Epsilon of DP-FTRL's trees (epochs) by RDP, each from one dp-accounting event: the tree
+    aggregation event for a tree, one Gaussian of sensitivity sqrt(sum_{k<T} f_k^2) for the
+    square-root noise (zero-out neighbours: a user's updates replaced by none, which is
     add/remove for sums over a fixed normaliser): the audit's independent twin of the
-    ledger's `tree_steps` events. trees: (rounds, noise multiplier) of each."""
+    ledger's per-round events. trees: (rounds, noise multiplier, "tree" or "square-root")."""
     import dp_accounting
     from dp_accounting import rdp as dp_rdp
 
+    from shared_model.square_root_noise import squared_sensitivity
+
     acc = dp_rdp.RdpAccountant(RDP_ORDERS, dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
-    for rounds, noise in trees:
-        acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(noise, rounds))
+    for rounds, noise, kind in trees:
+        acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(noise, rounds) if kind == "tree" else
+                    dp_accounting.GaussianDpEvent(noise / math.sqrt(squared_sensitivity(rounds, rounds))))
     return float(acc.get_epsilon(delta))
 
 

@@ -22,6 +22,7 @@ from shared_model.upload import PRECISIONS
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 SERVER_MECHANISMS = ("dp-fedavg", "dp-ftrl")
 FTRL_STEPS = ("fedadam", "ftrl")  # what DP-FTRL does with each release (server/dp_ftrl.py)
+FTRL_NOISES = ("tree", "square-root")  # how DP-FTRL correlates its noise across an epoch's rounds
 
 
 class SettingsError(ValueError):
@@ -68,6 +69,7 @@ class RunSettings:
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
     server_dp_mechanism: str  # "dp-fedavg" (Poisson sampling, amplified) or "dp-ftrl" (tree noise, no sampling)
+    dp_ftrl_noise: str  # "tree" (tree aggregation) or "square-root" (the square-root factorization: less noise)
     dp_ftrl_step: str  # "fedadam" (the server's FedAdam on each release) or "ftrl" (the rate times a momentum velocity)
     dp_ftrl_learning_rate: float  # DP-FTRL's "ftrl" step: the model steps by this times the velocity of the releases
     dp_ftrl_momentum: float  # DP-FTRL's "ftrl" step: heavy-ball momentum on the releases (post-processing: no privacy cost)
@@ -152,6 +154,7 @@ class RunSettings:
             (self.dp_ftrl_learning_rate > 0, "dp-ftrl-learning-rate", "must be positive"),
             (0 <= self.dp_ftrl_momentum < 1, "dp-ftrl-momentum", "must be in [0, 1)"),
             (self.dp_ftrl_step in FTRL_STEPS, "dp-ftrl-step", f"must be one of {FTRL_STEPS}"),
+            (self.dp_ftrl_noise in FTRL_NOISES, "dp-ftrl-noise", f"must be one of {FTRL_NOISES}"),
             (self.server_dp_clip > 0, "server-dp-clip", "must be positive"),
             (0 < self.server_dp_sample_rate <= 1, "server-dp-sample-rate", "must be in (0, 1]"),
             (self.server_dp or not self.server_dp_adaptive_clip, "server-dp-adaptive-clip",

@@ -49,7 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared_model.cli_options import positive_int  # noqa: E402
 from shared_model.metrics import evaluate_scores, item_counts  # noqa: E402
-from shared_model.privacy import ftrl_steps, noise_multiplier  # noqa: E402
+from shared_model.privacy import ftrl_noise_multiplier, noise_multiplier  # noqa: E402
 from shared_model.settings import RunSettings, SettingsError  # noqa: E402
 from shared_model.splits import LeaveOneOut, leave_one_out  # noqa: E402
 from simulations.baselines import popularity_scores  # noqa: E402
@@ -90,12 +90,13 @@ def calibrated_noise(base: RunSettings, eps: float, args: argparse.Namespace, us
     """The noise multiplier for user-level `eps` after `--rounds` rounds: DP-FedAvg's with
     amplification by Poisson sampling (at the run's rate), or without it (`--unamplified`:
     every round a Gaussian at rate 1, as if every user took part in every round); DP-FTRL's
-    from its trees (`server-dp-mechanism=dp-ftrl`: no amplification, each user once a tree)."""
+    from its trees (`server-dp-mechanism=dp-ftrl`: no amplification, each user once a tree,
+    with the run's `dp-ftrl-noise`)."""
     if base.server_dp_mechanism == "dp-ftrl":
-        steps, rate = ftrl_steps(args.rounds, users // min(args.cohort, users)), 1.0
-    else:
-        steps, rate = args.rounds, 1.0 if args.unamplified else base.server_dp_sample_rate
-    return noise_multiplier(eps, rate, steps, args.delta, base.dp_accountant)
+        return ftrl_noise_multiplier(eps, args.rounds, users // min(args.cohort, users), args.delta,
+                                     base.dp_accountant, base.dp_ftrl_noise)
+    rate = 1.0 if args.unamplified else base.server_dp_sample_rate
+    return noise_multiplier(eps, rate, args.rounds, args.delta, base.dp_accountant)
 
 
 def final_test_metrics(folder: Path) -> dict[str, float]:
