@@ -45,6 +45,9 @@ from shared_model.square_root_noise import SquareRootNoise
 from shared_model.tree_aggregation import TreeNoise
 
 
+MAX_KEPT_NOISE_BYTES = 4 * 2**30  # the square-root noise keeps an epoch's draws: floor(N / C) models' worth
+
+
 class DPFTRL(DPFedAvg):
     def __init__(self, inner: SeededFedAdam, noise: float, clip: float, cohort: int, learning_rate: float,
                  momentum: float = 0.0, step: str = "fedadam", noise_kind: str = "tree",
@@ -52,7 +55,8 @@ class DPFTRL(DPFedAvg):
         """cohort: C, the clients a round (all of them if 0 or more than there are);
         learning_rate: the server's step on each release (constant: FTRL's); momentum: beta of
         the heavy-ball velocity the model steps by (0: the release itself); step: "fedadam" (the
-        inner optimiser's step on each release) or "ftrl" (learning_rate times the velocity); noise_kind: "tree" or "square-root"."""
+        inner optimiser's step on each release) or "ftrl" (learning_rate times the velocity);
+        noise_kind: "tree" or "square-root"."""
         if step not in FTRL_STEPS:
             raise ValueError(f"DP-FTRL's step must be one of {FTRL_STEPS}, not {step!r}")
         if noise_kind not in FTRL_NOISES:
@@ -87,6 +91,13 @@ class DPFTRL(DPFedAvg):
         nodes = super().begin_round(arrays)
         if self.tree is None:
             shapes = {k: v.shape for k, v in self.current.items()}
+            if self.noise_kind == "square-root":
+                kept = len(self.inner.nodes) // self.cohort * sum(int(np.prod(s)) for s in shapes.values()) * 8
+                if kept > MAX_KEPT_NOISE_BYTES:
+                    raise ValueError(f"dp-ftrl-noise = 'square-root' would keep {kept / 2**30:.1f} GiB of noise draws "
+                                     f"an epoch ({len(self.inner.nodes) // self.cohort} rounds of the model's values; "
+                                     f"at most {MAX_KEPT_NOISE_BYTES / 2**30:.0f} GiB): raise clients-per-round or "
+                                     "use dp-ftrl-noise = 'tree'")
             kind = TreeNoise if self.noise_kind == "tree" else SquareRootNoise
             self.tree = kind(shapes, self.update_noise * self.clip, self.randomness)
         return nodes

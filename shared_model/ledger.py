@@ -190,8 +190,12 @@ def accountant_delta(entries: list[LedgerEntry]) -> float:
 
 def tree_lengths(entries: list[LedgerEntry]) -> list[tuple[int, float, str]]:
     """DP-FTRL: (rounds, noise multiplier, "tree" or "square-root") of each tree so far (a
-    tree-round of 1 starts a tree; its noise is the least of its entries'; one kind a tree)."""
+    tree-round of 1 starts a tree; its noise is the least of its entries'; one kind, one
+    population and cohort a tree, and with the square-root noise one noise multiplier: where
+    it varied, a later round's user could be worse off than the first round's, whom the
+    entries account)."""
     trees: list[tuple[int, float, str]] = []
+    shape: tuple[int | None, int | None] = (None, None)
     for e in entries:
         if e.tree_round is None:
             continue
@@ -203,6 +207,13 @@ def tree_lengths(entries: list[LedgerEntry]) -> list[tuple[int, float, str]]:
                              f"{trees[-1][0] if trees else 'nothing'}")
         if kind != trees[-1][2]:
             raise ValueError(f"round {e.round}: {kind} noise within a tree of {trees[-1][2]} noise")
+        if kind == "square-root" and e.noise_multiplier != trees[-1][1]:
+            raise ValueError(f"round {e.round}: noise multiplier {e.noise_multiplier} within an epoch of square-root "
+                             f"noise at {trees[-1][1]}")
+        if e.tree_round > 1 and (e.population, e.cohort) != shape:
+            raise ValueError(f"round {e.round}: population {e.population} and cohort {e.cohort} within a tree of "
+                             f"{shape[0]} and {shape[1]}")
+        shape = (e.population, e.cohort)
         trees[-1] = (e.tree_round, min(trees[-1][1], e.noise_multiplier), kind)
     return trees
 

@@ -67,7 +67,18 @@ def epsilon(events: Events, delta: float, accountant: str = "rdp") -> float:
         check_step(z, q, t)
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), not {delta}")
+    events = merged_unsampled(events)
     return _epsilon(events, float(delta), accountant) if events else 0.0
+
+
+def merged_unsampled(events: tuple[tuple[float, float, int], ...]) -> tuple[tuple[float, float, int], ...]:
+    """The events with every rate-1 Gaussian step composed into one, at z = (sum t / z^2)^(-1/2):
+    exact for every accountant here (Gaussians compose to a Gaussian), and what keeps a long
+    DP-FTRL run's accounting (one distinct event a round with the square-root noise) from
+    growing with the rounds in time and in the cache."""
+    sampled = tuple(event for event in events if event[1] < 1.0)
+    precision = sum(t / z**2 for z, q, t in events if q == 1.0)
+    return sampled + ((precision ** -0.5, 1.0, 1),) if precision else sampled
 
 
 @functools.lru_cache(maxsize=4096)

@@ -24,6 +24,7 @@ round t adds to its square). Costs memory: the epoch's noise draws, one model's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -49,7 +50,8 @@ def square_root_weight(epoch_round: int) -> float:
     epoch's first t rounds are one Gaussian with sensitivity sqrt(sum of these)."""
     if epoch_round < 1:
         raise ValueError(f"an epoch's rounds count from 1, not {epoch_round}")
-    return float(coefficients(epoch_round)[-1] ** 2)
+    k = epoch_round - 1  # f_k = Gamma(k + 1/2) / (Gamma(1/2) Gamma(k + 1)): no loop over the epoch
+    return math.exp(2 * (math.lgamma(k + 0.5) - math.lgamma(0.5) - math.lgamma(k + 1)))
 
 
 def squared_sensitivity(rounds: int, epoch_rounds: int) -> float:

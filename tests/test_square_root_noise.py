@@ -8,9 +8,15 @@ import math
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.task_identity import TaskIdentity
 
 from server.cli import main
+from server.dp_ftrl import DPFTRL
 from server.privacy_audit import audit_run
+from server.run_folder import RunFolder
+from server.server_app import record_privacy
+from server.strategy import SeededFedAdam
 from shared_model.ledger import LedgerEntry, append_entries, read_ledger, tree_lengths
 from shared_model.privacy import epsilon, ftrl_events, ftrl_noise_multiplier, noise_multiplier, tree_epsilon
 from shared_model.settings import RunSettings, SettingsError
@@ -138,6 +144,61 @@ def test_the_calculator_and_the_plan_know_the_square_root_noise(capsys):
     assert main(["privacy", "plan", "--users", "100000", "--cohort", "1000", "--rounds", "50", "--epsilon", "8",
                  "--delta", "1e-6"]) == 0
     assert 'dp-ftrl-noise = "square-root"' in capsys.readouterr().out
+
+
+def test_an_epoch_whose_noise_population_or_cohort_changes_is_refused():
+    """A varying z would leave a later round's user worse off than the first round's, whom the
+    entries account (a forged ledger: the server's z is one per run); a changed population or
+    cohort within a tree would make its length unreadable."""
+    assert tree_lengths([entry(1), entry(2)]) == [(2, 2.0, "square-root")]
+    with pytest.raises(ValueError, match="noise multiplier 1.0 within an epoch"):
+        tree_lengths([entry(1, noise=3.0)] + [entry(t, noise=1.0) for t in range(2, 5)])
+    changed = LedgerEntry(**{**entry(2).__dict__, "population": 1000})
+    with pytest.raises(ValueError, match="population 1000 and cohort 10 within a tree of 100 and 10"):
+        tree_lengths([entry(1), changed])
+
+
+def test_the_real_strategys_releases_leak_no_more_than_its_ledger_claims(tmp_path):
+    """The attacker against the real DPFTRL and the server's own ledger entries: 40 clients, 4 a
+    round, 25 rounds (two epochs of 10, then 5 rounds of a third), zero updates, clip 0.5. The
+    releases are regressed on every noise draw the strategy kept (the real map M: C x release =
+    x + M z); the strongest attacker against a client in one round of each epoch (any rounds,
+    either sign) separates by mu = sqrt(u' (M M')^-1 u) / z. The ledger's epsilon must be that
+    mu's. A new epoch that reused an earlier epoch's draws would make M M' singular; draws at
+    another std than z S would fail the variance."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    z, clip, cohort = 2.0, 0.5, 4
+    config = {"partitioning": "per-user", "dp": "none", "server-dp": True, "id-embeddings": False,
+              "server-dp-mechanism": "dp-ftrl", "dp-ftrl-noise": "square-root", "server-dp-noise": z,
+              "server-dp-clip": clip, "clients-per-round": cohort, "output-dir": str(tmp_path), "run-name": "attack"}
+    settings = RunSettings.from_run_config(app_run_config(**config))
+    inner = SeededFedAdam({n: n for n in range(1, 41)}, 0, seed=0, server_lr=0.1, half_life=1e9)
+    strategy = DPFTRL(inner, z, clip, cohort, 1.0, 0.0, "ftrl", "square-root", randomness=counted_generators())
+    folder, entries, releases, noises, epochs = RunFolder.open(settings), [], [], [], []
+    model = ArrayRecord({"w": Array(np.zeros(4000, dtype=np.float32))})
+    for server_round in range(1, 26):
+        strategy.begin_round(model)
+        if not noises or strategy.tree is not noises[-1]:
+            noises.append(strategy.tree)
+            epochs.append([])
+        epochs[-1].append(server_round - 1)
+        figures = strategy.release_figures()  # what aggregate_clipped hands record_privacy
+        releases.append(strategy.noisy_average(*strategy.clipped_sum([]))["w"] * cohort)
+        record_privacy(folder, settings, server_round, [], entries, figures)
+    draws = np.stack([d["w"] for noise in noises for d in noise.draws], axis=1)  # coordinates x draws
+    assert [len(e) for e in epochs] == [10, 10, 5] and draws.shape[1] == 25
+    assert np.std(draws) == pytest.approx(z * clip, rel=0.01)
+    found, *_ = np.linalg.lstsq(draws, np.stack(releases, axis=1), rcond=None)
+    mixing = found.T  # rounds x draws
+    assert np.allclose(draws @ mixing.T, np.stack(releases, axis=1), atol=1e-9)
+    precision = np.linalg.inv(mixing @ mixing.T)
+    worst = max(np.sqrt(u @ precision @ u) / z
+                for rounds in itertools.product(*epochs)
+                for signs in itertools.product((1.0, -1.0), repeat=len(epochs))
+                for u in [np.bincount(rounds, weights=signs, minlength=25)])
+    claimed = read_ledger(folder.ledger_path)[-1].epsilon
+    assert claimed == pytest.approx(epsilon([(1 / worst, 1.0, 1)], settings.dp_delta), rel=1e-3)
+    assert entries[-1].epsilon == claimed
 
 
 def test_a_bad_noise_kind_is_refused_by_name():
