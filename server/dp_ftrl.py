@@ -50,13 +50,13 @@ MAX_KEPT_NOISE_BYTES = 4 * 2**30  # the square-root noise keeps an epoch's draws
 
 class DPFTRL(DPFedAvg):
     def __init__(self, inner: SeededFedAdam, noise: float, clip: float, cohort: int, learning_rate: float,
-                 momentum: float = 0.0, step: str = "fedadam", noise_kind: str = "tree",
+                 momentum: float = 0.0, step: str = "fedadam", noise_kind: str = "square-root",
                  randomness: Callable[[], np.random.Generator] = fresh_numpy_generator):
         """cohort: C, the clients a round (all of them if 0 or more than there are);
         learning_rate: the server's step on each release (constant: FTRL's); momentum: beta of
         the heavy-ball velocity the model steps by (0: the release itself); step: "fedadam" (the
         inner optimiser's step on each release) or "ftrl" (learning_rate times the velocity);
-        noise_kind: "tree" or "square-root"."""
+        noise_kind: "square-root" or "tree"."""
         if step not in FTRL_STEPS:
             raise ValueError(f"DP-FTRL's step must be one of {FTRL_STEPS}, not {step!r}")
         if noise_kind not in FTRL_NOISES:

@@ -69,7 +69,7 @@ class RunSettings:
     dp_accountant: str  # "rdp", "prv" or "pld"
     server_dp: bool  # user-level DP-FedAvg: Poisson sampling, clipping, Gaussian noise
     server_dp_mechanism: str  # "dp-fedavg" (Poisson sampling, amplified) or "dp-ftrl" (tree noise, no sampling)
-    dp_ftrl_noise: str  # "tree" (tree aggregation) or "square-root" (the square-root factorization: less noise)
+    dp_ftrl_noise: str  # "square-root" (the square-root factorization: less noise) or "tree" (tree aggregation)
     dp_ftrl_step: str  # "fedadam" (the server's FedAdam on each release) or "ftrl" (the rate times a momentum velocity)
     dp_ftrl_learning_rate: float  # DP-FTRL's "ftrl" step: the model steps by this times the velocity of the releases
     dp_ftrl_momentum: float  # DP-FTRL's "ftrl" step: heavy-ball momentum on the releases (post-processing: no privacy cost)

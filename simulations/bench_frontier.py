@@ -26,7 +26,8 @@ server-dp-adaptive-clip=true`), each with its own noise-free reference.
     python -m simulations.bench_frontier --variant unamplified --unamplified --populations 10000
 
 DP-FTRL (`--set server-dp-mechanism=dp-ftrl`) takes `--cohort` clients a round, each user at
-most once a tree, its noise calibrated from its trees (no amplification); `--unamplified`
+most once a tree, its noise calibrated from its trees (no amplification; with `--set
+dp-ftrl-noise=square-root`, from the square-root factorization's one Gaussian an epoch); `--unamplified`
 calibrates DP-FedAvg's noise as if every user took part in every round (no sampling
 assumption): the two answers for a server whose sampling cannot be trusted.
 """

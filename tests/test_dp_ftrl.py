@@ -195,7 +195,7 @@ def test_a_flower_run_with_dp_ftrl_is_accounted_by_trees_and_audited(tmp_path):
     """10 SuperNodes, 4 a round, 4 rounds: trees of 2 rounds (8 clients), then a new one;
     the default step, FedAdam's on each release (post-processing: the same accounting)."""
     config = {"synthetic-users": 10, "partitioning": "per-user", "dp": "none", "server-dp": True,
-              "id-embeddings": False, "server-dp-mechanism": "dp-ftrl", "clients-per-round": 4,
+              "id-embeddings": False, "server-dp-mechanism": "dp-ftrl", "dp-ftrl-noise": "tree", "clients-per-round": 4,
               "num-server-rounds": 4, "output-dir": str(tmp_path), "run-name": "ftrl"}
     run = run_flower(config, num_supernodes=10)
     assert run.ok, run.log[-3000:]
