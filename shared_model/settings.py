@@ -149,7 +149,7 @@ class RunSettings:
              "item-id table's rows reveal which items its users touched (or add dp = 'example' / 'user')"),
             (self.server_dp_mechanism in SERVER_MECHANISMS, "server-dp-mechanism", f"must be one of {SERVER_MECHANISMS}"),
             (self.server_dp_mechanism == "dp-fedavg" or not (self.secure_aggregation or self.server_dp_adaptive_clip),
-             "server-dp-mechanism", "'dp-ftrl' adds the tree's noise on the server (no secure-aggregation) with a "
+             "server-dp-mechanism", "'dp-ftrl' adds its noise on the server (no secure-aggregation) with a "
              "fixed clip (no server-dp-adaptive-clip)"),
             (self.dp_ftrl_learning_rate > 0, "dp-ftrl-learning-rate", "must be positive"),
             (0 <= self.dp_ftrl_momentum < 1, "dp-ftrl-momentum", "must be in [0, 1)"),
