@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DP-FTRL (server-dp-mechanism = \"dp-ftrl\"): --steps rounds in trees of R rounds, each "
                             "user in at most one round of a tree (R = N // C for N users, C a round); needs "
                             "--sample-rate 1 (no sampling assumed)")
-        p.add_argument("--ftrl-noise", choices=["tree", "square-root"], default="tree",
-                       help="with --tree-rounds: DP-FTRL's dp-ftrl-noise (default tree)")
+        p.add_argument("--ftrl-noise", choices=["square-root", "tree"], default="square-root",
+                       help="with --tree-rounds: DP-FTRL's dp-ftrl-noise (default square-root, as the run "
+                            "config's)")
         p.set_defaults(func=cmd_privacy)
     bound = privacy_sub.add_parser(
         "lower-bound", help="empirical epsilon lower bound of a one-run canary audit (Steinke, Nasr, Jagielski 2023)")
@@ -279,11 +280,12 @@ the sum is divided by C. How to read the output:
                            from T and q; more only with probability a thousandth of delta,
                            which delta pays for); without secure aggregation the server
                            reads every update and no epsilon holds against it.
-  DP-FTRL instead          the noise multiplier server-dp-mechanism = "dp-ftrl" needs for the
-                           same epsilon: C clients a round, each at most once in a tree of
-                           floor(N / C) rounds, no sampling assumed (so no amplification:
-                           usually far more noise; its noise on the model grows with the
-                           log of the rounds in a tree, not with the rounds).
+  DP-FTRL instead          the noise multipliers server-dp-mechanism = "dp-ftrl" needs for the
+                           same epsilon, with dp-ftrl-noise = "tree" and then "square-root"
+                           (the default: a smaller z): C clients a round, each at most once
+                           in an epoch (tree) of floor(N / C) rounds, no sampling assumed (so
+                           no amplification: usually far more noise; its noise on the model
+                           grows with the log of the rounds in an epoch, not with the rounds).
 Example: fedrec privacy plan --users 100000 --cohort 1000 --rounds 1000 --epsilon 1 --delta 1e-6"""
 
 

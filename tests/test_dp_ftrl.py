@@ -147,7 +147,7 @@ def test_a_tree_entry_with_steps_other_than_its_depths_growth_is_refused():
 def test_the_calculator_knows_dp_ftrl(capsys):
     """`fedrec privacy epsilon/noise --tree-rounds R`: the ledger's epsilon for rounds in trees of R."""
     assert main(["privacy", "epsilon", "--noise-multiplier", "3", "--sample-rate", "1", "--steps", "25",
-                 "--delta", "1e-6", "--tree-rounds", "10"]) == 0
+                 "--delta", "1e-6", "--tree-rounds", "10", "--ftrl-noise", "tree"]) == 0
     expected = tree_epsilon([(10, 3.0, "tree"), (10, 3.0, "tree"), (5, 3.0, "tree")], 1e-6)
     assert f"epsilon {expected:.4f}" in capsys.readouterr().out and ftrl_steps(25, 10) == 4 + 4 + 3
     assert main(["privacy", "noise", "--epsilon", "8", "--sample-rate", "0.5", "--steps", "25", "--delta", "1e-6",
