@@ -92,10 +92,11 @@ class DPFTRL(DPFedAvg):
         if self.tree is None:
             shapes = {k: v.shape for k, v in self.current.items()}
             if self.noise_kind == "square-root":
-                kept = len(self.inner.nodes) // self.cohort * sum(int(np.prod(s)) for s in shapes.values()) * 8
+                epoch = len(self.inner.nodes) // self.cohort
+                kept = epoch * sum(int(np.prod(s)) for s in shapes.values()) * 8
                 if kept > MAX_KEPT_NOISE_BYTES:
                     raise ValueError(f"dp-ftrl-noise = 'square-root' would keep {kept / 2**30:.1f} GiB of noise draws "
-                                     f"an epoch ({len(self.inner.nodes) // self.cohort} rounds of the model's values; "
+                                     f"an epoch ({epoch} rounds of the model's values; "
                                      f"at most {MAX_KEPT_NOISE_BYTES / 2**30:.0f} GiB): raise clients-per-round or "
                                      "use dp-ftrl-noise = 'tree'")
             kind = TreeNoise if self.noise_kind == "tree" else SquareRootNoise

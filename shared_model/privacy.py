@@ -22,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
+from shared_model.square_root_noise import squared_sensitivity
+
 
 Events = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 RELATION = "add/remove"
@@ -165,22 +167,16 @@ def ftrl_events(noise: float, rounds: int, tree_rounds: int, kind: str = "tree")
     z / sqrt(the run's squared sensitivity), what the ledger's per-round events compose to."""
     if kind == "tree":
         return [(noise, 1.0, ftrl_steps(rounds, tree_rounds))]
-    from shared_model.square_root_noise import squared_sensitivity
-
     return [(noise / math.sqrt(squared_sensitivity(rounds, tree_rounds)), 1.0, 1)]
 
 
 def ftrl_noise_multiplier(target_epsilon: float, rounds: int, tree_rounds: int, delta: float,
                           accountant: str = "rdp", kind: str = "tree") -> float:
     """DP-FTRL's z for `target_epsilon` after `rounds` rounds in trees (epochs) of `tree_rounds`:
-    the tree's Gaussian steps at rate 1, or ("square-root") one Gaussian of squared sensitivity
-    sum over epochs of sum_{k<T} f_k^2, which needs that sensitivity times one step's z."""
-    if kind == "tree":
-        return noise_multiplier(target_epsilon, 1.0, ftrl_steps(rounds, tree_rounds), delta, accountant)
-    from shared_model.square_root_noise import squared_sensitivity
-
-    return noise_multiplier(target_epsilon, 1.0, 1, delta, accountant) * math.sqrt(
-        squared_sensitivity(rounds, tree_rounds))
+    `ftrl_events` at z = 1 is one event (scale, 1, steps), a Gaussian whose noise multiplier is
+    z times scale, so z is the steps' noise multiplier over that scale."""
+    (scale, _, steps), = ftrl_events(1.0, rounds, tree_rounds, kind)
+    return noise_multiplier(target_epsilon, 1.0, steps, delta, accountant) / scale
 
 
 def tree_epsilon(trees: list[tuple[int, float, str]], delta: float) -> float:
@@ -191,8 +187,6 @@ def tree_epsilon(trees: list[tuple[int, float, str]], delta: float) -> float:
     ledger's per-round events. trees: (rounds, noise multiplier, "tree" or "square-root")."""
     import dp_accounting
     from dp_accounting import rdp as dp_rdp
-
-    from shared_model.square_root_noise import squared_sensitivity
 
     acc = dp_rdp.RdpAccountant(RDP_ORDERS, dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
     for rounds, noise, kind in trees:

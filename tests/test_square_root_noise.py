@@ -34,10 +34,15 @@ def counted_generators():
     return lambda: np.random.default_rng(next(seeds))
 
 
+def factor_matrix(size: int) -> np.ndarray:
+    """C: the lower triangular Toeplitz matrix of f_0..f_{size-1}."""
+    f = coefficients(size)
+    return np.array([[f[i - j] if i >= j else 0.0 for j in range(size)] for i in range(size)])
+
+
 def test_the_factor_squared_is_the_prefix_sum_matrix_and_releases_telescope():
-    size = 64
-    factor = np.array([[coefficients(size)[i - j] if i >= j else 0.0 for j in range(size)] for i in range(size)])
-    assert np.allclose(factor @ factor, np.tril(np.ones((size, size))))
+    factor = factor_matrix(64)
+    assert np.allclose(factor @ factor, np.tril(np.ones((64, 64))))
     assert release_coefficients(4) == pytest.approx([1.0, -0.5, -0.125, -0.0625])
     assert squared_sensitivity(50, 50) == pytest.approx(2.3099, abs=1e-4)  # the tree's node count at 50: 6
     assert squared_sensitivity(25, 10) == pytest.approx(2 * squared_sensitivity(10, 10) + squared_sensitivity(5, 5))
@@ -62,9 +67,8 @@ def attackers_separation(releases: np.ndarray, canary: np.ndarray, std: float) -
     prefix sums (y = C^-1 P) and projects on the canary's column of C (Neyman-Pearson for a
     Gaussian); measured as the mean gap over the statistic's spread."""
     rounds = releases.shape[0]
-    f = coefficients(rounds)
-    factor = np.array([[f[i - j] if i >= j else 0.0 for j in range(rounds)] for i in range(rounds)])
-    direction = f / np.linalg.norm(f)
+    factor = factor_matrix(rounds)
+    direction = factor[:, 0] / np.linalg.norm(factor[:, 0])
     def statistic(r: np.ndarray) -> np.ndarray:
         return direction @ np.linalg.solve(factor, np.cumsum(r, axis=0)) / std
     without, with_canary = statistic(releases), statistic(releases + canary)
