@@ -21,8 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from shared_model.privacy import (RELATION, epsilon, ftrl_noise_multiplier, noise_multiplier, server_epsilon,
                                   update_noise_multiplier)
+from shared_model.square_root_noise import release_coefficients
 
 
 def round_up(value: float, digits: int = 4) -> float:
@@ -54,6 +57,7 @@ class Plan:
     server_epsilon: float  # against the server: a Gaussian at rate 1 over server_rounds rounds
     ftrl_noise_multiplier: float  # DP-FTRL's z for the same epsilon: trees of floor(N / C) rounds, no sampling
     ftrl_square_root_noise_multiplier: float  # the same with dp-ftrl-noise = "square-root" (epochs of floor(N / C))
+    ftrl_release_noise_std: float  # square-root: per coordinate of a round's release (its mean), in units of S, at most
     relation: str = RELATION
 
     def to_json(self) -> dict:
@@ -79,11 +83,15 @@ def make_plan(users: int, cohort: float, rounds: int, target_epsilon: float, del
                              "the count alone would spend the whole budget") from None
     noise_norm = update_noise * math.sqrt(parameters) / cohort
     against_server, taken_part = server_epsilon(z, q, rounds, delta, accountant)
+    epoch = int(users // cohort)
+    ftrl_tree, ftrl_square_root = (round_up(ftrl_noise_multiplier(target_epsilon, rounds, epoch, delta, accountant,
+                                                                  kind)) for kind in ("tree", "square-root"))
+    # a release carries sum_k g_k z_k: its std grows over an epoch's rounds towards sqrt(4 / pi) z S / C
+    release_factor = math.sqrt(float(np.sum(release_coefficients(min(rounds, epoch)) ** 2)))
     return Plan(users, cohort, rounds, target_epsilon, delta, accountant, parameters, q, z,
                 epsilon([(z, q, 1)], delta, accountant), count_noise, update_noise, update_noise / cohort,
-                noise_norm, signal, signal / noise_norm, taken_part, against_server,
-                *(round_up(ftrl_noise_multiplier(target_epsilon, rounds, int(users // cohort), delta, accountant, kind))
-                  for kind in ("tree", "square-root")))
+                noise_norm, signal, signal / noise_norm, taken_part, against_server, ftrl_tree, ftrl_square_root,
+                ftrl_square_root * release_factor / cohort)
 
 
 def format_plan(plan: Plan) -> str:
@@ -123,5 +131,9 @@ def format_plan(plan: Plan) -> str:
               f"(server-dp-mechanism = \"dp-ftrl\": C a round, trees of {int(plan.users // plan.cohort):,} rounds, "
               "each user once a tree, no sampling assumed)",
               f"                                noise multiplier {plan.ftrl_square_root_noise_multiplier:.4g} with "
-              "dp-ftrl-noise = \"square-root\" (the square-root factorization: a smaller z, each user once an epoch)"]
+              "dp-ftrl-noise = \"square-root\" (the square-root factorization: a smaller z, each user once an epoch)",
+              f"                                its noise on a round's release: {plan.ftrl_release_noise_std:.3g} S per "
+              f"coordinate, {plan.ftrl_release_noise_std / plan.noise_std:.3g} times DP-FedAvg's above",
+              "                                (FedAdam divides its steps by the releases' RMS: raise "
+              "server-learning-rate with this ratio)"]
     return "\n".join(lines)

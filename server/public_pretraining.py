@@ -10,8 +10,10 @@ Simulation only: only there does the server hold users' data.
 from __future__ import annotations
 
 import math
+from logging import INFO
 
 import numpy as np
+from flwr.common import log
 
 from shared_model.recommender import Recommender
 from shared_model.settings import RunSettings
@@ -35,6 +37,10 @@ def pretrain_on_public_users(model: Recommender, settings: RunSettings) -> dict:
     optimizer = make_optimizer(model, recipe)
     chunks = sequence_chunks(model, [split.train[u] for u in users])
     rng = np.random.default_rng(settings.seed)
-    losses = [train_sequences(model, optimizer, chunks, recipe.batch_size, rng)[0]
-              for _ in range(settings.public_epochs)]
-    return {"users": len(users), "of": len(split.train), "epochs": settings.public_epochs, "final loss": losses[-1]}
+    report_every = max(1, settings.public_epochs // 10)  # a long pretraining (minutes at 100,000 users) shows progress
+    for epoch in range(1, settings.public_epochs + 1):
+        loss = train_sequences(model, optimizer, chunks, recipe.batch_size, rng)[0]
+        if epoch % report_every == 0 or epoch == settings.public_epochs:
+            log(INFO, "fedrec: pretraining on the consenting users: epoch %d/%d, loss %.4f",
+                epoch, settings.public_epochs, loss)
+    return {"users": len(users), "of": len(split.train), "epochs": settings.public_epochs, "final loss": loss}

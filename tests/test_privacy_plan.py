@@ -5,10 +5,12 @@ the flag. Runs the real command (server.cli.main)."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from server.cli import main
 from shared_model.privacy import epsilon, total_noise_multiplier
+from shared_model.square_root_noise import SquareRootNoise
 
 PLAN = ["privacy", "plan", "--users", "100000", "--cohort", "1000", "--rounds", "300", "--epsilon", "2",
         "--delta", "1e-6", "--parameters", "17904"]
@@ -58,6 +60,20 @@ def test_dp_ftrl_s_noise_reaches_the_budget_from_its_trees(capsys):
     z = json.loads(out)["ftrl_noise_multiplier"]
     assert epsilon([(z, 1.0, 21)], 1e-6) <= 2.0 < epsilon([(z * 0.99, 1.0, 21)], 1e-6)
     assert f"DP-FTRL instead               noise multiplier {z:.4g}" in plan(capsys)[1]
+
+
+def test_dp_ftrl_s_release_noise_is_what_the_square_root_noise_puts_on_a_release(capsys):
+    """The plan's noise on a DP-FTRL release (per coordinate of the mean, in units of S) is
+    the std of the real noise on an epoch's last release (100 rounds here), divided by C."""
+    _, out, _ = plan(capsys, "--json")
+    figures = json.loads(out)
+    z = figures["ftrl_square_root_noise_multiplier"]
+    noise = SquareRootNoise({"w": (20_000,)}, z, lambda: np.random.default_rng(len(noise.draws)))
+    measured = np.std(noise.round_noise(100)["w"]) / 1000
+    assert figures["ftrl_release_noise_std"] == pytest.approx(measured, rel=0.02)
+    assert figures["ftrl_release_noise_std"] == pytest.approx(z * math.sqrt(4 / math.pi) / 1000, rel=0.01)
+    ratio = figures["ftrl_release_noise_std"] / figures["noise_std"]
+    assert f"{figures['ftrl_release_noise_std']:.3g} S per coordinate, {ratio:.3g} times DP-FedAvg's" in plan(capsys)[1]
 
 
 def test_signal_to_noise_is_the_given_mean_update_over_the_noise(capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ def test_consenting_users_are_a_fixed_share_drawn_from_the_seed():
     assert len(consenting_users(943, 0.01, seed=0)) == 10  # rounded up: a share > 0 is never nobody
 
 
-def test_pretraining_on_consenting_users_lifts_the_starting_model():
+def test_pretraining_on_consenting_users_lifts_the_starting_model_and_shows_its_progress(caplog):
     split = leave_one_out(settings_of().load_dataset())
     valid = split.cases("valid")
 
@@ -36,7 +38,10 @@ def test_pretraining_on_consenting_users_lifts_the_starting_model():
         return evaluate_scores(score_catalog(model.eval(), valid.histories), valid)["NDCG@10"]
 
     plain = valid_ndcg(starting_model(settings_of()))
-    pretrained = valid_ndcg(starting_model(settings_of(**{"public-users": 0.3, "public-epochs": 10})))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        pretrained = valid_ndcg(starting_model(settings_of(**{"public-users": 0.3, "public-epochs": 10})))
+    progress = [r.getMessage() for r in caplog.records if "pretraining on the consenting users" in r.getMessage()]
+    assert [m.split("epoch ")[1].split(",")[0] for m in progress] == [f"{e}/10" for e in range(1, 11)]
     assert pretrained > 2 * plain, (plain, pretrained)  # measured: 0.017 -> 0.050
     resumed = valid_ndcg(starting_model(settings_of(**{"public-users": 0.3}), pretrain=False))
     assert resumed == plain  # a resumed run starts from its checkpoint: no pretraining again
