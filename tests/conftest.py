@@ -1,7 +1,10 @@
+import itertools
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +61,11 @@ def default_run_config(**overrides) -> dict:
     from simulations.flower_runner import app_run_config
 
     return app_run_config(**overrides)
+
+
+def counted_generators() -> Callable[[], np.random.Generator]:
+    """A fresh generator per use, each from its own seed 0, 1, 2, ...: a replayable stand-in
+    for OS entropy (fresh_numpy_generator), so that tests measuring noise are deterministic.
+    Tests only: a run's noise never comes from a seed."""
+    seeds = itertools.count()
+    return lambda: np.random.default_rng(next(seeds))

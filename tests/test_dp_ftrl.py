@@ -2,7 +2,6 @@
 a tree, the accounting against dp-accounting's own tree aggregation event, the ledger and
 the audit, and a `flwr run`."""
 
-import itertools
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import counted_generators
 from server.cli import main
 from server.dp_ftrl import DPFTRL
 from server.privacy_audit import audit_run
@@ -26,12 +26,6 @@ SHAPE = (100, 100)  # 10,000 coordinates: a variance is measured to about 3%
 @pytest.fixture(autouse=True)
 def server_task():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-
-def counted_generators():
-    """A fresh generator per use, each from its own seed (a replayable stand-in for OS entropy)."""
-    seeds = itertools.count()
-    return lambda: np.random.default_rng(next(seeds))
 
 
 def test_a_prefix_sum_is_read_from_popcount_t_nodes_each_drawn_once():

@@ -9,7 +9,6 @@ more padding), agrees to about 1e-4 of the size of an update; compared configura
 have dropout 0 (a vectorised client draws its own dropout masks, not its ClientApp's).
 """
 
-import itertools
 import json
 
 import argparse
@@ -21,6 +20,7 @@ import torch
 from flwr.app import ConfigRecord, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import counted_generators
 from server.server_app import array_record, make_strategy, server_evaluation, starting_model
 from shared_model.fresh_randomness import fresh_numpy_generator
 from shared_model.settings import RunSettings, SettingsError
@@ -161,8 +161,7 @@ def test_a_flower_run_and_an_in_process_run_end_with_the_same_model(tmp_path, ca
 def test_the_noise_on_the_mean_has_std_z_s_over_the_expected_cohort(population):
     z, clip, rate = 2.0, 0.3, 0.5
     settings = settings_of(**{"server-dp-noise": z, "server-dp-clip": clip, "server-dp-sample-rate": rate})
-    seeds = itertools.count()
-    driver = Population(settings, randomness=lambda: np.random.default_rng(next(seeds)))
+    driver = Population(settings, randomness=counted_generators())
     total, norms, counts = driver.clipped_total(1, driver.initial_arrays())  # fixed updates
     assert counts["clients"] > 0 and any(np.abs(t).max() > 0 for t in total.values())
     noise = np.concatenate([np.concatenate([(driver.strategy.noisy_average(total, norms)[k] - total[k] / (rate * USERS))

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import counted_generators
 from server.cli import main
 from shared_model.privacy import epsilon, total_noise_multiplier
 from shared_model.square_root_noise import SquareRootNoise
@@ -68,7 +69,7 @@ def test_dp_ftrl_s_release_noise_is_what_the_square_root_noise_puts_on_a_release
     _, out, _ = plan(capsys, "--json")
     figures = json.loads(out)
     z = figures["ftrl_square_root_noise_multiplier"]
-    noise = SquareRootNoise({"w": (20_000,)}, z, lambda: np.random.default_rng(len(noise.draws)))
+    noise = SquareRootNoise({"w": (20_000,)}, z, counted_generators())
     measured = np.std(noise.round_noise(100)["w"]) / 1000
     assert figures["ftrl_release_noise_std"] == pytest.approx(measured, rel=0.02)
     assert figures["ftrl_release_noise_std"] == pytest.approx(z * math.sqrt(4 / math.pi) / 1000, rel=0.01)

@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import counted_generators
 from server.cli import main
 from server.dp_ftrl import DPFTRL
 from server.privacy_audit import audit_run
@@ -26,12 +27,6 @@ from simulations.flower_runner import app_run_config
 from simulations.population import run
 
 COORDINATES = 20_000  # independent trials of every statistic below: a mean to about 1%
-
-
-def counted_generators():
-    """A fresh generator per use, each from its own seed (a replayable stand-in for OS entropy)."""
-    seeds = itertools.count()
-    return lambda: np.random.default_rng(next(seeds))
 
 
 def factor_matrix(size: int) -> np.ndarray:
