@@ -15,10 +15,11 @@ from logging import INFO
 import numpy as np
 from flwr.common import log
 
-from shared_model.recommender import Recommender
+from shared_model.metrics import evaluate_scores
+from shared_model.recommender import Recommender, score_catalog
 from shared_model.settings import RunSettings
 from shared_model.splits import leave_one_out
-from shared_model.training import TrainConfig, make_optimizer, sequence_chunks, train_sequences
+from shared_model.training import TrainConfig, epochs_keeping_best, make_optimizer, sequence_chunks
 
 
 def consenting_users(n_users: int, share: float, seed: int) -> np.ndarray:
@@ -29,18 +30,24 @@ def consenting_users(n_users: int, share: float, seed: int) -> np.ndarray:
 
 
 def pretrain_on_public_users(model: Recommender, settings: RunSettings) -> dict:
-    """Train `model` on the consenting users' training sequences for `public-epochs` epochs;
-    what was done, for the log and the summary."""
+    """Train `model` on the consenting users' training sequences and keep the epoch whose
+    model ranks their validation items best: at most `public-epochs`, stopping after
+    `public-patience` epochs without a better one (a fixed count either stops short, as 5
+    epochs did at 100,000 users, or overfits a small cohort). What was done, for the log and
+    the summary."""
     split = leave_one_out(settings.load_dataset())
     users = consenting_users(len(split.train), settings.public_users, settings.seed)
+    valid = split.cases("valid", users)  # their held-out items: as public as the rest of their data
     recipe = TrainConfig()
-    optimizer = make_optimizer(model, recipe)
     chunks = sequence_chunks(model, [split.train[u] for u in users])
-    rng = np.random.default_rng(settings.seed)
+    epochs = epochs_keeping_best(model, make_optimizer(model, recipe), chunks, recipe.batch_size,
+                                 np.random.default_rng(settings.seed), settings.public_epochs, settings.public_patience,
+                                 lambda: evaluate_scores(score_catalog(model, valid.histories), valid))
     report_every = max(1, settings.public_epochs // 10)  # a long pretraining (minutes at 100,000 users) shows progress
-    for epoch in range(1, settings.public_epochs + 1):
-        loss = train_sequences(model, optimizer, chunks, recipe.batch_size, rng)[0]
-        if epoch % report_every == 0 or epoch == settings.public_epochs:
-            log(INFO, "fedrec: pretraining on the consenting users: epoch %d/%d, loss %.4f",
-                epoch, settings.public_epochs, loss)
-    return {"users": len(users), "of": len(split.train), "epochs": settings.public_epochs, "final loss": loss}
+    for report in epochs:
+        if report.epoch % report_every == 0 or report.epoch - report.best_epoch >= settings.public_patience:
+            log(INFO, "fedrec: pretraining on the consenting users: epoch %d/%d, loss %.4f, their validation "
+                "NDCG@10 %.4f (best %.4f, epoch %d)", report.epoch, settings.public_epochs, report.loss,
+                report.validation["NDCG@10"], report.best_ndcg, report.best_epoch)
+    return {"users": len(users), "of": len(split.train), "epochs": report.epoch, "best epoch": report.best_epoch,
+            "best validation NDCG@10": report.best_ndcg, "final loss": report.loss}

@@ -406,9 +406,10 @@ def starting_model(settings: RunSettings, simulation: bool = True, pretrain: boo
             raise SettingsError("run config 'public-users' needs the consenting users' data on the server, which "
                                 "only a simulation has: set it to 0 in a deployment")
         done = pretrain_on_public_users(model, settings)
-        log(WARNING, "fedrec: pretrained for %d epochs on the data of %d of %d users who consented to give it "
-            "(public-users = %g): they are treated as public, no privacy guarantee covers them",
-            done["epochs"], done["users"], done["of"], settings.public_users)
+        log(WARNING, "fedrec: pretrained on the data of %d of %d users who consented to give it (public-users = "
+            "%g; kept epoch %d of %d, validation NDCG@10 %.4f on their held-out items): they are treated as public, "
+            "no privacy guarantee covers them", done["users"], done["of"], settings.public_users, done["best epoch"],
+            done["epochs"], done["best validation NDCG@10"])
     return model
 
 
@@ -484,7 +485,8 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
         "trainable_bytes": model.trainable_bytes(),
         "plot": plot.name,
         "privacy": privacy_summary(folder),
-        **({"public users": {"share": settings.public_users, "epochs": settings.public_epochs,
+        **({"public users": {"share": settings.public_users, "at most epochs": settings.public_epochs,
+                             "patience": settings.public_patience,
                              "note": "pretrained on with their consent; no privacy guarantee covers them"}}
            if settings.public_users else {}),
     }

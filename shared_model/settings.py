@@ -84,7 +84,8 @@ class RunSettings:
     secure_aggregation: bool  # DP-FedAvg through Flower's SecAgg+: the server holds only the sum
     secagg_min_clients: int  # m: each client adds noise std z S / sqrt(m); fewer survivors, no release
     public_users: float  # simulation: share of users who consent to give the server their data (no DP for them)
-    public_epochs: int  # centralized epochs on the consenting users' data before round 1
+    public_epochs: int  # at most this many centralized epochs on the consenting users' data before round 1
+    public_patience: int  # stop after this many epochs without a better validation NDCG@10 (their held-out items)
     # model: its keys are RecommenderConfig's fields, kebab-cased (dim, lora-rank, ...)
     model: RecommenderConfig
     low_memory: bool  # a ClientApp trades step time for memory (see TextTower.save_memory)
@@ -168,6 +169,7 @@ class RunSettings:
              "server-dp-adaptive-clip: the update's noise multiplier is (z^-2 - (2 sigma_b)^-2)^-1/2, finite only then"),
             (0 <= self.public_users < 1, "public-users", "must be in [0, 1) (a share of the users)"),
             (self.public_epochs >= 1, "public-epochs", "must be at least 1"),
+            (self.public_patience >= 1, "public-patience", "must be at least 1"),
             (self.server_dp or not self.secure_aggregation, "secure-aggregation",
              "needs server-dp = true (the clients add DP-FedAvg's noise to what SecAgg+ sums)"),
             (self.dp == "none" or not self.secure_aggregation, "secure-aggregation",

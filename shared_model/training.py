@@ -10,7 +10,7 @@ Two views of the same data:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -143,6 +143,39 @@ def train_sequences(
         if max_steps is not None and steps >= max_steps:
             break
     return total / max(steps, 1), steps
+
+
+class EpochReport(NamedTuple):
+    epoch: int
+    loss: float  # mean training loss of the epoch
+    validation: dict[str, float]
+    best_epoch: int  # so far, by validation NDCG@10
+    best_ndcg: float
+
+
+def epochs_keeping_best(
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    chunks: Chunks,
+    batch_size: int,
+    rng: np.random.Generator,
+    epochs: int,
+    patience: int,
+    validate: Callable[[], dict[str, float]],
+) -> Iterator[EpochReport]:
+    """Train epoch by epoch, validating after each, and report each epoch; stop after
+    `patience` epochs without a better validation NDCG@10, or after `epochs`, and leave the
+    model at its best epoch's state (after the last report: consume the whole iterator)."""
+    best_ndcg, best_epoch, best_state = -1.0, 0, model.trainable_state()
+    for epoch in range(1, epochs + 1):
+        loss, _ = train_sequences(model, optimizer, chunks, batch_size, rng)
+        metrics = validate()
+        if metrics["NDCG@10"] > best_ndcg:
+            best_ndcg, best_epoch, best_state = metrics["NDCG@10"], epoch, model.trainable_state()
+        yield EpochReport(epoch, loss, metrics, best_epoch, best_ndcg)
+        if epoch - best_epoch >= patience:
+            break
+    model.load_trainable_state(best_state)
 
 
 def local_batches(chunks: Chunks, epochs: int, batch_size: int, rng: np.random.Generator,

@@ -26,7 +26,7 @@ from shared_model.recommender import Ranker, Recommender, RecommenderConfig, bui
 from shared_model.splits import LeaveOneOut, leave_one_out
 from shared_model.files import write_atomic
 from shared_model.state import save_state
-from shared_model.training import TrainConfig, add_profiles, make_optimizer, sequence_chunks, train_sequences
+from shared_model.training import TrainConfig, add_profiles, epochs_keeping_best, make_optimizer, sequence_chunks
 from simulations.baselines import ease_test_scores, item_knn_test_scores, popularity_scores, tune_ease, tune_item_knn
 
 
@@ -75,23 +75,19 @@ def train_reference(split: LeaveOneOut, texts: list[str], config: CentralizedCon
     profile_rows = add_profiles(model, split.profiles) if split.profiles and model.text is not None else None  # users' own words
     chunks = sequence_chunks(model, split.train, profile_rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    best_ndcg, best_epoch, best_state = -1.0, 0, model.trainable_state()
     train_started = time.time()
-    bar = tqdm(range(1, config.epochs + 1), desc="centralized", disable=not progress)
+    epochs = epochs_keeping_best(model, optimizer, chunks, config.train.batch_size, rng, config.epochs, config.patience,
+                                 lambda: evaluate_scores(score_catalog(model, valid.histories), valid, popularity))
+    bar = tqdm(epochs, desc="centralized", total=config.epochs, disable=not progress)
     with open(out_dir / "metrics.jsonl", "w") as log:
-        for epoch in bar:
-            loss, _ = train_sequences(model, optimizer, chunks, config.train.batch_size, rng)
-            metrics = evaluate_scores(score_catalog(model, valid.histories), valid, popularity)
-            log.write(json.dumps({"epoch": epoch, "loss": loss, **{f"valid {k}": v for k, v in metrics.items()}}) + "\n")
+        for report in bar:
+            log.write(json.dumps({"epoch": report.epoch, "loss": report.loss,
+                                  **{f"valid {k}": v for k, v in report.validation.items()}}) + "\n")
             log.flush()
-            if metrics["NDCG@10"] > best_ndcg:
-                best_ndcg, best_epoch, best_state = metrics["NDCG@10"], epoch, model.trainable_state()
-            bar.set_postfix(loss=f"{loss:.3f}", val_ndcg=f"{metrics['NDCG@10']:.4f}", best=best_epoch)
-            if epoch - best_epoch >= config.patience:
-                break
-    model.load_trainable_state(best_state)
-    save_state(out_dir / "best_adapters.safetensors", best_state, {"model_config": config.model.to_dict()})
-    return model, {"best_epoch": best_epoch, "best_valid_NDCG@10": best_ndcg,
+            bar.set_postfix(loss=f"{report.loss:.3f}", val_ndcg=f"{report.validation['NDCG@10']:.4f}",
+                            best=report.best_epoch)
+    save_state(out_dir / "best_adapters.safetensors", model.trainable_state(), {"model_config": config.model.to_dict()})
+    return model, {"best_epoch": report.best_epoch, "best_valid_NDCG@10": report.best_ndcg,
                    "train_seconds": time.time() - train_started}
 
 
