@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-
 import torch
 
 from server.public_pretraining import consenting_users, pretrain_on_public_users
