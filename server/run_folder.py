@@ -132,5 +132,14 @@ class RunFolder:
         """The server's privacy ledger: append-only, fsynced each round."""
         append_entries(self.ledger_path, entries)
 
+    def save_pretraining(self, report: dict) -> None:
+        """What the public pretraining did (its kept epoch): written once, at the run's start,
+        so that the summary of a resumed run (which does not pretrain again) still has it."""
+        write_atomic(self.path / "pretraining.json", json.dumps(report, indent=2))
+
+    def pretraining(self) -> dict | None:
+        path = self.path / "pretraining.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / "summary.json", json.dumps(summary, indent=2))

@@ -395,10 +395,12 @@ def training_line(stats: RoundStats, metrics: MetricRecord | None, server_lr: fl
     } | {k: float(metrics[k]) for k in RELEASE_KEYS if metrics and k in metrics}
 
 
-def starting_model(settings: RunSettings, simulation: bool = True, pretrain: bool = True) -> Recommender:
+def starting_model(settings: RunSettings, simulation: bool = True, pretrain: bool = True,
+                   folder: RunFolder | None = None) -> Recommender:
     """The server's model over the public catalog, initialised from the run seed, then (with
     public-users, unless `pretrain` is off: a resumed run starts from its checkpoint)
-    pretrained on the consenting users' data, which only a simulation's server holds."""
+    pretrained on the consenting users' data, which only a simulation's server holds; what
+    the pretraining did goes to `folder` (for the summary)."""
     torch.manual_seed(settings.seed)
     model = build_recommender(settings.load_catalog().texts, settings.model, progress=False)
     if settings.public_users and pretrain:
@@ -410,6 +412,8 @@ def starting_model(settings: RunSettings, simulation: bool = True, pretrain: boo
             "%g; kept epoch %d of %d, validation NDCG@10 %.4f on their held-out items): they are treated as public, "
             "no privacy guarantee covers them", done["users"], done["of"], settings.public_users, done["best epoch"],
             done["epochs"], done["best validation NDCG@10"])
+        if folder is not None:
+            folder.save_pretraining(done)
     return model
 
 
@@ -423,7 +427,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder.open(settings)
     log(INFO, "fedrec: run folder %s", folder.path)
     checkpoint = folder.load_checkpoint()
-    model = starting_model(settings, simulation, pretrain=checkpoint is None)
+    model = starting_model(settings, simulation, pretrain=checkpoint is None, folder=folder)
     arrays = {k: v.numpy() for k, v in model.trainable_state().items()}
     if checkpoint is not None and simulation and settings.dp != "none":
         raise SettingsError(f"{folder.path}: a DP simulation keeps its clients' privacy ledgers in the simulation's "
@@ -486,7 +490,7 @@ def finish(folder: RunFolder, settings: RunSettings, model: Recommender, arrays:
         "plot": plot.name,
         "privacy": privacy_summary(folder),
         **({"public users": {"share": settings.public_users, "at most epochs": settings.public_epochs,
-                             "patience": settings.public_patience,
+                             "patience": settings.public_patience, "pretraining": folder.pretraining(),
                              "note": "pretrained on with their consent; no privacy guarantee covers them"}}
            if settings.public_users else {}),
     }

@@ -69,11 +69,13 @@ class Population:
     """The federation's server strategy, its model and every client's training data."""
 
     def __init__(self, settings: RunSettings, chunk: int | None = None,
-                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator, device: str = "cpu"):
+                 randomness: Callable[[], np.random.Generator] = fresh_numpy_generator, device: str = "cpu",
+                 folder: RunFolder | None = None):
         """chunk: clients trained at once (None: `default_chunk` of the catalog);
         randomness: DPFedAvg's sampling and noise, OS entropy (a test may replay a round);
         device: where the clients' training and the server's evaluation run (a GPU: the
-        strategy's aggregation and noise stay on the CPU, in numpy, as in `flwr run`)."""
+        strategy's aggregation and noise stay on the CPU, in numpy, as in `flwr run`);
+        folder: the run's, where a public pretraining says what it did."""
         check_replicable(settings)
         if device != "cpu" and settings.model.lora_layers:
             raise SettingsError(f"device {device!r}: the in-process driver runs lora-layers > 0 on the CPU only")
@@ -83,7 +85,7 @@ class Population:
         split = leave_one_out(settings.load_dataset())
         self.train = split.train  # client u's data: user u's train split
         self.settings, self.chunk = settings, chunk or default_chunk(split.n_items)
-        self.model = starting_model(settings).to(device)  # initialised on the CPU: the same start anywhere
+        self.model = starting_model(settings, folder=folder).to(device)  # initialised on the CPU: the same start anywhere
         keys = {u: u for u in range(len(self.train))}  # node id = sampling key = partition id = user
         self.optimizer, self.strategy = make_strategy(settings, keys, randomness)
 
@@ -139,7 +141,7 @@ def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = Fals
     if folder.metrics_path.exists():
         raise SettingsError(f"{folder.path} holds a run already: the in-process driver does not resume; "
                             "choose another run-name")
-    population = Population(settings, chunk, device=device)
+    population = Population(settings, chunk, device=device, folder=folder)
     if noise_free:
         population.strategy.update_noise = 0.0
     evaluate = server_evaluation(settings, population.model, simulation=True)

@@ -3,6 +3,7 @@ stops, where it is refused."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -17,6 +18,7 @@ from shared_model.settings import RunSettings, SettingsError
 from shared_model.splits import leave_one_out
 from shared_model.training import TrainConfig, epochs_keeping_best, make_optimizer, sequence_chunks
 from simulations.flower_runner import app_run_config
+from simulations.population import run
 
 
 def settings_of(**overrides) -> RunSettings:
@@ -92,3 +94,12 @@ def test_pretraining_keeps_the_epoch_that_ranks_the_consenting_users_validation_
     assert done["best epoch"] <= done["epochs"] - 3 and done["epochs"] < 60  # stopped early
     kept = evaluate_scores(score_catalog(model, valid.histories), valid)["NDCG@10"]
     assert kept == pytest.approx(done["best validation NDCG@10"], abs=1e-9)
+
+
+def test_a_runs_summary_names_the_epoch_its_pretraining_kept(tmp_path):
+    settings = settings_of(**{"public-users": 0.3, "public-epochs": 60, "public-patience": 3, "num-server-rounds": 1,
+                              "output-dir": str(tmp_path), "run-name": "pretrained"})
+    folder = run(settings, noise_free=True)
+    kept = json.loads((folder.path / "summary.json").read_text())["public users"]["pretraining"]
+    assert kept["users"] == 90 and kept["of"] == 300 and kept["best epoch"] < kept["epochs"] < 60
+    assert kept == folder.pretraining()  # saved at the start: a resumed run's summary keeps it
