@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.public_pretraining import consenting_users, pretrain_on_public_users
-from server.server_app import starting_model
+from server.server_app import starting_model, undoing_rate
 from shared_model.metrics import evaluate_scores
 from shared_model.recommender import score_catalog
 from shared_model.settings import RunSettings, SettingsError
@@ -49,6 +49,7 @@ def test_pretraining_on_consenting_users_lifts_the_starting_model_and_shows_its_
     assert [m.split("epoch ")[1].split(",")[0] for m in progress] == [f"{e}/10" for e in range(1, 11)]
     assert all("their validation NDCG@10" in m for m in progress)
     assert pretrained > 2 * plain, (plain, pretrained)  # measured: 0.017 -> 0.050
+    assert any("may undo the pretraining" in r.getMessage() for r in caplog.records)  # the default rate, 0.02
     resumed = valid_ndcg(starting_model(settings_of(**{"public-users": 0.3}), pretrain=False))
     assert resumed == plain  # a resumed run starts from its checkpoint: no pretraining again
 
@@ -62,6 +63,14 @@ def test_public_users_are_refused_outside_a_simulation_and_out_of_range():
         settings_of(**{"public-epochs": 0})
     with pytest.raises(SettingsError, match="'public-patience' must be at least 1"):
         settings_of(**{"public-patience": 0})
+
+
+def test_a_fine_tuning_server_rate_draws_no_warning_and_a_large_one_names_the_pretrainings_rate():
+    assert "5 times the pretraining's Adam rate (0.004)" in undoing_rate(settings_of())  # the default, 0.02
+    assert undoing_rate(settings_of(**{"server-learning-rate": 0.004})) is None
+    ftrl = {"server-dp-mechanism": "dp-ftrl", "server-dp-sample-rate": 0.1, "clients-per-round": 30}
+    assert undoing_rate(settings_of(**ftrl, **{"dp-ftrl-step": "ftrl"})) is None  # it does not use the rate
+    assert undoing_rate(settings_of(**ftrl)) is not None  # FedAdam's step on the releases does
 
 
 def test_training_stops_after_patience_epochs_without_a_better_validation_and_keeps_the_best_epoch():
