@@ -45,8 +45,7 @@ def pretrain_on_public_users(model: Recommender, settings: RunSettings) -> dict:
                                  lambda: evaluate_scores(score_catalog(model, valid.histories), valid))
     report_every = max(1, settings.public_epochs // 10)  # a long pretraining (minutes at 100,000 users) shows progress
     for report in epochs:
-        last = report.epoch == settings.public_epochs or report.epoch - report.best_epoch >= settings.public_patience
-        if report.epoch % report_every == 0 or last:
+        if report.epoch % report_every == 0 or report.last:
             log(INFO, "fedrec: pretraining on the consenting users: epoch %d/%d, loss %.4f, their validation "
                 "NDCG@10 %.4f (best %.4f, epoch %d)", report.epoch, settings.public_epochs, report.loss,
                 report.validation["NDCG@10"], report.best_ndcg, report.best_epoch)

@@ -151,6 +151,7 @@ class EpochReport(NamedTuple):
     validation: dict[str, float]
     best_epoch: int  # so far, by validation NDCG@10
     best_ndcg: float
+    last: bool  # no epoch follows (patience ran out, or the maximum was reached)
 
 
 def epochs_keeping_best(
@@ -172,8 +173,9 @@ def epochs_keeping_best(
         metrics = validate()
         if metrics["NDCG@10"] > best_ndcg:
             best_ndcg, best_epoch, best_state = metrics["NDCG@10"], epoch, model.trainable_state()
-        yield EpochReport(epoch, loss, metrics, best_epoch, best_ndcg)
-        if epoch - best_epoch >= patience:
+        last = epoch == epochs or epoch - best_epoch >= patience
+        yield EpochReport(epoch, loss, metrics, best_epoch, best_ndcg, last)
+        if last:
             break
     model.load_trainable_state(best_state)
 

@@ -87,8 +87,8 @@ def test_training_stops_after_patience_epochs_without_a_better_validation_and_ke
 
     reports = list(epochs_keeping_best(model, make_optimizer(model, TrainConfig()), chunks, 16,
                                        np.random.default_rng(0), epochs=5, patience=2, validate=validate))
-    assert [(r.epoch, r.best_epoch, r.best_ndcg) for r in reports] == [(1, 1, 0.10), (2, 2, 0.30), (3, 2, 0.30),
-                                                                       (4, 2, 0.30)]
+    assert [(r.epoch, r.best_epoch, r.best_ndcg, r.last) for r in reports] == [
+        (1, 1, 0.10, False), (2, 2, 0.30, False), (3, 2, 0.30, False), (4, 2, 0.30, True)]
     kept = model.trainable_state()
     assert all(torch.equal(kept[k], states[1][k]) for k in kept)  # epoch 2's model, not the last one
     assert not all(torch.equal(kept[k], states[3][k]) for k in kept)
