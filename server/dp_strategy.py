@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from server.adaptive_clip import AdaptiveClip
@@ -120,12 +120,8 @@ class DPFedAvg(ResumableLoop):
     def step(self, server_round: int, average: dict[str, np.ndarray]) -> ArrayRecord | None:
         """The new model from the round's release: the inner strategy's step (FedAdam) on
         the current model plus the noisy average, as if one client had sent it."""
-        arrays = ArrayRecord({k: Array((self.current[k] + average[k]).astype(self.current[k].dtype))
-                              for k in self.current})
-        noisy = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"weight": 1.0})}), dst_node_id=0,
-                        message_type=MessageType.TRAIN)
-        stepped, _ = self.inner.aggregate_train(server_round, [noisy])
-        return stepped
+        return self.inner.step_to(server_round, {k: (self.current[k] + average[k]).astype(self.current[k].dtype)
+                                                 for k in self.current})
 
     def release_figures(self) -> dict[str, float]:
         """The round's public DP figures: its clip and the updates' noise multiplier (and,

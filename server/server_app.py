@@ -355,20 +355,26 @@ class RoundRecord:
 
     def record_round(self, line: dict, arrays: dict[str, np.ndarray], started: float) -> None:
         settings, server_round = self.settings, line["round"]
-        if not is_private(settings) and line.get("valid NDCG@10", -1.0) > self.best["valid NDCG@10"]:
-            self.best = {"round": server_round, "valid NDCG@10": line["valid NDCG@10"],
-                         "test": stage_metrics(line, "test")}
-            self.best_arrays = arrays
+        self.best, self.best_arrays = kept_best(settings, self.best, self.best_arrays, line, arrays)
         line["seconds"] = time.time() - started
         self.folder.append_metrics(line)
-        if is_private(settings):  # the final model is kept: no round is picked on the clients' data
-            self.best_arrays = arrays
-            self.best = {"round": server_round, "valid NDCG@10": line.get("valid NDCG@10", self.best["valid NDCG@10"]),
-                         "test": stage_metrics(line, "test")}
         dp_clip = self.strategy.clip if isinstance(self.strategy, DPFedAvg) else None  # next round's (adaptive)
         self.folder.save_checkpoint(Checkpoint(server_round, arrays, self.best_arrays, self.optimizer.optimizer_state(),
                                                self.best, dp_clip))
         log(INFO, "%s", progress_line(settings, line, self.best))
+
+
+def kept_best(settings: RunSettings, best: dict, best_arrays: dict[str, np.ndarray], line: dict,
+              arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """The model a run keeps as its best after a round's metrics line, and its record: the
+    best by validation NDCG@10; in a private run the latest (no round is picked on the
+    clients' data)."""
+    if is_private(settings):
+        return {"round": line["round"], "valid NDCG@10": line.get("valid NDCG@10", best["valid NDCG@10"]),
+                "test": stage_metrics(line, "test")}, arrays
+    if line.get("valid NDCG@10", -1.0) > best["valid NDCG@10"]:
+        return {"round": line["round"], "valid NDCG@10": line["valid NDCG@10"], "test": stage_metrics(line, "test")}, arrays
+    return best, best_arrays
 
 
 RELEASE_KEYS = ("aggregated", "clip", "update noise multiplier", "count noise", "unclipped fraction",

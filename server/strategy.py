@@ -225,6 +225,15 @@ class SeededFedAdam(ResumableLoop, FedAdam):
         self.eta = self.server_lr(server_round)
         return super().aggregate_train(server_round, ordered)
 
+    def step_to(self, server_round: int, model: dict[str, np.ndarray]) -> ArrayRecord | None:
+        """FedAdam's step from the current arrays towards one model aggregated elsewhere (DP-FedAvg's
+        noisy average, the in-process driver's weighted one), as if a single client had sent it."""
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
+        message = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"weight": 1.0})}), dst_node_id=0,
+                          message_type=MessageType.TRAIN)
+        stepped, _ = self.aggregate_train(server_round, [message])
+        return stepped
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """A seeded share of the clients, on evaluation rounds only."""

@@ -193,6 +193,11 @@ def local_batches(chunks: Chunks, epochs: int, batch_size: int, rng: np.random.G
                 return
 
 
+def training_positions(sequences: list[np.ndarray]) -> int:
+    """A client's weight in FedAvg: its items after each sequence's first."""
+    return int(sum(max(len(s) - 1, 0) for s in sequences))
+
+
 def make_optimizer(model: Recommender, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.trainable_parameters().values(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -218,6 +223,6 @@ def train_local(
     steps = sum(len(v) for v in losses.values())
     return {
         "train-loss": float(np.mean([np.mean(v) for v in losses.values()])) if losses else 0.0,
-        "num-examples": int(sum(max(len(s) - 1, 0) for s in sequences)),
+        "num-examples": training_positions(sequences),
         "steps": steps,
     }

@@ -38,7 +38,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.9)
 def update_matrix(population: Population, users: list[int]) -> dict[str, np.ndarray]:
     """The sampled users' first-round updates from the starting model, stacked."""
     arrays = population.initial_arrays()
-    parts = [stacked_updates(arrays, models) for models in population.client_models(1, arrays, users)]
+    parts = [stacked_updates(arrays, models) for _, models in population.client_models(1, arrays, users)]
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 

@@ -2,7 +2,8 @@
 computes: its vectorised clients train as `train_local` does; a round equals the real
 ClientApp's replies aggregated by the real DPFedAvg (same sample and noise, replayed from
 one seeded generator); a whole `flwr run` and an in-process run end with the same model;
-the noise on the mean has std z S / (q N).
+the noise on the mean has std z S / (q N). Without server DP: a round equals the
+ClientApp's replies aggregated by SeededFedAdam, and the evaluation equals the clients'.
 
 Tolerances: float32 training, whose sums run in another order when vectorised (and with
 more padding), agrees to about 1e-4 of the size of an update; compared configurations
@@ -29,7 +30,7 @@ from shared_model.training import train_local
 from shared_model.vectorised_training import client_batches, train_clients, vectorised_attention
 from simulations.client_harness import client_context, deliver
 from simulations.flower_runner import app_run_config, run_flower
-from simulations.population import Population, check_replicable, checked_device, run
+from simulations.population import Population, check_replicable, checked_device, held_out_evaluation, run
 
 USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
@@ -158,6 +159,74 @@ def test_a_flower_run_and_an_in_process_run_end_with_the_same_model(tmp_path, ca
         assert mine == pytest.approx(flowers)
 
 
+NOT_PRIVATE = {"server-dp": False, "clients-per-round": 10}
+
+
+def test_a_non_private_round_equals_the_clientapp_replies_aggregated_by_fedadam():
+    """Without server DP: SeededFedAdam's sample, the real ClientApp's replies weighted by
+    their example counts and FedAdam's step, against the driver's (chunks of 4: the weighted
+    sum runs over chunks sorted by batch shape, not in the sample's order). The step is
+    compared where the averaged update d exceeds 1e-5 (95% of the coordinates here): FedAdam
+    steps by about eta d / (|d| + 1e-7), so a smaller d makes the step sensitive to rounding
+    (Flower's FedAvg sums in float32, the driver in float64), and where there is no gradient
+    (an attention key's bias, positions no history reaches) it steps +-eta on the rounding."""
+    config = {**CONFIG, **NOT_PRIVATE}
+    settings = RunSettings.from_run_config(app_run_config(**config))
+    in_process = Population(settings, chunk=4)
+    arrays = in_process.initial_arrays()
+    average, counts = in_process.weighted_average(1, arrays)
+    stepped, _ = Population(settings, chunk=4).fedadam_round(1, arrays)
+
+    _, flower = make_strategy(settings, {100 + u: u for u in range(USERS)})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    messages = list(flower.configure_train(1, array_record(arrays), ConfigRecord(), grid=None))
+    assert counts == {"clients": 10, "errors": 0} and len(messages) == 10
+    replies = [deliver(MessageType.TRAIN, client_context(m.metadata.dst_node_id - 100, USERS, **config), m.content)
+               for m in messages]
+    weights = np.array([r.content["metrics"]["weight"] for r in replies])
+    assert len(set(weights)) > 1  # unequal weights: the weighting is tested
+    want_average = {k: sum(w * r.content["arrays"][k].numpy().astype(np.float64) for w, r in zip(weights, replies))
+                    / weights.sum() for k in arrays}
+    assert_close(average, want_average, arrays)
+    want, _ = flower.aggregate_train(1, replies)
+    moved = 0
+    for k, start in arrays.items():
+        signal = np.abs(want_average[k] - start) > 1e-5
+        assert np.allclose(stepped[k][signal], want[k].numpy()[signal], rtol=0, atol=1e-5), k  # steps of ~0.015
+        moved += signal.sum()
+    assert moved > 0.9 * sum(v.size for v in arrays.values())
+
+
+def test_a_non_private_run_is_evaluated_as_its_clients_evaluate_it(population):
+    """The driver's held-out evaluation against every ClientApp's evaluation summed by the
+    strategy (a non-private `flwr run` at fraction-evaluate 1): the same metrics."""
+    config = {**CONFIG, **NOT_PRIVATE}
+    settings = RunSettings.from_run_config(app_run_config(**config))
+    driver = Population(settings)
+    arrays = driver.initial_arrays()
+    got = held_out_evaluation(settings, driver)(arrays)
+    _, flower = make_strategy(settings, {100 + u: u for u in range(USERS)})
+    messages = list(flower.configure_evaluate(0, array_record(arrays), ConfigRecord(), grid=None))
+    assert len(messages) == USERS
+    replies = [deliver(MessageType.EVALUATE, client_context(m.metadata.dst_node_id - 100, USERS, **config), m.content)
+               for m in messages]
+    want = dict(flower.aggregate_evaluate(0, replies))
+    assert {k: got[k] for k in want if k in got} == pytest.approx({k: want[k] for k in want if k in got}, abs=1e-9)
+    assert {"valid NDCG@10", "test NDCG@10", "test HR@10", "test coverage@10"} <= got.keys() & want.keys()
+
+
+def test_a_non_private_run_keeps_its_best_round_by_validation(tmp_path):
+    config = {**CONFIG, **NOT_PRIVATE, "num-server-rounds": 3, "eval-every": 1, "output-dir": str(tmp_path),
+              "run-name": "not-private"}
+    folder = run(RunSettings.from_run_config(app_run_config(**config)))
+    lines = [m for m in folder.metrics() if m["round"] > 0]
+    best = max(lines, key=lambda m: m["valid NDCG@10"])
+    summary = json.loads((folder.path / "summary.json").read_text())
+    assert summary["best"]["round"] == best["round"] and summary["best"]["test"]["NDCG@10"] == best["test NDCG@10"]
+    assert summary["path"].endswith("not private") and not folder.ledger_path.exists()
+    assert all(m["clients"] == 10 for m in lines)
+
+
 def test_the_noise_on_the_mean_has_std_z_s_over_the_expected_cohort(population):
     z, clip, rate = 2.0, 0.3, 0.5
     settings = settings_of(**{"server-dp-noise": z, "server-dp-clip": clip, "server-dp-sample-rate": rate})
@@ -178,10 +247,11 @@ def test_a_run_draws_its_sample_and_noise_from_fresh_randomness(population):
     assert any(population.strategy.begin_round(array_record(arrays)) != first for _ in range(3))
 
 
-@pytest.mark.parametrize("key, value", [("server-dp", False), ("dp", "example"), ("secure-aggregation", True),
-                                        ("upload-precision", "fp16")])
-def test_the_driver_refuses_what_it_does_not_replicate(key, value):
-    settings = settings_of(**{key: value})
+@pytest.mark.parametrize("overrides, key", [({"dp": "example"}, "dp"), ({"secure-aggregation": True}, "secure-aggregation"),
+                                           ({"upload-precision": "fp16"}, "upload-precision"),
+                                           ({"server-dp": False, "fraction-evaluate": 0.5}, "fraction-evaluate")])
+def test_the_driver_refuses_what_it_does_not_replicate(overrides, key):
+    settings = settings_of(**overrides)
     with pytest.raises(SettingsError, match=f"'{key}'"):
         check_replicable(settings)
 
