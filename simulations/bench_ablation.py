@@ -57,6 +57,8 @@ ROWS: dict[str, tuple[str, dict]] = {  # name: (the change, overrides of BASE: "
                                  {"model.dim": 48, "model.id_rank": 8, "model.lora_layers": 0}),
     "dim-48-id-rank-12-no-lora": ("width 48, the id table at rank 12, no LoRA adapters",
                                   {"model.dim": 48, "model.id_rank": 12, "model.lora_layers": 0}),
+    "no-lora-layers-1-heads-1": ("no LoRA adapters, one block with one head (the federated recipe's tower)",
+                                 {"model.lora_layers": 0, "model.layers": 1, "model.heads": 1}),
 }
 FIGURES = Path("docs/figures")
 
