@@ -4,8 +4,9 @@ quality: MovieLens-100K, one simulated SuperNode per user (943), ~10% of them a 
          DP. Reports final and best test NDCG@10, the rounds needed to reach 95% of the
          centralized model's test NDCG@10, seconds per round and upload per client. With
          --in-process, the same federation through simulations.population (the same
-         computation without Flower's processes, tested against them; fp32 uploads only):
-         minutes instead of a quarter of an hour, for sweeping a recipe.
+         computation without Flower's processes, tested against them; fp32 uploads only;
+         several run at once, where `flwr run`s take turns at the SuperLink's port), for
+         sweeping a recipe.
     python -m simulations.bench_federated quality --centralized runs/centralized-ml-100k-*/summary.json
 
 default: the app's default run (`flwr run .`: private, user-level DP-SGD in 2 silos) beside
@@ -333,8 +334,9 @@ def main() -> None:
     q.add_argument("--clients-per-round", type=int, default=94)
     q.add_argument("--eval-every", type=int, default=10)
     q.add_argument("--in-process", action="store_true",
-                   help="run the federation through simulations.population instead of `flwr run` (same "
-                        "computation, minutes instead of a quarter of an hour; fp32 uploads only)")
+                   help="run the federation through simulations.population instead of `flwr run` (the same "
+                        "computation in one process, a few minutes a run on 2 cores, several at once; fp32 "
+                        "uploads only)")
     q.add_argument("--threads", type=positive_int, default=1, help="--in-process: torch threads (default 1)")
     pv = sub.add_parser("privacy", help="ml-100k utility without DP and at several example-level epsilons")
     pv.add_argument("--rounds", type=int, default=60)
