@@ -125,15 +125,19 @@ class Population:
                       ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
         """A round's Poisson sample trained: (the sum of its clipped updates, their norms
         before clipping, client counts)."""
-        sampled = self.strategy.begin_round(array_record(arrays))
-        trained = [u for u in sampled if not simulated_failure(self.settings, server_round, u)]
+        trained, counts = self.survivors(server_round, self.strategy.begin_round(array_record(arrays)))
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in arrays.items()}
         norms = [np.zeros(0)]
         for _, models in self.client_models(server_round, arrays, trained):
             part, chunk_norms = clipped_sum(stacked_updates(arrays, models), self.strategy.clip)
             add_into(total, part)
             norms.append(chunk_norms)
-        return total, np.concatenate(norms), {"clients": len(sampled), "errors": len(sampled) - len(trained)}
+        return total, np.concatenate(norms), counts
+
+    def survivors(self, server_round: int, sampled: list[int]) -> tuple[list[int], dict]:
+        """(the sampled clients that do not fail this round on purpose, the round's client counts)."""
+        trained = [u for u in sampled if not simulated_failure(self.settings, server_round, u)]
+        return trained, {"clients": len(sampled), "errors": len(sampled) - len(trained)}
 
     def train_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
         """One round: (the new global arrays, the round's client counts and, under server DP,
@@ -156,15 +160,14 @@ class Population:
                          ) -> tuple[dict[str, np.ndarray] | None, dict]:
         """SeededFedAdam's sample trained: (the models' average weighted by each client's
         training positions, its ClientApp's "weight"; None if no client trained), client counts."""
-        sampled = self.strategy.sample(server_round, self.strategy.clients_per_round)
-        trained = [u for u in sampled if not simulated_failure(self.settings, server_round, u)]
+        trained, counts = self.survivors(server_round,
+                                         self.strategy.sample(server_round, self.strategy.clients_per_round))
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in arrays.items()}
         weight = 0.0
         for users, models in self.client_models(server_round, arrays, trained):
             weights = np.array([training_positions([self.train[u]]) for u in users], dtype=np.float64)
             add_into(total, {k: np.tensordot(weights, v, axes=1) for k, v in models.items()})
             weight += weights.sum()
-        counts = {"clients": len(sampled), "errors": len(sampled) - len(trained)}
         if not weight:
             return None, counts
         return {k: (t / weight).astype(arrays[k].dtype) for k, t in total.items()}, counts
