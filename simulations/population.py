@@ -77,6 +77,13 @@ def check_replicable(settings: RunSettings) -> None:
                             f"server-dp (it evaluates every user's held-out items), not {settings.fraction_evaluate}")
 
 
+def refuse_unsupported(settings: RunSettings, device: str) -> None:
+    """SettingsError for what the in-process driver cannot run as `flwr run` would."""
+    check_replicable(settings)
+    if device != "cpu" and settings.model.lora_layers:
+        raise SettingsError(f"device {device!r}: the in-process driver runs lora-layers > 0 on the CPU only")
+
+
 class Population:
     """The federation's server strategy, its model and every client's training data."""
 
@@ -88,9 +95,7 @@ class Population:
         device: where the clients' training and the server's evaluation run (a GPU: the
         strategy's aggregation and noise stay on the CPU, in numpy, as in `flwr run`);
         folder: the run's, where a public pretraining says what it did."""
-        check_replicable(settings)
-        if device != "cpu" and settings.model.lora_layers:
-            raise SettingsError(f"device {device!r}: the in-process driver runs lora-layers > 0 on the CPU only")
+        refuse_unsupported(settings, device)
         # the strategy hands FedAdam its step as a Flower Message, made inside a server task:
         # this process stands in for the ServerApp's runtime, which names the task
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -180,12 +185,13 @@ def run(settings: RunSettings, chunk: int | None = None, noise_free: bool = Fals
     a benchmark's reference for what the noise costs, NOT private: nothing is accounted,
     and its summary's path says so. No run config reaches it. device: see `Population`."""
     session_started = time.time()
+    if noise_free and not settings.server_dp:
+        raise SettingsError("noise-free: the reference of a server-dp run; this run adds no noise (server-dp = false)")
+    refuse_unsupported(settings, device)  # before the run folder is made: a refused run leaves none
     folder = RunFolder.open(settings)
     if folder.metrics_path.exists():
         raise SettingsError(f"{folder.path} holds a run already: the in-process driver does not resume; "
                             "choose another run-name")
-    if noise_free and not settings.server_dp:
-        raise SettingsError("noise-free: the reference of a server-dp run; this run adds no noise (server-dp = false)")
     population = Population(settings, chunk, device=device, folder=folder)
     if noise_free:
         population.strategy.update_noise = 0.0

@@ -30,7 +30,7 @@ from shared_model.training import train_local
 from shared_model.vectorised_training import client_batches, train_clients, vectorised_attention
 from simulations.client_harness import client_context, deliver
 from simulations.flower_runner import app_run_config, run_flower
-from simulations.population import Population, check_replicable, checked_device, held_out_evaluation, run
+from simulations.population import Population, checked_device, held_out_evaluation, run
 
 USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
@@ -250,10 +250,11 @@ def test_a_run_draws_its_sample_and_noise_from_fresh_randomness(population):
 @pytest.mark.parametrize("overrides, key", [({"dp": "example"}, "dp"), ({"secure-aggregation": True}, "secure-aggregation"),
                                            ({"upload-precision": "fp16"}, "upload-precision"),
                                            ({"server-dp": False, "fraction-evaluate": 0.5}, "fraction-evaluate")])
-def test_the_driver_refuses_what_it_does_not_replicate(overrides, key):
-    settings = settings_of(**overrides)
+def test_the_driver_refuses_what_it_does_not_replicate_before_making_a_run_folder(overrides, key, tmp_path):
+    settings = settings_of(**overrides, **{"output-dir": str(tmp_path)})
     with pytest.raises(SettingsError, match=f"'{key}'"):
-        check_replicable(settings)
+        run(settings)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the driver's --device cuda)")
@@ -287,9 +288,19 @@ def test_the_driver_names_the_devices_it_takes_when_a_machine_has_no_gpu():
         checked_device("cuda")
 
 
-def test_the_driver_refuses_lora_layers_off_the_cpu():
+def test_a_noise_free_reference_of_a_run_without_noise_is_refused_before_making_a_run_folder(tmp_path):
+    with pytest.raises(SettingsError, match="noise-free"):
+        run(settings_of(**{"server-dp": False, "output-dir": str(tmp_path)}), noise_free=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_driver_refuses_lora_layers_off_the_cpu(tmp_path):
+    settings = settings_of(**{"lora-layers": 1, "output-dir": str(tmp_path)})
     with pytest.raises(SettingsError, match="lora-layers > 0 on the CPU only"):
-        Population(settings_of(**{"lora-layers": 1}), device="cuda")
+        Population(settings, device="cuda")
+    with pytest.raises(SettingsError, match="lora-layers > 0 on the CPU only"):
+        run(settings, device="cuda")
+    assert not any(tmp_path.iterdir())
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
