@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from shared_model.fresh_randomness import fresh_numpy_generator
-from shared_model.recommender import Recommender, example_loss
+from shared_model.recommender import Recommender, example_loss, seen_candidates
 from shared_model.training import make_examples
 
 UNITS = ("example", "user")
@@ -70,6 +70,8 @@ def user_loss(model: Recommender, inputs: torch.Tensor, mask: torch.Tensor, targ
     positive = (states * vectors[:, width: 2 * width]).sum(-1, keepdim=True)  # [B, W, 1]
     negative = states @ vectors[:, 2 * width:].transpose(1, 2)  # [B, W, N]
     collide = negatives[:, None, :] == targets[..., None]
+    if model.config.hide_seen:
+        collide = collide | seen_candidates(inputs, mask, negatives)
     logits = torch.cat([positive, negative.masked_fill(collide, float("-inf"))], dim=-1)
     losses = F.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[0] * width, dtype=torch.long),
                              reduction="none").view(-1, width)

@@ -81,6 +81,8 @@ class RecommenderConfig:
                                "reveals a user's items unless DP-noised)")
     id_rank: int = knob(0, "rank of the item-id table: n_items x rank rows times a rank x dim map, so the id "
                         "table's upload grows with rank, not dim (0: a full n_items x dim table)", Bounds(0))
+    hide_seen: bool = knob(False, "the training softmax leaves out the items a user already had before each "
+                           "position, as the evaluation does: the model spends nothing on pushing them down")
     item_text: bool = knob(True, "item vectors from their text (the LoRA-adapted encoder); false: from the id "
                            "table alone, a SASRec-style model with no item cold start and no text profiles")
     encoder_path: str = knob("", "a local Hugging Face encoder folder ('' = the packaged all-MiniLM-L6-v2)")
@@ -383,13 +385,41 @@ def sequence_states(model: Recommender, catalog: torch.Tensor, inputs: torch.Ten
     return model.user_states(vectors, items)[:, -inputs.shape[1]:]
 
 
+def hide_items(logits: torch.Tensor, ids: torch.Tensor, present: torch.Tensor, targets: torch.Tensor
+               ) -> torch.Tensor:
+    """logits [..., n_items] with the items ids [..., K] (where `present`) at -inf, never a
+    row's target [...]. No shape depends on the data (torch.func.vmap batches it)."""
+    counts = torch.zeros_like(logits).scatter_add(-1, ids.clamp(min=0), present.to(logits.dtype))
+    hidden = (counts > 0).scatter(-1, targets.clamp(min=0)[..., None], False)
+    return logits.masked_fill(hidden, float("-inf"))
+
+
+def unseen_logits(model: Recommender, logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor,
+                  targets: torch.Tensor) -> torch.Tensor:
+    """Full-catalog logits [..., L, n_items] at each position of `inputs` [..., L] (mask: real
+    positions; an input below 0 is no item), with the items input at or before a position
+    hidden from it when the model's `hide_seen` is on: the evaluation ranks none of them."""
+    if not model.config.hide_seen:
+        return logits
+    length = inputs.shape[-1]
+    earlier = (mask & (inputs >= 0))[..., None, :] & causal_mask(length, inputs.device)  # [..., L, L]
+    return hide_items(logits, inputs[..., None, :].expand(*inputs.shape, length), earlier, targets)
+
+
+def seen_candidates(inputs: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """[B, L, C]: True where candidate c of candidates [B, C] is among the items input at or
+    before each position of `inputs` [B, L] (mask: real items)."""
+    return (((inputs[..., None] == candidates[:, None, :]) & mask[..., None]).cumsum(1) > 0)
+
+
 def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                   profiles: torch.Tensor | None = None):
     """Full-catalog softmax at every position of left-padded sequences [B, L] with a target
     (mask), averaged over those positions (fast path; see `sequence_states`)."""
     catalog = model.catalog_vectors()
-    states = sequence_states(model, catalog, inputs, mask, profiles)
-    return F.cross_entropy(states[mask] @ catalog.T, targets[mask])
+    logits = unseen_logits(model, sequence_states(model, catalog, inputs, mask, profiles) @ catalog.T, inputs, mask,
+                           targets)
+    return F.cross_entropy(logits[mask], targets[mask])
 
 
 def masked_sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor,
@@ -398,7 +428,8 @@ def masked_sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torc
     target: no shape depends on the data, so torch.func.vmap batches it over users whose
     batches are padded to one shape."""
     catalog = model.catalog_vectors()
-    logits = sequence_states(model, catalog, inputs, mask) @ catalog.T  # [B, L, n_items]
+    logits = unseen_logits(model, sequence_states(model, catalog, inputs, mask) @ catalog.T, inputs, mask,
+                           targets)  # [B, L, n_items]
     losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
     weights = mask.flatten().to(losses.dtype)
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
@@ -418,14 +449,19 @@ def example_loss(
     """
     if negatives is None:
         catalog = model.catalog_vectors()
-        users = model.user_vectors(history_ids, mask, catalog)
-        return F.cross_entropy(users @ catalog.T, targets)
+        logits = model.user_vectors(history_ids, mask, catalog) @ catalog.T
+        if model.config.hide_seen:
+            logits = hide_items(logits, history_ids, mask, targets)
+        return F.cross_entropy(logits, targets)
     candidates = torch.cat([targets[:, None], negatives], dim=1)  # [B, 1 + N]
     width = history_ids.shape[1]
     vectors = model.item_vectors(torch.cat([torch.where(mask, history_ids, 0), candidates], dim=1))
     users = model.user_states(vectors[:, :width], mask)[:, -1]
     logits = torch.einsum("bd,bmd->bm", users, vectors[:, width:])
-    collide = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), negatives == targets[:, None]], 1)
+    collide = negatives == targets[:, None]
+    if model.config.hide_seen:
+        collide = collide | seen_candidates(history_ids, mask, negatives)[:, -1]
+    collide = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), collide], 1)
     logits = logits.masked_fill(collide, float("-inf"))
     return F.cross_entropy(logits, torch.zeros_like(targets))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from shared_model.dp_training import private_data, private_optimizer, sample_loss, train_private
+from shared_model.dp_training import private_data, private_optimizer, sample_loss, train_private, user_loss
 from shared_model.recommender import RecommenderConfig, build_recommender
 from shared_model.splits import leave_one_out
 from shared_model.synthetic import SyntheticConfig, generate
@@ -18,11 +18,12 @@ def world():
     return data, leave_one_out(data)
 
 
-def fresh_model(world, lora_layers=1, id_rank=0):
+def fresh_model(world, lora_layers=1, id_rank=0, hide_seen=False):
     data, _ = world
     torch.manual_seed(0)
     model = build_recommender(data.catalog.texts, RecommenderConfig(lora_layers=lora_layers, dropout=0.0,
-                                                                    id_rank=id_rank), progress=False)
+                                                                    id_rank=id_rank, hide_seen=hide_seen),
+                              progress=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and ("lora_" in name or "item_ids" in name):
@@ -147,3 +148,21 @@ def test_the_noise_has_std_z_c_over_the_expected_batch_and_is_fresh(world):
     first, second = moved(), moved()
     assert first.std().item() == pytest.approx(0.1 * 2.0 * 0.5 / 4, rel=0.05)
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("hide_seen", [True, False])
+def test_hiding_seen_items_drops_a_users_own_items_from_its_negatives(world, hide_seen):
+    """A user's first item, drawn as a negative, is seen at every position: with hide-seen the
+    loss is that of the other negatives alone; without, it is one more negative (higher)."""
+    _, split = world
+    model = fresh_model(world, lora_layers=0, hide_seen=hide_seen)
+    inputs, mask, targets = private_data(model, split.train[:6], "user").tensors.tensors
+    first = inputs.gather(1, (~mask).sum(1, keepdim=True))  # each user's oldest item in the window
+    drawn = torch.randint(model.n_items, (len(inputs), 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        without = user_loss(model, inputs, mask, targets, drawn)
+        with_first = user_loss(model, inputs, mask, targets, torch.cat([first, drawn], 1))
+    if hide_seen:
+        assert torch.allclose(with_first, without, atol=1e-6)
+    else:
+        assert with_first > without + 1e-3

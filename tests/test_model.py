@@ -8,12 +8,13 @@ from peft import LoraConfig, get_peft_model
 
 from shared_model.encoder import load_encoder, mean_pool
 from shared_model.metrics import evaluate_scores
-from shared_model.recommender import Ranker, RecommenderConfig, build_recommender, example_loss, score_catalog
+from shared_model.recommender import (Ranker, RecommenderConfig, build_recommender, example_loss, masked_sequence_loss,
+                                      score_catalog, sequence_loss, sequence_states)
 from shared_model.splits import leave_one_out
 from shared_model.state import load_state, save_state
 from shared_model.synthetic import SyntheticConfig, generate
-from shared_model.training import (TrainConfig, add_profiles, make_examples, make_optimizer, sequence_chunks,
-                                   train_sequences)
+from shared_model.training import (TrainConfig, add_profiles, make_examples, make_optimizer, sequence_batches,
+                                   sequence_chunks, train_sequences)
 from simulations.baselines import popularity_scores
 
 TEXTS = ["Toy Story (1995). Genres: Animation, Children's, Comedy", "A dark film about a haunted house.",
@@ -176,6 +177,64 @@ def test_an_examples_gradient_ignores_the_rest_of_the_batch(small, negatives):
     for others in (torch.tensor([1, 2, 3]), torch.tensor([30, 9, 17, 22])):
         with_others = summed_grad(torch.cat([torch.tensor([5]), others])) - summed_grad(others)
         assert torch.allclose(with_others, alone, atol=1e-5)
+
+
+def test_hiding_seen_items_leaves_each_positions_earlier_items_out_of_its_softmax(small):
+    """With hide-seen, position t's softmax runs over the catalog less the items input at or
+    before t (never t's target): computed here one position at a time, by hand."""
+    split = leave_one_out(small)
+    model = build_recommender(small.catalog.texts, RecommenderConfig(hide_seen=True, lora_layers=0, dropout=0.0),
+                              progress=False).eval()
+    with torch.no_grad():
+        model.item_ids.weight.normal_(0, 0.3)  # starts at zero: make scores differ between items
+    chunks = sequence_chunks(model, split.train[:12])
+    inputs, targets, mask, _ = next(sequence_batches(chunks, 12, np.random.default_rng(0)))
+    with torch.no_grad():
+        catalog = model.catalog_vectors()
+        logits = sequence_states(model, catalog, inputs, mask) @ catalog.T
+        losses = []
+        for b, t in mask.nonzero().tolist():
+            earlier = {i for i, real in zip(inputs[b, : t + 1].tolist(), mask[b, : t + 1].tolist()) if real and i >= 0}
+            earlier -= {targets[b, t].item()}
+            kept = [i for i in range(small.n_items) if i not in earlier]
+            losses.append(-torch.log_softmax(logits[b, t, kept], 0)[kept.index(targets[b, t].item())])
+        by_hand = torch.stack(losses).mean()
+        hiding = sequence_loss(model, inputs, targets, mask)
+        assert torch.allclose(hiding, by_hand, atol=1e-5)
+        assert torch.allclose(masked_sequence_loss(model, inputs, targets, mask), by_hand, atol=1e-5)
+        model.config = RecommenderConfig(hide_seen=False, lora_layers=0, dropout=0.0)
+        assert sequence_loss(model, inputs, targets, mask) > hiding + 0.01  # the seen items did count
+
+
+@pytest.mark.parametrize("negatives", [0, 8])
+def test_hiding_seen_items_leaves_an_examples_history_out_of_its_softmax(small, negatives):
+    """An example's history items are no negatives with hide-seen: a sampled negative from
+    the history counts as little as one equal to the target (none), and over the whole
+    catalog the history's scores do not move the loss."""
+    split = leave_one_out(small)
+    model = build_recommender(small.catalog.texts, RecommenderConfig(hide_seen=True, lora_layers=0, dropout=0.0),
+                              progress=False).eval()
+    with torch.no_grad():
+        model.item_ids.weight.normal_(0, 0.3)
+    examples = make_examples(model, split.train[:3])
+    keep = examples.mask.sum(1) >= 4
+    history, mask, targets = examples.history_ids[keep], examples.mask[keep], examples.targets[keep]
+    with torch.no_grad():
+        if negatives:
+            drawn = torch.randint(small.n_items, (len(targets), negatives), generator=torch.Generator().manual_seed(0))
+            with_history = drawn.clone()
+            with_history[:, :3] = history[:, -3:]  # three of each example's negatives it has seen
+            as_target = drawn.clone()
+            as_target[:, :3] = targets[:, None]  # ... or no negatives there at all
+            loss = example_loss(model, history, mask, targets, with_history)
+            assert torch.allclose(loss, example_loss(model, history, mask, targets, as_target), atol=1e-6)
+        else:
+            loss = example_loss(model, history, mask, targets, None)
+            model.item_ids.weight[history[:, -1]] += 5.0  # the seen items score higher: nothing changes
+            assert torch.allclose(loss, example_loss(model, history, mask, targets, None), atol=1e-6)
+        model.config = RecommenderConfig(hide_seen=False, lora_layers=0, dropout=0.0)
+        seen_counted = example_loss(model, history, mask, targets, with_history if negatives else None)
+        assert seen_counted > loss + 0.01
 
 
 def test_learns_and_beats_popularity_on_synthetic(small):

@@ -74,9 +74,16 @@ def population() -> Population:
     return Population(settings_of(**{"server-dp-sample-rate": 0.5}))
 
 
-@pytest.mark.parametrize("overrides", [{}, SEVERAL_STEPS], ids=["one step", "several steps"])
-def test_vectorised_clients_train_as_train_local_does(population, overrides):
+@pytest.fixture(scope="module")
+def hiding_seen() -> Population:
+    return Population(settings_of(**{"hide-seen": True}))
+
+
+@pytest.mark.parametrize("overrides", [{}, SEVERAL_STEPS, {**SEVERAL_STEPS, "hide-seen": True}],
+                         ids=["one step", "several steps", "several steps hiding seen items"])
+def test_vectorised_clients_train_as_train_local_does(request, overrides):
     settings = settings_of(**overrides)
+    population = request.getfixturevalue("hiding_seen" if settings.model.hide_seen else "population")
     model, users = population.model, [0, 3, 7, 8, 9, 24]  # 1 to 3 chunks of W+1 items
     start = model.trainable_state()
     batches = [client_batches(model, [population.train[u]], 1000 + u, settings.local_epochs, settings.batch_size,
