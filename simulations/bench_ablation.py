@@ -59,6 +59,13 @@ ROWS: dict[str, tuple[str, dict]] = {  # name: (the change, overrides of BASE: "
                                   {"model.dim": 48, "model.id_rank": 12, "model.lora_layers": 0}),
     "no-lora-layers-1-heads-1": ("no LoRA adapters, one block with one head (the federated recipe's tower)",
                                  {"model.lora_layers": 0, "model.layers": 1, "model.heads": 1}),
+    "hide-seen": ("the training softmax leaves out the items a user already had (`hide-seen`)",
+                  {"model.hide_seen": True}),
+    "id-rank-8-hide-seen": ("the id table at rank 8 (the reference), hiding seen items",
+                            {"model.id_rank": 8, "model.hide_seen": True}),
+    "no-lora-layers-1-heads-1-hide-seen": ("the federated recipe's tower, hiding seen items",
+                                           {"model.lora_layers": 0, "model.layers": 1, "model.heads": 1,
+                                            "model.hide_seen": True}),
 }
 FIGURES = Path("docs/figures")
 
