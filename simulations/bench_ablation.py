@@ -63,6 +63,8 @@ ROWS: dict[str, tuple[str, dict]] = {  # name: (the change, overrides of BASE: "
                   {"model.hide_seen": True}),
     "id-rank-8-hide-seen": ("the id table at rank 8 (the reference), hiding seen items",
                             {"model.id_rank": 8, "model.hide_seen": True}),
+    "ids-only-hide-seen": ("ids only (SASRec-style), hiding seen items",
+                           {"model.item_text": False, "model.lora_layers": 0, "model.hide_seen": True}),
     "no-lora-layers-1-heads-1-hide-seen": ("the federated recipe's tower, hiding seen items",
                                            {"model.lora_layers": 0, "model.layers": 1, "model.heads": 1,
                                             "model.hide_seen": True}),
