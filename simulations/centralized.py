@@ -32,8 +32,9 @@ from simulations.baselines import ease_test_scores, item_knn_test_scores, popula
 
 # The reference recipe, the ablation's best row by validation NDCG@10 (simulations/bench_ablation.py,
 # docs/benchmarks.md#the-recipe-one-change-at-a-time): the item-id table at rank 8 (1,682 x 8 times
-# 8 x 24: a third of the full table's upload), up to 200 epochs with patience 20.
-REFERENCE_MODEL = RecommenderConfig(id_rank=8)
+# 8 x 24: a third of the full table's upload), the training softmax hiding each user's seen items,
+# up to 200 epochs with patience 20.
+REFERENCE_MODEL = RecommenderConfig(id_rank=8, hide_seen=True)
 
 
 @dataclass
@@ -49,8 +50,9 @@ class CentralizedConfig:
 
 def sasrec_config(config: CentralizedConfig) -> CentralizedConfig:
     """The SASRec-style baseline (Kang and McAuley 2018): the model's user tower and
-    training over a full item-id table alone, no text, at its own width (24 and the
-    model's Adam 4e-3 beat 64 at 4e-3 or 1e-3 on validation: the ablation's ids-only rows)."""
+    training (its loss too, seen items hidden or not) over a full item-id table alone, no
+    text, at its own width (24 and the model's Adam 4e-3 beat 64 at 4e-3 or 1e-3 on
+    validation: the ablation's ids-only rows)."""
     model = replace(config.model, item_text=False, id_embeddings=True, id_rank=0, lora_layers=0,
                     dim=config.sasrec_dim)
     return replace(config, model=model)
