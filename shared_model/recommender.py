@@ -394,16 +394,12 @@ def hide_items(logits: torch.Tensor, ids: torch.Tensor, present: torch.Tensor, t
     return logits.masked_fill(hidden, float("-inf"))
 
 
-def unseen_logits(model: Recommender, logits: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
-    """Full-catalog logits [..., L, n_items] at each position of `inputs` [..., L] (mask: real
-    positions; an input below 0 is no item), with the items input at or before a position
-    hidden from it when the model's `hide_seen` is on: the evaluation ranks none of them."""
-    if not model.config.hide_seen:
-        return logits
+def earlier_items(inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `hide_items`: the items input at or before each position of `inputs` [..., L]
+    (mask: real positions; an input below 0 is no item), as ids and `present` [..., L, L]."""
     length = inputs.shape[-1]
-    earlier = (mask & (inputs >= 0))[..., None, :] & causal_mask(length, inputs.device)  # [..., L, L]
-    return hide_items(logits, inputs[..., None, :].expand(*inputs.shape, length), earlier, targets)
+    present = (mask & (inputs >= 0))[..., None, :] & causal_mask(length, inputs.device)
+    return inputs[..., None, :].expand(*inputs.shape, length), present
 
 
 def seen_candidates(inputs: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -417,9 +413,11 @@ def sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tenso
     """Full-catalog softmax at every position of left-padded sequences [B, L] with a target
     (mask), averaged over those positions (fast path; see `sequence_states`)."""
     catalog = model.catalog_vectors()
-    logits = unseen_logits(model, sequence_states(model, catalog, inputs, mask, profiles) @ catalog.T, inputs, mask,
-                           targets)
-    return F.cross_entropy(logits[mask], targets[mask])
+    logits = sequence_states(model, catalog, inputs, mask, profiles)[mask] @ catalog.T
+    if model.config.hide_seen:  # the evaluation ranks none of a user's earlier items
+        ids, present = earlier_items(inputs, mask)
+        logits = hide_items(logits, ids[mask], present[mask], targets[mask])
+    return F.cross_entropy(logits, targets[mask])
 
 
 def masked_sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor,
@@ -428,8 +426,9 @@ def masked_sequence_loss(model: Recommender, inputs: torch.Tensor, targets: torc
     target: no shape depends on the data, so torch.func.vmap batches it over users whose
     batches are padded to one shape."""
     catalog = model.catalog_vectors()
-    logits = unseen_logits(model, sequence_states(model, catalog, inputs, mask) @ catalog.T, inputs, mask,
-                           targets)  # [B, L, n_items]
+    logits = sequence_states(model, catalog, inputs, mask) @ catalog.T  # [B, L, n_items]
+    if model.config.hide_seen:
+        logits = hide_items(logits, *earlier_items(inputs, mask), targets)
     losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
     weights = mask.flatten().to(losses.dtype)
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
