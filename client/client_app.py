@@ -99,8 +99,9 @@ def check_failure(settings: RunSettings, server_round: int, key: int) -> None:
 def local_training(model: Recommender, data: ClientData, settings: RunSettings, server_round: int, key: int) -> dict:
     """Plain local SGD (dp = "none"), seeded by round and client: train_local's result."""
     seed = round_seed(settings, server_round, key, 0)  # data order and negatives
-    return train_local(model, data.split.train, epochs=settings.local_epochs, batch_size=settings.batch_size,
-                       lr=settings.learning_rate, seed=seed, max_steps=settings.local_steps)
+    return train_local(model, data.split.train, epochs=settings.local_epochs_in(server_round),
+                       batch_size=settings.batch_size, lr=settings.learning_rate, seed=seed,
+                       max_steps=settings.local_steps)
 
 
 def upload(model: Recommender, start: ArrayRecord, settings: RunSettings, server_round: int, key: int

@@ -44,6 +44,8 @@ class RunSettings:
     round_timeout: float  # seconds to wait for a round's replies
     # local training (plain SGD on the client)
     local_epochs: int
+    early_rounds: int  # rounds 1..N train early_local_epochs passes instead (dp = "none" only)
+    early_local_epochs: int
     local_steps: int  # cap on steps per round (0: no cap)
     batch_size: int
     learning_rate: float
@@ -118,6 +120,10 @@ class RunSettings:
             (self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1"),
             (self.clients_per_round >= 0, "clients-per-round", "must be 0 (all) or more"),
             (self.local_epochs >= 1, "local-epochs", "must be at least 1"),
+            (self.early_rounds >= 0, "early-rounds", "must be 0 (none) or more"),
+            (self.early_local_epochs >= 1, "early-local-epochs", "must be at least 1"),
+            (self.dp == "none" or self.early_rounds == 0, "early-rounds",
+             "must be 0 under dp: a DP-SGD round's steps are planned and accounted alike in every round"),
             (self.local_steps >= 0, "local-steps", "must be 0 (no cap) or more"),
             (self.batch_size >= 1, "batch-size", "must be at least 1"),
             (self.learning_rate > 0, "learning-rate", "must be positive"),
@@ -183,6 +189,11 @@ class RunSettings:
         for ok, key, message in checks:
             if not ok:
                 raise SettingsError(f"run config '{key}' {message}, not {self.to_dict()[key]!r}")
+
+    def local_epochs_in(self, server_round: int) -> int:
+        """A client's local passes in this round: more in the first rounds, while the model
+        is far from trained, where a second pass over a user's data still points the right way."""
+        return self.early_local_epochs if server_round <= self.early_rounds else self.local_epochs
 
     def load_dataset(self) -> Dataset:
         return load_dataset(self.dataset, self.data_dir or None, self.seed, self.synthetic_users)

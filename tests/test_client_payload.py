@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord, RecordDict
 
+from client.client_app import local_training
 from client.device_store import write_device
 from client.local_data import simulated_client_data
 from conftest import default_run_config
-from shared_model.settings import RunSettings
+from server.server_app import starting_model
+from shared_model.settings import RunSettings, SettingsError
+from shared_model.training import sequence_chunks
 from simulations.client_harness import client_context, deliver, global_state
 
 
@@ -91,3 +94,19 @@ def test_a_private_client_without_data_sends_noise_like_any_other(tmp_path):
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"arrays", "metrics", "ledger"}
     assert dict(reply.content["metrics"]) == {"weight": 1.0} and reply.content["ledger"]["status"] == "trained"
+
+
+def test_early_rounds_take_early_local_epochs_passes_then_local_epochs():
+    settings = RunSettings.from_run_config(default_run_config(**{
+        "synthetic-users": 20, "dp": "none", "early-rounds": 2, "early-local-epochs": 3, "local-steps": 0,
+        "batch-size": 1}))
+    model, data = starting_model(settings), simulated_client_data(settings, 1, 4)
+    chunks = len(sequence_chunks(model, data.split.train))  # one step a chunk a pass
+    steps = [local_training(model, data, settings, server_round, key=1)["steps"] for server_round in (1, 2, 3)]
+    assert steps == [3 * chunks, 3 * chunks, chunks]
+
+
+def test_early_rounds_are_refused_under_local_dp():
+    """A DP-SGD round's steps are planned (and accounted) alike in every round."""
+    with pytest.raises(SettingsError, match="'early-rounds'"):
+        RunSettings.from_run_config(default_run_config(**{"dp": "user", "early-rounds": 5}))

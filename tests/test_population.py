@@ -36,6 +36,7 @@ USERS = 30
 CONFIG = {"synthetic-users": USERS, "partitioning": "per-user", "dp": "none", "server-dp": True,
           "id-embeddings": False, "dropout": 0.0, "eval-every": 100}
 SEVERAL_STEPS = {"batch-size": 1, "local-epochs": 2, "local-steps": 5}  # 2 or 3 steps a user, reshuffled
+EARLY_PASSES = {"batch-size": 1, "early-rounds": 1, "early-local-epochs": 2, "local-steps": 5}  # round 1: as above
 
 
 def settings_of(**overrides) -> RunSettings:
@@ -102,8 +103,8 @@ def test_vectorised_clients_train_as_train_local_does(request, overrides):
 ADAPTIVE = {"server-dp-adaptive-clip": True, "server-dp-count-noise": 2.0}
 
 
-@pytest.mark.parametrize("overrides, clip", [({}, 0.3), (SEVERAL_STEPS, 1.0), (ADAPTIVE, 0.3)],
-                         ids=["one step", "several steps", "adaptive clip"])
+@pytest.mark.parametrize("overrides, clip", [({}, 0.3), (SEVERAL_STEPS, 1.0), (EARLY_PASSES, 1.0), (ADAPTIVE, 0.3)],
+                         ids=["one step", "several steps", "early rounds' passes", "adaptive clip"])
 def test_a_round_equals_the_clientapp_replies_aggregated_by_dp_fedavg(overrides, clip):
     """Noise z = 1 and a clip that cuts some updates: both paths draw their Poisson sample
     and noise (and, adaptive, the count's noise) from one replayed generator, so they must
