@@ -118,7 +118,8 @@ class Population:
         s = self.settings
         params = self.model.trainable_parameters()  # a client copies the global arrays into these (fp32)
         start = {k: torch.from_numpy(v).to(params[k].device, params[k].dtype) for k, v in arrays.items()}
-        work = [(u, client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), s.local_epochs_in(server_round),
+        epochs = s.local_epochs_in(server_round)
+        work = [(u, client_batches(self.model, [self.train[u]], round_seed(s, server_round, u, 0), epochs,
                                    s.batch_size, s.local_steps)) for u in users]
         work.sort(key=lambda w: (len(w[1]), *(tuple(w[1][0][0].shape) if w[1] else ())))
         for first in range(0, len(work), self.chunk):
